@@ -1,0 +1,112 @@
+"""``kubetuner-train``: the trainer's entry point inside the pod.
+
+Exit codes follow :mod:`kubetuner_trainer.contract`: configuration errors exit 78 so the
+operator never retries them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import textwrap
+from collections.abc import Sequence
+
+from .config import ConfigError, TrainerConfig, redact
+from .config.loader import load_from_command_line, parse_command_line
+from .contract import ExitCode
+from .options import Registry, get_registry
+
+USAGE = "usage: kubetuner-train [--config FILE] [--env-file FILE] [--print-config[=json]] [--OPTION VALUE ...]"
+
+
+def _group_titles() -> dict[str, str]:
+    from .options import catalog
+
+    return dict(getattr(catalog, "GROUP_TITLES", {}))
+
+
+def _describe(option) -> str:
+    if option.type == "bool":
+        head = f"  --{option.name} [true|false]"
+    elif option.choices is not None:
+        shown = ",".join(str(c) for c in option.choices)
+        head = f"  --{option.name} {{{shown}}}" + (" (comma-separated)" if option.multiple else "")
+    else:
+        head = f"  --{option.name} {option.metavar or option.type.upper()}"
+    notes = []
+    if option.aliases:
+        notes.append("alias: " + ", ".join(f"--{a}" for a in option.aliases))
+    if option.required:
+        notes.append("required")
+    if option.default is not None:
+        notes.append(f"default: {option.default}")
+    if not option.implemented:
+        notes.append("not implemented yet")
+    elif option.implemented_choices is not None:
+        notes.append("implemented: " + ",".join(sorted(map(str, option.implemented_choices))))
+    body = option.help + (f" [{'; '.join(notes)}]" if notes else "")
+    return head + "\n" + textwrap.fill(body, width=100, initial_indent=" " * 8, subsequent_indent=" " * 8)
+
+
+def render_help(registry: Registry) -> str:
+    """Every option, by group, in the catalog's group order."""
+    titles = _group_titles()
+    groups = registry.groups()
+    order = [g for g in titles if g in groups] + [g for g in groups if g not in titles]
+    parts = [
+        USAGE,
+        "",
+        "Train a diffusion model with SimpleTuner-compatible options. Options come from --config",
+        "(config.json or config.toml), config.env / the environment, then the command line (highest).",
+        "",
+        "  --config FILE          config.json or config.toml (also $KUBETUNER_CONFIG)",
+        "  --env-file FILE        config.env to read (default: config.env beside --config)",
+        "  --print-config[=json]  show the resolved configuration and where each value came from, then exit",
+    ]
+    for group in order:
+        parts += ["", f"{titles.get(group, group)}:"]
+        parts += [_describe(option) for option in groups[group]]
+    return "\n".join(parts) + "\n"
+
+
+def render_config(config: TrainerConfig, mode: str) -> str:
+    """The resolved configuration (secrets redacted) with each value's source."""
+    set_values = {n: v for n, v in config.to_dict().items() if config.is_set(n)}
+    if mode == "json":
+        doc = {
+            name: {"value": redact(value, name), "source": config.source(name)}
+            for name, value in sorted(config.to_dict().items())
+        }
+        return json.dumps(doc, indent=2, sort_keys=True) + "\n"
+    lines = [f"{name} = {json.dumps(redact(value, name))}    # {config.source(name)}" for name, value in sorted(set_values.items())]
+    others = len(config.to_dict()) - len(set_values)
+    lines.append(f"# {others} more options at their defaults (--print-config=json lists all)")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    registry = get_registry()
+    command = parse_command_line(list(sys.argv[1:] if argv is None else argv), registry)
+    if command.help:
+        sys.stdout.write(render_help(registry))
+        return 0
+    try:
+        config = load_from_command_line(command, os.environ, registry=registry)
+    except ConfigError as error:
+        sys.stderr.write(f"kubetuner-train: {error}\n")
+        return ExitCode.CONFIG_ERROR
+    if command.print_config:
+        sys.stdout.write(render_config(config, command.print_config))
+        return 0
+    logging.basicConfig(
+        level=config.env.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    from .train import run  # torch is imported only when training really starts
+
+    return int(run(config))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
