@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from kubetuner_trainer.config import ConfigError, TrainerConfig, load_config
 from kubetuner_trainer.options import Registry, get_registry
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from kubetuner_trainer.config.rules import RULES, check_rules
 
 
