@@ -18,6 +18,7 @@ BASE = {
     "output_dir": "/tmp/out",
     "optimizer": "adamw_bf16",
     "data_backend_config": "/tmp/multidatabackend.json",
+    "max_train_steps": 10,
 }
 
 

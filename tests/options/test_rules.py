@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from kubetuner_trainer.config.rules import RULES, check_rules
+from kubetuner_trainer.config.rules import COMPLETENESS_RULES, RULES, check_rules
 
 
 def problems_for(values: dict) -> list[str]:
-    return [f"{p.option}: {p.message}" for p in check_rules(values)]
+    """Problems of a complete config: a run length is given unless the case sets its own."""
+    return [f"{p.option}: {p.message}" for p in check_rules({"max_train_steps": 10, **values})]
 
 
 CASES = [
@@ -97,10 +98,15 @@ def test_every_rule_has_a_case():
     # Each rule must be exercised: count the rules a bad case triggers.
     triggered = set()
     for _name, bad, _option, _good in CASES:
-        for rule in RULES:
+        for rule in RULES + COMPLETENESS_RULES:
             if rule(bad):
                 triggered.add(rule.__name__)
-    assert triggered == {rule.__name__ for rule in RULES}
+    assert triggered == {rule.__name__ for rule in RULES + COMPLETENESS_RULES}
+
+
+def test_completeness_rules_skip_partial_configs():
+    assert check_rules({"num_train_epochs": None, "max_train_steps": None})
+    assert check_rules({"num_train_epochs": None, "max_train_steps": None}, complete=False) == []
 
 
 def test_rules_through_the_loader_name_the_option():

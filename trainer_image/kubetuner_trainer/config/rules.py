@@ -15,6 +15,8 @@ Values = Mapping[str, Any]
 Rule = Callable[[Values], list[Problem]]
 
 RULES: list[Rule] = []
+# Rules about a run being complete enough to start; skipped for partial configs (require=False).
+COMPLETENESS_RULES: list[Rule] = []
 
 PIPELINE_ONLY_PRESETS = frozenset({"nf4-bnb"})
 UNQUANTIZED = (None, "no_change")
@@ -25,10 +27,15 @@ def rule(fn: Rule) -> Rule:
     return fn
 
 
-def check_rules(values: Values) -> list[Problem]:
-    """All problems found by every rule."""
+def completeness_rule(fn: Rule) -> Rule:
+    COMPLETENESS_RULES.append(fn)
+    return fn
+
+
+def check_rules(values: Values, *, complete: bool = True) -> list[Problem]:
+    """All problems found by every rule (completeness rules only when ``complete``)."""
     problems: list[Problem] = []
-    for fn in RULES:
+    for fn in RULES + (COMPLETENESS_RULES if complete else []):
         problems.extend(fn(values))
     return problems
 
@@ -81,7 +88,7 @@ def layersync_needs_student_and_weight(values: Values) -> list[Problem]:
         problems.append(
             Problem("layersync_student_block", None, "is required when --layersync_enabled is set (a block index)")
         )
-    weight = values.get("layersync_lambda")
+    weight = values.get("layersync_lambda")  # unset means the documented 0.2 when enabled
     if weight is not None and weight <= 0:
         problems.append(Problem("layersync_lambda", weight, "must be greater than 0 when --layersync_enabled is set"))
     return problems
@@ -110,12 +117,16 @@ def upscale_threshold_is_fraction(values: Values) -> list[Problem]:
     return []
 
 
-@rule
+@completeness_rule
 def epochs_or_steps(values: Values) -> list[Problem]:
     epochs, steps = values.get("num_train_epochs"), values.get("max_train_steps")
-    if "num_train_epochs" in values and "max_train_steps" in values and not epochs and not steps:
+    if not epochs and not steps:
         return [
-            Problem("max_train_steps", steps, "and --num_train_epochs are both 0; set at least one of them above 0")
+            Problem(
+                "max_train_steps",
+                steps,
+                "and --num_train_epochs are both 0 or unset; set at least one of them above 0",
+            )
         ]
     return []
 

@@ -216,7 +216,7 @@ def resolve(
     if check_rules:
         from .rules import check_rules as run_rules
 
-        problems.extend(p for p in run_rules(values) if p.option not in bad_options)
+        problems.extend(p for p in run_rules(values, complete=require) if p.option not in bad_options)
     if problems:
         raise ConfigError(problems)
     return TrainerConfig(values, sources, env or EnvSettings(), registry)

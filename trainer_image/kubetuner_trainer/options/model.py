@@ -57,6 +57,8 @@ class Option:
         if value is None:
             return None
         parsed = _PARSERS[self.type](self, value)
+        if self.multiple and isinstance(parsed, str):
+            parsed = ",".join(item.strip() for item in parsed.split(","))  # "vae, text" == "vae,text"
         self._check_choices(parsed)
         self._check_bounds(parsed)
         return parsed

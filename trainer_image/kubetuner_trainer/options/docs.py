@@ -1,0 +1,175 @@
+"""Render the trainer option reference (``docs/options.md``) from the registry.
+
+    python -m kubetuner_trainer.options.docs                 # print the Markdown
+    python -m kubetuner_trainer.options.docs --write         # rewrite docs/options.md
+    python -m kubetuner_trainer.options.docs --check docs/options.md   # exit 1 when stale
+
+The reference includes the "implemented" marks of ``options/implemented/*.txt``, so it must
+be regenerated whenever the catalog or those files change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from .catalog import GROUP_TITLES
+from .model import Option
+from .registry import Registry, get_registry
+
+DEFAULT_PATH = Path("docs/options.md")
+REGENERATE = "python -m kubetuner_trainer.options.docs --write"
+
+HEADER = f"""\
+# Trainer options
+
+<!-- Generated from trainer_image/kubetuner_trainer/options/ (catalog.py and implemented/*.txt).
+     Do not edit by hand; regenerate with: {REGENERATE} -->
+
+Every option the trainer accepts, in the SimpleTuner option language. Each can be given in
+`config.json` (with or without the leading `--`), in `config.toml`, or as a command-line flag;
+command-line flags override files.
+
+*Generated file.* Regenerate it after changing `options/catalog.py` or
+`options/implemented/*.txt`:
+
+```bash
+{REGENERATE}
+```
+
+**Implemented** says whether the trainer honours the option today: `yes`, `no`, or `partial`
+with the values that work. The trainer refuses an option that is not implemented with a clear
+error instead of silently ignoring it.
+"""
+
+
+def _cell(text: str) -> str:
+    """Make text safe inside one Markdown table cell."""
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").strip()
+
+
+def _literal(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def _code(value: Any) -> str:
+    return f"`{_cell(_literal(value))}`"
+
+
+def _flag(option: Option) -> str:
+    text = f"`{option.flag}`"
+    if option.aliases:
+        text += "<br>alias: " + ", ".join(f"`--{alias}`" for alias in option.aliases)
+    return text
+
+
+def _type(option: Option) -> str:
+    text = option.type
+    low, high = option.minimum, option.maximum
+    if low is not None and high is not None:
+        text += f" [{low:g}, {high:g}]"
+    elif low is not None:
+        text += f" ≥ {low:g}"
+    elif high is not None:
+        text += f" ≤ {high:g}"
+    if option.type == "json":
+        text += " (inline or file)"
+    return text
+
+
+def _default(option: Option) -> str:
+    return "" if option.default is None else _code(option.default)
+
+
+def _choices(option: Option) -> str:
+    if not option.choices:
+        return ""
+    text = ", ".join(_code(choice) for choice in option.choices)
+    if option.multiple:
+        text += " (comma-separated, several allowed)"
+    return text
+
+
+def _implemented(option: Option) -> str:
+    if not option.implemented:
+        return "no"
+    if option.implemented_choices is None:
+        return "yes"
+    ordered = [c for c in option.choices or () if c in option.implemented_choices]
+    ordered += sorted((c for c in option.implemented_choices if c not in ordered), key=str)
+    return "partial: " + ", ".join(_code(choice) for choice in ordered)
+
+
+def render_markdown(registry: Registry) -> str:
+    """The option reference as Markdown: a contents list, then one table per group."""
+    grouped = registry.groups()
+    order = [key for key in GROUP_TITLES if key in grouped]
+    order += sorted(key for key in grouped if key not in GROUP_TITLES)
+
+    total = len(registry)
+    done = sum(1 for option in registry if option.implemented)
+    lines = [HEADER, f"{total} options, {done} implemented (fully or partly).", "", "## Contents", ""]
+    for key in order:
+        count = len(grouped[key])
+        lines.append(f"- [{GROUP_TITLES.get(key, key)}](#{key}) ({count})")
+    for key in order:
+        lines += [
+            "",
+            f'<a id="{key}"></a>',
+            "",
+            f"## {GROUP_TITLES.get(key, key)}",
+            "",
+            "| Option | Type | Default | Choices | Required | Implemented | Description |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for option in grouped[key]:
+            cells = [
+                _flag(option),
+                _type(option),
+                _default(option),
+                _choices(option),
+                "yes" if option.required else "",
+                _implemented(option),
+                _cell(option.help),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m kubetuner_trainer.options.docs",
+        description="Render the trainer option reference as Markdown.",
+    )
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--write", nargs="?", const=str(DEFAULT_PATH), metavar="PATH",
+                        help=f"write the reference to PATH (default {DEFAULT_PATH})")
+    action.add_argument("--check", metavar="PATH",
+                        help="exit 1 when PATH differs from what would be generated")
+    args = parser.parse_args(argv)
+
+    text = render_markdown(get_registry())
+    if args.check:
+        path = Path(args.check)
+        current = path.read_text(encoding="utf-8") if path.is_file() else None
+        if current != text:
+            print(f"{path} is out of date; regenerate it with: {REGENERATE}", file=sys.stderr)
+            return 1
+        return 0
+    if args.write:
+        path = Path(args.write)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        return 0
+    sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
