@@ -61,10 +61,13 @@ class LocalPaths(MountPaths):
 
 
 def load_documents(paths: Iterable[Path]) -> list[dict[str, Any]]:
+    """Every mapping document of the files, read the way kubectl reads YAML (``1e-4`` is a number)."""
+    from .crd.manifests import load_manifest_file
+
     docs: list[dict[str, Any]] = []
     for path in paths:
         try:
-            docs.extend(d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if isinstance(d, dict))
+            docs.extend(d for d in load_manifest_file(path) if isinstance(d, dict))
         except (OSError, yaml.YAMLError) as error:
             raise RunError(f"cannot read {path}: {error}") from None
     return docs

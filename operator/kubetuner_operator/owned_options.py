@@ -14,5 +14,8 @@ OWNED_OPTIONS: frozenset[str] = frozenset(
         "metrics_port",
         "revision",
         "variant",
+        "cache_dir",
+        "cache_dir_vae",
+        "cache_dir_text",
     }
 )
