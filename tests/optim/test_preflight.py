@@ -1,0 +1,93 @@
+"""preflight_problems: optimizers that cannot run here, and option combinations that cannot work."""
+
+from __future__ import annotations
+
+import pytest
+from optim_helpers import make_any_cfg, make_cfg
+
+from kubetuner_trainer.optim import OPTIMIZERS, preflight_problems
+from kubetuner_trainer.optim import preflight as preflight_module
+
+BNB = sorted(name for name in OPTIMIZERS if name.startswith("bnb-"))
+
+
+def _messages(cfg):
+    return {(p.option, p.message) for p in preflight_problems(cfg)}
+
+
+def test_good_config_has_no_problems():
+    cfg = make_cfg(optimizer="adamw_bf16", lr_scheduler="polynomial", learning_rate=1e-4, lr_end=1e-6,
+                   use_ema=True, ema_decay=0.999, ema_device="cpu", ema_cpu_only=True)
+    assert preflight_problems(cfg) == []
+
+
+@pytest.mark.parametrize("name", BNB)
+def test_bitsandbytes_is_refused_without_cuda(monkeypatch, name):
+    monkeypatch.setattr(preflight_module, "cuda_available", lambda: False)
+    messages = [p.message for p in preflight_problems(make_any_cfg(optimizer=name))]
+    assert "needs a CUDA device; this machine has none" in messages
+    problem = preflight_problems(make_any_cfg(optimizer=name))[0]
+    assert problem.option == "optimizer" and problem.value == name
+    assert name in str(problem)
+
+
+def test_bitsandbytes_missing_package_is_named_even_with_cuda(monkeypatch):
+    monkeypatch.setattr(preflight_module, "cuda_available", lambda: True)
+    monkeypatch.setattr(preflight_module.importlib.util, "find_spec",
+                        lambda module: None if module == "bitsandbytes" else object())
+    messages = [p.message for p in preflight_problems(make_any_cfg(optimizer="bnb-adamw8bit"))]
+    assert messages == ["needs the Python package 'bitsandbytes', which is not installed in this trainer image"]
+
+
+@pytest.mark.parametrize("name", sorted(n for n in OPTIMIZERS if n.startswith("sdnq-")))
+def test_sdnq_is_refused_with_alternatives(name):
+    problems = preflight_problems(make_any_cfg(optimizer=name))
+    assert len(problems) == 1 and "adamw_bf16" in problems[0].message
+
+
+def test_torchao_on_cpu_needs_a_compiler(monkeypatch):
+    monkeypatch.setattr(preflight_module, "cuda_available", lambda: False)
+    monkeypatch.setattr(preflight_module, "cxx_compiler", lambda: None)
+    problems = preflight_problems(make_cfg(optimizer="ao-adamw8bit"))
+    assert len(problems) == 1 and "C++ compiler" in problems[0].message
+    monkeypatch.setattr(preflight_module, "cuda_available", lambda: True)
+    assert preflight_problems(make_cfg(optimizer="ao-adamw8bit")) == []
+
+
+def test_missing_optional_package_is_named(monkeypatch):
+    monkeypatch.setattr(preflight_module.importlib.util, "find_spec",
+                        lambda module: None if module == "prodigyopt" else object())
+    problems = preflight_problems(make_cfg(optimizer="prodigy"))
+    assert [(p.option, p.value) for p in problems] == [("optimizer", "prodigy")]
+    assert "'prodigyopt'" in problems[0].message
+
+
+def test_prodigy_steps_only_with_prodigy():
+    assert ("prodigy_steps", "only applies to --optimizer=prodigy") in _messages(
+        make_cfg(optimizer="optimi-adamw", prodigy_steps=10))
+    assert preflight_problems(make_cfg(optimizer="prodigy", learning_rate=1.0, prodigy_steps=10)) == []
+
+
+def test_lr_scale_sqrt_needs_lr_scale():
+    problems = preflight_problems(make_cfg(optimizer="optimi-adamw", lr_scale_sqrt=True))
+    assert [p.option for p in problems] == ["lr_scale_sqrt"]
+    assert preflight_problems(make_cfg(optimizer="optimi-adamw", lr_scale=True, lr_scale_sqrt=True)) == []
+
+
+def test_all_problems_are_reported_together():
+    cfg = make_cfg(optimizer="adamw_schedulefree", lr_scheduler="linear", optimizer_config="bogus=1",
+                   lr_scale_sqrt=True, ema_decay=0.9)
+    options = sorted(p.option for p in preflight_problems(cfg))
+    assert options == ["ema_decay", "lr_scale_sqrt", "lr_scheduler", "optimizer_config"]
+
+
+def test_broken_install_is_a_problem_not_a_crash(monkeypatch):
+    spec = OPTIMIZERS["soap"]
+
+    def broken(self):
+        raise ImportError("libfoo.so: cannot open shared object file")
+
+    monkeypatch.setattr(type(spec), "load", broken)
+    problems = preflight_problems(make_cfg(optimizer="soap"))
+    assert [p.option for p in problems] == ["optimizer"]
+    assert "cannot be imported" in problems[0].message and "libfoo" in problems[0].message

@@ -1,0 +1,227 @@
+"""Every ``--optimizer`` value: where its class lives, what it needs, and how options map onto it.
+
+How the keyword arguments of an optimizer are chosen (later wins):
+
+1. the optimizer class's own defaults;
+2. for Adam-family optimizers, ``--adam_beta1/--adam_beta2``, ``--adam_epsilon`` and
+   ``--adam_weight_decay`` (their unset defaults: 0.9, 0.999, 1e-8, 1e-2), unless the
+   variant has a preset for that value and the option was left unset;
+3. ``--optimizer_beta1/--optimizer_beta2`` replace the first/second beta of any optimizer
+   that has betas (Lion and Adan included);
+4. settings owned by one optimizer: ``--lr_warmup_steps`` → schedule-free ``warmup_steps``,
+   ``--prodigy_steps``, ``--seed`` → adamw_bf16's rounding seed;
+5. ``--optimizer_config key=value,...`` — any keyword the class accepts except ``lr``
+   (the learning rate comes from ``--learning_rate``/the param groups).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from types import MappingProxyType
+from typing import Any
+
+from ._settings import explicitly_set, setting
+from .optimizer_config import check_against, parse_optimizer_config
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One ``--optimizer`` choice."""
+
+    name: str
+    summary: str
+    target: str | None  # "module:Class", imported on use; None when kubetuner does not offer it
+    adam_family: bool = False  # --adam_* options apply
+    modules: tuple[str, ...] = ()  # Python packages that must be importable
+    needs_cuda: bool = False
+    compiles_step: bool = False  # the step is built with torch.compile (needs a C++ compiler on CPU)
+    schedule_free: bool = False  # replaces the LR schedule; needs train()/eval() calls
+    preset: Mapping[str, Any] = field(default_factory=dict)  # variant defaults, below explicitly set options
+    fixed: Mapping[str, Any] = field(default_factory=dict)  # always passed; not user-settable
+    unsupported: str | None = None  # why kubetuner cannot offer this choice at all
+
+    def load(self) -> type:
+        """Import and return the optimizer class."""
+        if self.target is None:
+            raise RuntimeError(f"optimizer {self.name!r} is not available: {self.unsupported}")
+        module_name, _, attribute = self.target.partition(":")
+        return getattr(importlib.import_module(module_name), attribute)
+
+    def accepted_keywords(self) -> dict[str, Any]:
+        """Keyword → class default, for every keyword ``--optimizer_config`` may set."""
+        return _keywords_of(self.load(), tuple(self.fixed))
+
+    def integer_keywords(self) -> frozenset[str]:
+        """Keywords annotated as ``int`` (a fractional value is refused for them)."""
+        return _integer_keywords_of(self.load())
+
+
+@cache
+def _keywords_of(cls: type, fixed: tuple[str, ...]) -> dict[str, Any]:
+    signature = inspect.signature(cls.__init__)
+    return {
+        name: parameter.default
+        for name, parameter in signature.parameters.items()
+        if name not in ("self", "params", "lr", *fixed)
+        and parameter.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    }
+
+
+@cache
+def _integer_keywords_of(cls: type) -> frozenset[str]:
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    return frozenset(p.name for p in parameters if p.annotation in (int, "int"))
+
+
+def _optimi(name: str, cls: str, summary: str, *, adam: bool) -> OptimizerSpec:
+    return OptimizerSpec(
+        f"optimi-{name}", summary, f"optimi:{cls}", adam_family=adam, modules=("optimi",),
+        fixed={"gradient_release": False},
+    )
+
+
+def _bnb(name: str, cls: str, summary: str, *, adam: bool) -> OptimizerSpec:
+    return OptimizerSpec(
+        f"bnb-{name}", summary, f"bitsandbytes.optim:{cls}", adam_family=adam, modules=("bitsandbytes",),
+        needs_cuda=True,
+    )
+
+
+def _ao(name: str, cls: str, summary: str) -> OptimizerSpec:
+    return OptimizerSpec(
+        f"ao-{name}", summary, f"torchao.optim:{cls}", adam_family=True, modules=("torchao",), compiles_step=True,
+    )
+
+
+_SDNQ_REASON = (
+    "SDNQ optimizers come with the SDNQ quantisation stack, which kubetuner does not ship; "
+    "pick another optimizer (e.g. adamw_bf16 or optimi-adamw)"
+)
+
+_SPECS: list[OptimizerSpec] = [
+    OptimizerSpec(
+        "adamw_bf16", "AdamW with fp32 moments and stochastic rounding, accurate on bf16 weights (built in).",
+        "kubetuner_trainer.optim.adamw_bf16:AdamWBF16", adam_family=True,
+    ),
+    _ao("adamw8bit", "AdamW8bit", "torchao AdamW with 8-bit block-quantised moments."),
+    _ao("adamw4bit", "AdamW4bit", "torchao AdamW with 4-bit block-quantised moments."),
+    _ao("adamfp8", "AdamFp8", "torchao Adam (L2 weight decay) with float8 moments."),
+    _ao("adamwfp8", "AdamWFp8", "torchao AdamW with float8 moments."),
+    OptimizerSpec(
+        "adamw_schedulefree", "Schedule-free AdamW; fp32 master weights for bf16/fp16 parameters.",
+        "kubetuner_trainer.optim.schedule_free:ScheduleFreeAdamW", adam_family=True, modules=("schedulefree",),
+        schedule_free=True, fixed={"master_weights": True},
+    ),
+    OptimizerSpec(
+        "adamw_schedulefree+aggressive",
+        "Schedule-free AdamW with lighter regularisation: weight decay 1e-3 and eps 1e-6 unless "
+        "--adam_weight_decay/--adam_epsilon are given.",
+        "kubetuner_trainer.optim.schedule_free:ScheduleFreeAdamW", adam_family=True, modules=("schedulefree",),
+        schedule_free=True, preset={"weight_decay": 1e-3, "eps": 1e-6}, fixed={"master_weights": True},
+    ),
+    OptimizerSpec(
+        "adamw_schedulefree+no_kahan",
+        "Schedule-free AdamW updating low-precision weights in place (no fp32 master copy; less memory, "
+        "small updates to bf16 weights can be lost); weight decay 1e-3 and eps 1e-6 by default.",
+        "kubetuner_trainer.optim.schedule_free:ScheduleFreeAdamW", adam_family=True, modules=("schedulefree",),
+        schedule_free=True, preset={"weight_decay": 1e-3, "eps": 1e-6}, fixed={"master_weights": False},
+    ),
+    _optimi("stableadamw", "StableAdamW", "torch-optimi StableAdamW (AdamW with per-tensor update clipping).", adam=True),
+    _optimi("adamw", "AdamW", "torch-optimi AdamW (Kahan summation for low-precision weights).", adam=True),
+    _optimi("lion", "Lion", "torch-optimi Lion (sign-based momentum; use a smaller learning rate).", adam=False),
+    _optimi("radam", "RAdam", "torch-optimi RAdam (rectified Adam, no warmup needed).", adam=True),
+    _optimi("ranger", "Ranger", "torch-optimi Ranger (RAdam with Lookahead).", adam=True),
+    _optimi("adan", "Adan", "torch-optimi Adan (Nesterov-style adaptive momentum, three betas).", adam=False),
+    _optimi("adam", "Adam", "torch-optimi Adam (L2 weight decay).", adam=True),
+    _optimi("sgd", "SGD", "torch-optimi SGD (momentum via --optimizer_config momentum=0.9).", adam=False),
+    OptimizerSpec(
+        "soap", "SOAP: Adam in the eigenbasis of a Shampoo preconditioner (built in).",
+        "kubetuner_trainer.optim.soap:SOAP", adam_family=True, preset={"betas": (0.95, 0.95)},
+    ),
+    OptimizerSpec(
+        "prodigy", "Prodigy: learns its own step size; use --learning_rate=1.0 (prodigyopt).",
+        "kubetuner_trainer.optim.prodigy:ProdigyWithSteps", adam_family=True, modules=("prodigyopt",),
+    ),
+    _bnb("adagrad", "Adagrad", "bitsandbytes Adagrad.", adam=False),
+    _bnb("adagrad8bit", "Adagrad8bit", "bitsandbytes Adagrad with 8-bit state.", adam=False),
+    _bnb("adam", "Adam", "bitsandbytes Adam.", adam=True),
+    _bnb("adam8bit", "Adam8bit", "bitsandbytes Adam with 8-bit state.", adam=True),
+    _bnb("adamw", "AdamW", "bitsandbytes AdamW.", adam=True),
+    _bnb("adamw8bit", "AdamW8bit", "bitsandbytes AdamW with 8-bit state.", adam=True),
+    _bnb("adamw-paged", "PagedAdamW", "bitsandbytes AdamW with paged (unified-memory) state.", adam=True),
+    _bnb("adamw8bit-paged", "PagedAdamW8bit", "bitsandbytes AdamW with paged 8-bit state.", adam=True),
+    _bnb("lion", "Lion", "bitsandbytes Lion.", adam=False),
+    _bnb("lion8bit", "Lion8bit", "bitsandbytes Lion with 8-bit state.", adam=False),
+    _bnb("lion-paged", "PagedLion", "bitsandbytes Lion with paged state.", adam=False),
+    _bnb("lion8bit-paged", "PagedLion8bit", "bitsandbytes Lion with paged 8-bit state.", adam=False),
+    _bnb("ademamix", "AdEMAMix", "bitsandbytes AdEMAMix (two momentum averages).", adam=True),
+    _bnb("ademamix8bit", "AdEMAMix8bit", "bitsandbytes AdEMAMix with 8-bit state.", adam=True),
+    _bnb("ademamix-paged", "PagedAdEMAMix", "bitsandbytes AdEMAMix with paged state.", adam=True),
+    _bnb("ademamix8bit-paged", "PagedAdEMAMix8bit", "bitsandbytes AdEMAMix with paged 8-bit state.", adam=True),
+    *(
+        OptimizerSpec(name, "SDNQ optimizer with quantised state buffers.", None, unsupported=_SDNQ_REASON)
+        for name in (
+            "sdnq-adamw", "sdnq-adamw+no_quant", "sdnq-adafactor", "sdnq-came", "sdnq-lion", "sdnq-muon",
+            "sdnq-muon+quantized_matmul",
+        )
+    ),
+]
+
+OPTIMIZERS: Mapping[str, OptimizerSpec] = MappingProxyType({spec.name: spec for spec in _SPECS})
+
+_PRESET_OPTIONS = {"weight_decay": ("adam_weight_decay",), "eps": ("adam_epsilon",), "betas": ("adam_beta1", "adam_beta2")}
+
+
+def optimizer_spec(name: str) -> OptimizerSpec:
+    """The table entry for ``--optimizer`` value ``name``; ValueError listing choices if unknown."""
+    try:
+        return OPTIMIZERS[name]
+    except KeyError:
+        raise ValueError(f"optimizer {name!r} is unknown; choose one of: {', '.join(OPTIMIZERS)}") from None
+
+
+def _use_preset(cfg: Any, spec: OptimizerSpec, key: str) -> bool:
+    return key in spec.preset and not any(explicitly_set(cfg, option) for option in _PRESET_OPTIONS[key])
+
+
+def optimizer_kwargs(cfg: Any, spec: OptimizerSpec, param_dtypes: Sequence[Any] = ()) -> dict[str, Any]:
+    """Keyword arguments (besides the param groups) for ``spec``'s class, resolved from ``cfg``.
+
+    Raises OptimizerConfigError for a bad ``--optimizer_config``.
+    """
+    accepted = spec.accepted_keywords()
+    kwargs: dict[str, Any] = {"lr": float(setting(cfg, "learning_rate"))}
+    if "betas" in accepted:
+        default = accepted["betas"]
+        betas = list(default) if isinstance(default, tuple) else [0.9, 0.999]
+        if spec.adam_family:
+            pair = spec.preset["betas"] if _use_preset(cfg, spec, "betas") else (
+                setting(cfg, "adam_beta1"), setting(cfg, "adam_beta2"))
+            betas[0], betas[1] = pair
+        for index, option in enumerate(("optimizer_beta1", "optimizer_beta2")):
+            value = setting(cfg, option)
+            if value is not None:
+                betas[index] = value
+        kwargs["betas"] = tuple(float(b) for b in betas)
+    if spec.adam_family:
+        for key, option in (("eps", "adam_epsilon"), ("weight_decay", "adam_weight_decay")):
+            if key in accepted:
+                kwargs[key] = spec.preset[key] if _use_preset(cfg, spec, key) else float(setting(cfg, option))
+    if spec.schedule_free and "warmup_steps" in accepted:
+        kwargs["warmup_steps"] = int(setting(cfg, "lr_warmup_steps"))
+    if "prodigy_steps" in accepted:
+        kwargs["prodigy_steps"] = int(setting(cfg, "prodigy_steps") or 0)
+    if spec.name == "adamw_bf16":
+        kwargs["seed"] = int(setting(cfg, "seed") or 0)
+    if "bf16_stochastic_round" in accepted:
+        kwargs["bf16_stochastic_round"] = any(str(dtype) == "torch.bfloat16" for dtype in param_dtypes)
+    kwargs.update(spec.fixed)
+    overrides = check_against(
+        spec.name, parse_optimizer_config(setting(cfg, "optimizer_config")), accepted, spec.integer_keywords()
+    )
+    kwargs.update(overrides)
+    return kwargs
