@@ -1,0 +1,407 @@
+"""Validation renders: images from the family's diffusers pipeline, or an external script.
+
+The loop asks :meth:`Validator.due` after each step (and at epoch ends) and calls
+:meth:`Validator.run` (or :meth:`Validator.run_and_report`) with a factory that builds the
+pipeline around the current weights — ``lambda: adapter.build_pipeline(unet=unwrapped_unet)``.
+Images land in ``output_dir/validation/step-<n>/`` with an ``index.json`` describing each file
+(prompt, seed, size, variant).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..contract import TrainerState
+from ..options.model import ValueProblem, parse_json_value
+from ._options import option
+from .scripts import VALIDATION, ScriptRunner, command_of, latest_checkpoint_dir, placeholder_values
+
+log = logging.getLogger(__name__)
+
+PipelineFactory = Callable[[], Any]
+
+DEFAULT_STEPS = 30
+DEFAULT_GUIDANCE = 7.5
+DEFAULT_SEED = 42
+# A small built-in prompt library (--validation_prompt_library), covering subjects, styles and
+# compositions that show over- or under-fitting quickly.
+BUILTIN_PROMPTS = {
+    "portrait": "a close-up portrait of an elderly fisherman, soft window light, detailed skin",
+    "street": "a rainy city street at night with neon reflections on wet asphalt",
+    "still_life": "a still life of pears and a copper jug on a wooden table, oil painting",
+    "landscape": "a wide mountain valley at sunrise with mist over a winding river",
+    "animal": "a red fox sitting in fresh snow, looking at the camera",
+    "interior": "a sunlit reading room with tall shelves and a green velvet armchair",
+    "typography": "a hand-painted shop sign that reads OPEN in bold letters",
+    "sketch": "a pencil sketch of a lighthouse on a rocky coast",
+}
+# --validation_noise_scheduler → diffusers scheduler class name
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+}
+
+
+class ValidationConfigError(ValueError):
+    """A validation option cannot be used; the message names the option."""
+
+
+@dataclass(frozen=True)
+class AdapterRun:
+    """One set of extra LoRA adapters loaded for a validation pass (``--validation_adapter_*``)."""
+
+    label: str
+    paths: tuple[tuple[str, str, float], ...]  # (path or hub id[:weight_name], adapter name, strength)
+
+
+def parse_resolutions(value: Any, fallback: int) -> list[tuple[int, int]]:
+    """``--validation_resolution``: ``1024``, ``768x512`` (width x height), ``1.0`` (megapixels), comma lists.
+
+    Sizes are rounded down to multiples of 8 pixels (the VAE's latent grid).
+    """
+    if value is None or str(value).strip() == "":
+        return [(_round8(fallback), _round8(fallback))]
+    sizes = []
+    for item in (i.strip() for i in str(value).split(",")):
+        if not item:
+            continue
+        match = re.fullmatch(r"(\d+)\s*[xX]\s*(\d+)", item)
+        try:
+            if match:
+                width, height = int(match.group(1)), int(match.group(2))
+            elif "." in item or float(item) <= 10:
+                side = math.sqrt(float(item) * 1_000_000)
+                width = height = int(side // 64 * 64)
+            else:
+                width = height = int(item)
+        except ValueError:
+            raise ValidationConfigError(
+                f"validation_resolution: {item!r} is not a size; use 1024, 768x512 or 1.0 (megapixels)"
+            ) from None
+        if min(width, height) < 8:
+            raise ValidationConfigError(f"validation_resolution: {item!r} is smaller than 8 pixels")
+        sizes.append((_round8(width), _round8(height)))
+    return list(dict.fromkeys(sizes))
+
+
+def _round8(value: float) -> int:
+    return max(8, int(value) // 8 * 8)
+
+
+def load_prompts(cfg: Any) -> dict[str, str]:
+    """Validation prompts by short name: ``--validation_prompt``, the built-in library, the user library."""
+    prompts: dict[str, str] = {}
+    single = option(cfg, "validation_prompt")
+    if single:
+        prompts["validation"] = str(single)
+    if option(cfg, "validation_prompt_library", False):
+        prompts.update(BUILTIN_PROMPTS)
+    library = option(cfg, "user_prompt_library")
+    if library:
+        path = Path(str(library))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValidationConfigError(f"user_prompt_library: cannot read {path}: {error}") from None
+        if not isinstance(data, dict):
+            raise ValidationConfigError("user_prompt_library must be a JSON object of {short name: prompt}")
+        for name, entry in data.items():
+            text = entry.get("prompt") if isinstance(entry, dict) else entry
+            if not isinstance(text, str) or not text:
+                raise ValidationConfigError(f"user_prompt_library: entry {name!r} has no prompt text")
+            prompts[_slug(str(name))] = text
+    return prompts
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")[:48] or "prompt"
+
+
+def _adapter_name(name: str) -> str:
+    # prefixed: a bare name such as "half" would clash with torch.nn.Module attributes
+    return "validation_" + _slug(name)
+
+
+def parse_adapter_runs(cfg: Any) -> list[AdapterRun]:
+    """The adapter passes: ``--validation_adapter_config`` entries, or the single ``--validation_adapter_path``."""
+    config = option(cfg, "validation_adapter_config")
+    if config is not None:
+        try:
+            parsed = parse_json_value(config)
+        except ValueProblem as problem:
+            raise ValidationConfigError(f"validation_adapter_config: {problem}") from None
+        entries = parsed.get("runs") if isinstance(parsed, dict) else parsed
+        if not isinstance(entries, list) or not entries:
+            raise ValidationConfigError("validation_adapter_config must be a list of runs (or {\"runs\": [...]})")
+        runs = []
+        for index, entry in enumerate(entries):
+            runs.append(_adapter_run(entry, f"validation_adapter_config[{index}]", index))
+        return runs
+    path = option(cfg, "validation_adapter_path")
+    if not path:
+        return []
+    name = option(cfg, "validation_adapter_name") or "validation_adapter"
+    strength = float(option(cfg, "validation_adapter_strength", 1.0))
+    return [AdapterRun(label=_slug(name), paths=((str(path), _adapter_name(name), strength),))]
+
+
+def _adapter_run(entry: Any, where: str, index: int) -> AdapterRun:
+    if isinstance(entry, str):
+        entry = {"path": entry}
+    if not isinstance(entry, dict):
+        raise ValidationConfigError(f"{where} must be an object or a path")
+    strength = float(entry.get("strength", 1.0))
+    items: list[tuple[str, str, float]] = []
+    extra = entry.get("adapters", entry.get("paths", []))
+    if entry.get("path"):
+        items.append((str(entry["path"]), _adapter_name(entry.get("adapter_name") or f"adapter_{index}"), strength))
+    for sub_index, sub in enumerate(extra if isinstance(extra, list) else [extra]):
+        sub = {"path": sub} if isinstance(sub, str) else sub
+        if not isinstance(sub, dict) or not sub.get("path"):
+            raise ValidationConfigError(f"{where}.adapters[{sub_index}] needs a path")
+        name = _adapter_name(sub.get("adapter_name") or f"adapter_{index}_{sub_index}")
+        items.append((str(sub["path"]), name, float(sub.get("strength", strength))))
+    if not items:
+        raise ValidationConfigError(f"{where} needs a path (or adapters/paths)")
+    label = _slug(entry.get("label") or items[0][1].removeprefix("validation_"))
+    return AdapterRun(label=label, paths=tuple(items))
+
+
+def check_validation_config(cfg: Any) -> list[tuple[str, str]]:
+    """(option, message) for every validation option that cannot be used."""
+    problems = []
+    checks = (("validation_resolution", lambda: parse_resolutions(option(cfg, "validation_resolution"), 512)),
+              ("user_prompt_library", lambda: load_prompts(cfg)),
+              ("validation_adapter_config", lambda: parse_adapter_runs(cfg)))
+    for name, check in checks:
+        try:
+            check()
+        except ValidationConfigError as error:
+            problems.append((name, str(error)))
+    if option(cfg, "validation_noise_scheduler") == "perflow":
+        problems.append(("validation_noise_scheduler",
+                         "perflow is not supported; use one of " + ", ".join(SCHEDULERS)))
+    return problems
+
+
+class Validator:
+    """Decides when to validate and renders the validation images."""
+
+    def __init__(self, cfg: Any, adapter: Any = None, output_dir: str | Path | None = None, *,
+                 scripts: ScriptRunner | None = None) -> None:
+        self.cfg = cfg
+        self.adapter = adapter
+        self.output_dir = Path(str(output_dir or option(cfg, "output_dir", ".")))
+        self.scripts = scripts or ScriptRunner()
+        self.disabled = bool(option(cfg, "validation_disable", False))
+        self.external = option(cfg, "validation_method", "simpletuner-local") == "external-script"
+        self.step_interval = option(cfg, "validation_step_interval")
+        self._epoch_ends = 0
+        self.epoch_interval = option(cfg, "validation_epoch_interval")
+        self.prompts = load_prompts(cfg)
+        fallback = int(option(cfg, "resolution", 512) or 512)
+        if fallback <= 10:  # megapixel-style --resolution
+            fallback = int(math.sqrt(fallback * 1_000_000))
+        self.resolutions = parse_resolutions(option(cfg, "validation_resolution"), fallback)
+        self.adapter_runs = parse_adapter_runs(cfg)
+        self.adapter_mode = option(cfg, "validation_adapter_mode") or "adapter_only"
+        self.ema_mode = option(cfg, "ema_validation") or "none"
+        if option(cfg, "validation_noise_scheduler") == "perflow":
+            raise ValidationConfigError("validation_noise_scheduler=perflow is not supported; use one of "
+                                        + ", ".join(SCHEDULERS))
+
+    @property
+    def enabled(self) -> bool:
+        return not self.disabled and (self.external or bool(self.prompts))
+
+    def due(self, step: int, epoch_end: bool = False, epoch: int | None = None) -> bool:
+        """Whether to validate after ``step`` (``epoch_end``: the step closed epoch ``epoch``)."""
+        if not self.enabled:
+            return False
+        if self.step_interval and step > 0 and step % int(self.step_interval) == 0:
+            return True
+        if epoch_end:
+            if epoch is None:  # the caller does not count epochs: count the epoch ends seen
+                self._epoch_ends += 1
+                epoch = self._epoch_ends
+            if self.epoch_interval:
+                return epoch % int(self.epoch_interval) == 0
+        return False
+
+    def due_on_startup(self) -> bool:
+        return self.enabled and bool(option(self.cfg, "validation_on_startup", False))
+
+    # --- running ------------------------------------------------------------------------
+
+    def run_and_report(self, step: int, events: Any, pipeline_factory: PipelineFactory | None = None,
+                       *, ema_pipeline_factory: PipelineFactory | None = None) -> list[Path]:
+        """:meth:`run` between ``validating`` and ``training`` states, reporting the images to ``events``."""
+        events.state(TrainerState.VALIDATING, f"validation at step {step}")
+        started = time.monotonic()
+        try:
+            images = self.run(step, pipeline_factory, ema_pipeline_factory=ema_pipeline_factory)
+        except Exception as error:
+            log.exception("validation at step %d failed", step)
+            events.error(f"validation at step {step} failed: {error}")
+            images = []
+        events.validation(step, images, seconds=time.monotonic() - started)
+        events.state(TrainerState.TRAINING)
+        return images
+
+    def run(self, step: int, pipeline_factory: PipelineFactory | None = None, *,
+            ema_pipeline_factory: PipelineFactory | None = None) -> list[Path]:
+        """Render the validation images for ``step``; returns the files written."""
+        if self.disabled:
+            return []
+        if self.external:
+            self._run_external(step)
+            return []
+        if not self.prompts:
+            return []
+        factories: list[tuple[str, PipelineFactory]] = []
+        if pipeline_factory is None and self.adapter is not None:
+            pipeline_factory = self.adapter.build_pipeline
+        if self.ema_mode in ("ema_only", "comparison") and ema_pipeline_factory is None:
+            log.warning("ema_validation=%s but the loop gave no EMA weights; validating the live weights",
+                        self.ema_mode)
+        if pipeline_factory is not None and (self.ema_mode != "ema_only" or ema_pipeline_factory is None):
+            factories.append(("", pipeline_factory))
+        if ema_pipeline_factory is not None and self.ema_mode in ("ema_only", "comparison"):
+            factories.append(("ema", ema_pipeline_factory))
+        if not factories:
+            raise ValidationConfigError("validation needs a pipeline factory or a model adapter")
+        folder = self.output_dir / "validation" / f"step-{step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        written: list[Path] = []
+        index: list[dict[str, Any]] = []
+        seed = self._base_seed()
+        for variant, factory in factories:
+            pipeline = self._prepare(factory())
+            for adapter_label, run in self._adapter_passes():
+                label = "-".join(p for p in (variant, adapter_label) if p)
+                restore = self._load_adapters(pipeline, run) if run is not None else None
+                try:
+                    written += self._render(pipeline, folder, label, seed, index)
+                finally:
+                    if run is not None:
+                        self._unload_adapters(pipeline, run, restore or [])
+        (folder / "index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+        log.info("validation at step %d: %d image(s) in %s", step, len(written), folder)
+        return written
+
+    def _base_seed(self) -> int:
+        if option(self.cfg, "validation_randomize", False):
+            return random.randrange(2**31)
+        seed = option(self.cfg, "validation_seed")
+        if seed is None:
+            seed = option(self.cfg, "seed", DEFAULT_SEED)
+        return int(seed)
+
+    def _adapter_passes(self) -> list[tuple[str, AdapterRun | None]]:
+        if not self.adapter_runs or self.adapter_mode == "none":
+            return [("", None)]
+        passes: list[tuple[str, AdapterRun | None]] = []
+        if self.adapter_mode == "comparison":
+            passes.append(("base", None))
+        passes += [(run.label, run) for run in self.adapter_runs]
+        return passes
+
+    def _prepare(self, pipeline: Any) -> Any:
+        import diffusers
+
+        name = option(self.cfg, "validation_noise_scheduler")
+        if name:
+            scheduler_class = getattr(diffusers, SCHEDULERS[name])
+            pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config)
+        if hasattr(pipeline, "set_progress_bar_config"):
+            pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+
+    def _load_adapters(self, pipeline: Any, run: AdapterRun) -> list[str]:
+        """Load and activate the run's adapters; returns the adapters active before (to restore)."""
+        existing = list(pipeline.get_active_adapters()) if hasattr(pipeline, "get_active_adapters") else []
+        names, weights = [], []
+        for path, name, strength in run.paths:
+            source, weight_name = _split_weight_name(path)
+            kwargs = {"weight_name": weight_name} if weight_name else {}
+            pipeline.load_lora_weights(source, adapter_name=name, **kwargs)
+            names.append(name)
+            weights.append(strength)
+        # adapters being trained stay active at full strength next to the loaded ones
+        pipeline.set_adapters(existing + names, [1.0] * len(existing) + weights)
+        return existing
+
+    def _unload_adapters(self, pipeline: Any, run: AdapterRun, restore: list[str]) -> None:
+        pipeline.delete_adapters([name for _, name, _ in run.paths])
+        if restore:
+            pipeline.set_adapters(restore)
+
+    def _render(self, pipeline: Any, folder: Path, label: str, seed: int, index: list[dict]) -> list[Path]:
+        import torch
+
+        steps = int(option(self.cfg, "validation_num_inference_steps", DEFAULT_STEPS))
+        guidance = float(option(self.cfg, "validation_guidance", DEFAULT_GUIDANCE))
+        negative = option(self.cfg, "validation_negative_prompt")
+        rescale = option(self.cfg, "validation_guidance_rescale")
+        count = int(option(self.cfg, "num_validation_images", 1))
+        device = "cpu"
+        if option(self.cfg, "validation_seed_source") == "gpu" and torch.cuda.is_available():
+            device = "cuda"
+        files = []
+        for short_name, prompt in self.prompts.items():
+            for width, height in self.resolutions:
+                for number in range(count):
+                    image_seed = seed + number
+                    kwargs: dict[str, Any] = dict(
+                        prompt=prompt, width=width, height=height, num_inference_steps=steps,
+                        guidance_scale=guidance, generator=torch.Generator(device).manual_seed(image_seed),
+                    )
+                    if negative:
+                        kwargs["negative_prompt"] = negative
+                    if rescale:
+                        kwargs["guidance_rescale"] = float(rescale)
+                    with torch.no_grad():
+                        image = pipeline(**kwargs).images[0]
+                    stem = "-".join(p for p in (label, short_name, f"{width}x{height}", str(number)) if p)
+                    path = folder / f"{stem}.png"
+                    image.save(path)
+                    files.append(path)
+                    index.append({"file": path.name, "prompt": prompt, "negative_prompt": negative,
+                                  "seed": image_seed, "width": width, "height": height, "variant": label,
+                                  "steps": steps, "guidance": guidance})
+        return files
+
+    def _run_external(self, step: int) -> None:
+        command = command_of(self.cfg, "validation_external_script")
+        if command is None:
+            raise ValidationConfigError("validation_method=external-script needs --validation_external_script")
+        latest = latest_checkpoint_dir(self.output_dir)
+        if latest is None:
+            log.warning("external validation at step %d: no checkpoint yet, {local_checkpoint_path} is empty", step)
+        values = placeholder_values(self.cfg, global_step=step, local_checkpoint_path=latest)
+        background = bool(option(self.cfg, "validation_external_background", False))
+        self.scripts.run(VALIDATION, command, values, background=background, check=not background)
+
+
+def _split_weight_name(path: str) -> tuple[str, str | None]:
+    """``org/repo:weights.safetensors`` → (``org/repo``, ``weights.safetensors``); local files stay whole."""
+    if Path(path).exists():
+        local = Path(path)
+        return (str(local.parent), local.name) if local.is_file() else (str(local), None)
+    if ":" in path and not re.match(r"^[A-Za-z]:\\", path):
+        source, weight = path.rsplit(":", 1)
+        return source, weight or None
+    return path, None
