@@ -1,0 +1,391 @@
+"""Training-step benchmark: kubetuner's loop vs a plain diffusers-example-style loop, side by side.
+
+Measures samples/s, peak memory, time waiting for data and model-FLOPs utilisation (FLOPs of one
+training step counted with ``torch.utils.flop_counter.FlopCounterMode``) for a family and an
+architecture size, at a resolution and batch size. Both loops run in this process on the same
+UNet weights and the same synthetic batches (random latents and text embeddings of the family's
+shapes), so the ratio isolates the loop's own overhead.
+
+    python bench/train_step.py --family sdxl --arch tiny --resolution 64 --batch 1,2 --steps 8
+    python bench/train_step.py --family sdxl --arch sdxl --resolution 1024 --batch 1,max --dtype bf16 \
+        --gradient-checkpointing          # CUDA; "max" doubles the batch until it runs out of memory
+
+Peak memory is CUDA ``max_memory_allocated`` on GPUs and the process's peak resident set (sampled)
+on CPU. MFU divides achieved FLOP/s by ``--peak-tflops`` (default: the GPU's dense bf16 peak from
+a small table, or a matmul measured here on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kubetuner_trainer.config import TrainerConfig
+from kubetuner_trainer.data.batch import Batch
+from kubetuner_trainer.events import NullEvents
+
+GPU_PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0,
+                        "RTX 4090": 165.0}
+
+
+# ----- model and data -------------------------------------------------------------------------------
+
+def build_adapter(family: str, arch: str, workdir: Path, dtype: torch.dtype, device: torch.device,
+                  cfg: TrainerConfig):
+    """The family adapter around a random-weight UNet of the requested size (tiny encoders/VAE)."""
+    from diffusers import UNet2DConditionModel
+
+    from kubetuner_trainer.models import adapter_class
+    from kubetuner_trainer.models.loading import load_components
+    from kubetuner_trainer.models.tiny import BUILDERS, tiny_unet_config
+
+    folder = BUILDERS[family](workdir / f"tiny-{family}")
+    cls = adapter_class(family)
+    comps = load_components(cls, cfg, weight_dtype=dtype)
+    if arch == "sdxl":
+        torch.manual_seed(0)
+        comps.unet = UNet2DConditionModel(**tiny_unet_config(size="sdxl")).to(dtype)
+        comps.unet.requires_grad_(False)
+    adapter = cls(cfg, comps, device=device, weight_dtype=dtype)
+    adapter.to(device)
+    del folder
+    return adapter
+
+
+def text_shapes(adapter) -> dict[str, tuple[int, ...]]:
+    unet_cfg = adapter.unet.config
+    shapes = {"prompt_embeds": (77 if adapter.family != "kolors" else 256,
+                                unet_cfg.encoder_hid_dim or unet_cfg.cross_attention_dim)}
+    if unet_cfg.addition_embed_type == "text_time":
+        pooled = unet_cfg.projection_class_embeddings_input_dim - 6 * unet_cfg.addition_time_embed_dim
+        shapes["pooled_prompt_embeds"] = (pooled,)
+    return shapes
+
+
+class SyntheticData:
+    """Endless random batches of one bucket; counts the time the consumer waits for each batch."""
+
+    def __init__(self, adapter, batch_size: int, resolution: int, pool: int = 4):
+        gen = torch.Generator().manual_seed(0)
+        side = resolution // adapter.latent_downscale
+        shapes = text_shapes(adapter)
+        self.batches = []
+        for _ in range(pool):
+            self.batches.append(Batch(
+                latents=torch.randn(batch_size, 4, side, side, generator=gen),
+                text={k: torch.randn(batch_size, *s, generator=gen) for k, s in shapes.items()},
+                original_sizes=[(resolution, resolution)] * batch_size, crop_coords=[(0, 0)] * batch_size,
+                target_sizes=[(resolution, resolution)] * batch_size, captions=[""] * batch_size,
+                paths=[""] * batch_size, dataset_ids=["bench"] * batch_size, is_regularisation=[False] * batch_size,
+            ))
+        self.steps_per_epoch = 10**9
+        self.data_wait_seconds = 0.0
+        self.position = 0
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, state):
+        self.position = state["position"]
+
+    def __iter__(self):
+        while True:
+            started = time.perf_counter()
+            batch = self.batches[self.position % len(self.batches)]
+            batch = copy.copy(batch)
+            batch.epoch, batch.position = 0, self.position
+            self.position += 1
+            self.data_wait_seconds += time.perf_counter() - started
+            yield batch
+
+
+# ----- measuring ------------------------------------------------------------------------------------
+
+class PeakMemory:
+    """CUDA peak allocation, or the peak resident set size of this process sampled every 5 ms."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            import psutil
+
+            proc = psutil.Process()
+
+            def sample():
+                while not self._stop.is_set():
+                    self.peak = max(self.peak, proc.memory_info().rss)
+                    time.sleep(0.005)
+
+            self._thread = threading.Thread(target=sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            assert self._thread is not None
+            self._thread.join()
+
+
+@dataclass
+class Measurement:
+    name: str
+    step_seconds: list[float]
+    data_wait: float
+    peak_bytes: int
+    flops_per_step: float
+
+    def median(self) -> float:
+        return statistics.median(self.step_seconds)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class TimingEvents(NullEvents):
+    def __init__(self, device):
+        self.device = device
+        self.times: list[float] = []
+        self._last = None
+
+    def step(self, report):
+        _sync(self.device)
+        now = time.perf_counter()
+        if self._last is not None:
+            self.times.append(now - self._last)
+        self._last = now
+
+
+def bench_kubetuner(cfg, adapter, data, steps: int, warmup: int) -> Measurement:
+    """Our TrainingLoop, timed between consecutive optimizer steps."""
+    from accelerate import Accelerator
+
+    from kubetuner_trainer.training.loop import TrainingLoop
+
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision or "no", cpu=adapter.device.type == "cpu")
+    events = TimingEvents(adapter.device)
+    loop = TrainingLoop(cfg.replace(max_train_steps=steps + warmup), accelerator, adapter, data, events, seed=0)
+    loop.save_final = lambda: None  # the benchmark keeps no model
+    with PeakMemory(adapter.device) as mem:
+        loop.run()
+    flops = count_flops(lambda: _kubetuner_step(loop, data))
+    return Measurement("kubetuner", events.times[warmup - 1:], data.data_wait_seconds, mem.peak, flops)
+
+
+def _kubetuner_step(loop, data):
+    batch = next(iter(data))
+    loss = loop.compute_loss(batch)
+    loop.acc.backward(loss)
+    loop.optimizer.zero_grad(set_to_none=True)
+
+
+def bench_reference(adapter, base_unet, data, steps: int, warmup: int, *, rank: int, lr: float,
+                    autocast_dtype: torch.dtype | None, gradient_checkpointing: bool) -> Measurement:
+    """A plain loop as in diffusers' example training scripts: PEFT LoRA, AdamW, MSE on ε."""
+    from peft import LoraConfig
+
+    device = adapter.device
+    unet = base_unet
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    scheduler = adapter.noise_scheduler
+    sdxl_like = unet.config.addition_embed_type == "text_time"
+    times: list[float] = []
+
+    def one_step(batch):
+        latents = batch.latents.to(device)
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
+        noisy = scheduler.add_noise(latents, noise, t)
+        enc = batch.text["prompt_embeds"].to(device)
+        kwargs = {}
+        if sdxl_like:
+            side = latents.shape[-1] * adapter.latent_downscale
+            ids = torch.tensor([[side, side, 0, 0, side, side]] * latents.shape[0], device=device, dtype=latents.dtype)
+            kwargs["added_cond_kwargs"] = {"text_embeds": batch.text["pooled_prompt_embeds"].to(device), "time_ids": ids}
+        ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+        with ctx:
+            pred = unet(noisy, t, encoder_hidden_states=enc, **kwargs).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+        loss.backward()
+        return loss
+
+    batches = iter(data)
+    with PeakMemory(device) as mem:
+        last = None
+        for _ in range(steps + warmup):
+            one_step(next(batches))
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            _sync(device)
+            now = time.perf_counter()
+            if last is not None:
+                times.append(now - last)
+            last = now
+    flops = count_flops(lambda: (one_step(next(batches)), optimizer.zero_grad(set_to_none=True)))
+    return Measurement("reference", times[warmup - 1:], 0.0, mem.peak, flops)
+
+
+def count_flops(fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def peak_tflops(device: torch.device, override: float | None) -> tuple[float, str]:
+    if override:
+        return override, "given"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in GPU_PEAK_BF16_TFLOPS.items():
+            if key in name:
+                return value, f"{name} dense bf16"
+        return float("nan"), f"{name} (unknown peak; pass --peak-tflops)"
+    a = torch.randn(1024, 1024)
+    b = torch.randn(1024, 1024)
+    for _ in range(3):
+        a @ b
+    started = time.perf_counter()
+    reps = 20
+    for _ in range(reps):
+        a @ b
+    seconds = time.perf_counter() - started
+    return 2 * 1024**3 * reps / seconds / 1e12, "fp32 matmul measured on this CPU"
+
+
+# ----- driver ---------------------------------------------------------------------------------------
+
+def run_case(args, batch_size: int, workdir: Path, device: torch.device, dtype: torch.dtype) -> list[Measurement]:
+    mp = {"bf16": "bf16", "fp16": "fp16"}.get(args.dtype, "no")
+    cfg = TrainerConfig.from_mapping({
+        "model_family": args.family, "model_type": "lora", "pretrained_model_name_or_path": str(workdir / f"tiny-{args.family}"),
+        "output_dir": str(workdir / "out"), "optimizer": args.optimizer, "learning_rate": 1e-4, "lora_rank": args.rank,
+        "mixed_precision": mp, "max_train_steps": args.steps, "seed": 0, "lr_scheduler": "constant",
+        "max_grad_norm": 1.0, "grad_clip_method": "norm", "gradient_checkpointing": args.gradient_checkpointing,
+    }, require=False)
+    adapter = build_adapter(args.family, args.arch, workdir, dtype, device, cfg)
+    base_unet = copy.deepcopy(adapter.unet)
+    out = [bench_kubetuner(cfg, adapter, SyntheticData(adapter, batch_size, args.resolution), args.steps, args.warmup)]
+    del adapter.components.unet
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    ref_adapter = adapter
+    ref_adapter.components.unet = base_unet
+    out.append(bench_reference(ref_adapter, base_unet, SyntheticData(ref_adapter, batch_size, args.resolution),
+                               args.steps, args.warmup, rank=args.rank, lr=1e-4,
+                               autocast_dtype=dtype if dtype != torch.float32 else None,
+                               gradient_checkpointing=args.gradient_checkpointing))
+    del base_unet, ref_adapter, adapter
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", default="sdxl", choices=("sd1x", "sd2x", "sdxl", "kolors"))
+    parser.add_argument("--arch", default="tiny", choices=("tiny", "sdxl"),
+                        help="tiny test UNet, or the real SDXL UNet layout with random weights (sdxl family)")
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--batch", default="1", help="comma-separated batch sizes; 'max' searches the largest")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per loop")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    parser.add_argument("--optimizer", default="adamw_bf16")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument("--output", type=Path, default=None, help="also write the table to this file")
+    args = parser.parse_args(argv)
+    if args.arch == "sdxl" and args.family != "sdxl":
+        parser.error("--arch sdxl needs --family sdxl")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if args.dtype == "auto":
+        args.dtype = "bf16" if device.type == "cuda" else "fp32"
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    peak, peak_note = peak_tflops(device, args.peak_tflops)
+
+    sizes = [s.strip() for s in args.batch.split(",") if s.strip()]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        for size in sizes:
+            candidates = [int(size)] if size != "max" else [2**i for i in range(0, 10)]
+            best = None
+            for bs in candidates:
+                try:
+                    best = (bs, run_case(args, bs, workdir, device, dtype))
+                except torch.OutOfMemoryError:
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    break
+                if size != "max":
+                    break
+            if best is None:
+                print(f"batch {size}: out of memory", file=sys.stderr)
+                continue
+            rows.append(best)
+
+    header = (f"family={args.family} arch={args.arch} resolution={args.resolution} dtype={args.dtype} "
+              f"device={device} lora_rank={args.rank} optimizer={args.optimizer} "
+              f"gradient_checkpointing={args.gradient_checkpointing} steps={args.steps} warmup={args.warmup}\n"
+              f"peak for MFU: {peak:.2f} TFLOP/s ({peak_note})\n")
+    lines = [f"{'batch':>5} {'loop':<10} {'samples/s':>10} {'s/step':>8} {'peak mem MiB':>13} "
+             f"{'data wait s':>11} {'GFLOP/step':>11} {'MFU %':>7} {'ours/ref':>9}"]
+    for bs, (ours, ref) in rows:
+        for m in (ours, ref):
+            sps = bs / m.median()
+            mfu = m.flops_per_step / m.median() / (peak * 1e12) * 100
+            ratio = f"{ref.median() / ours.median():9.3f}" if m is ours else f"{'':>9}"
+            lines.append(f"{bs:>5} {m.name:<10} {sps:>10.2f} {m.median():>8.4f} {m.peak_bytes / 2**20:>13.1f} "
+                         f"{m.data_wait:>11.4f} {m.flops_per_step / 1e9:>11.2f} {mfu:>7.2f} {ratio}")
+    table = header + "\n".join(lines) + "\n(ours/ref > 1 means kubetuner's step is faster)\n"
+    print(table)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

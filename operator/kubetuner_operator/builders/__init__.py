@@ -1,0 +1,13 @@
+"""Pure builders: a parsed TrainingJob spec in, the desired child objects out."""
+
+from .common import resource_names, trainer_name
+from .configmap import build_configmap
+from .hook_job import build_hook_job, hook_job_name
+from .multinode import build_headless_service, build_indexed_job
+from .trainer_pod import build_trainer_pod
+from .volumes import build_pvcs
+
+__all__ = [
+    "build_configmap", "build_headless_service", "build_hook_job", "build_indexed_job", "build_pvcs",
+    "build_trainer_pod", "hook_job_name", "resource_names", "trainer_name",
+]

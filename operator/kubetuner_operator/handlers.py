@@ -1,0 +1,324 @@
+"""kopf wiring: watch TrainingJobs and their children, reconcile through the pure functions.
+
+Level-triggered: every watch event of a TrainingJob, of one of its trainer pods or Jobs, and a
+periodic poll (trainer progress, deadlines, TTLs) all lead to the same :meth:`Reconciler.reconcile`,
+which re-reads the TrainingJob and its children, asks :func:`reconcile.plan` what to do, and applies
+that idempotently. Reconciles of one job are serialised by a per-job lock. The operator patches
+only ``status`` (and its own counter annotations), never ``spec``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+
+from .builders.common import LABEL_COMPONENT, LABEL_JOB
+from .kube_api import ApiError, KubeApi
+from .metrics import OperatorMetrics, start_metrics_server
+from .reconcile import Counters, Observed, Plan, plan, status_endpoint
+from .spec import GROUP, KIND, PLURAL, VERSION, SpecError, parse_training_job
+from .status import ACTIVE, Outcome, Phase, derive_status, rfc3339, status_changed
+from .trainer_client import TrainerClient
+
+log = logging.getLogger("kubetuner.operator")
+
+
+@dataclass
+class OperatorSettings:
+    """Knobs of one operator instance (the CLI maps its flags onto these)."""
+
+    login: Callable[..., Any] | None = None  # returns a kopf.ConnectionInfo; None: kopf's default login
+    poll_interval: float = 15.0  # seconds between polls of the jobs that need polling
+    poll_concurrency: int = 32
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int | None = 8081  # None: no metrics server
+    trainer_timeout: float = 2.0
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+
+
+class Reconciler:
+    def __init__(self, settings: OperatorSettings) -> None:
+        self.settings = settings
+        self.metrics = OperatorMetrics()
+        self.trainer = TrainerClient(timeout=settings.trainer_timeout)
+        self.api: KubeApi | None = None
+        self.connection: Any = None
+        # Jobs polled periodically: training ones (progress), ones with a deadline or TTL ahead,
+        # and ones whose last reconcile failed. Everything else is driven by watch events.
+        self.polled: set[tuple[str, str]] = set()
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self.metrics_port: int | None = None
+        self._seen: dict[tuple[str, str], tuple[Any, ...]] = {}
+
+    @staticmethod
+    def _fingerprint(body: Any) -> tuple[Any, ...]:
+        meta = body.get("metadata", {})
+        return (meta.get("uid"), meta.get("generation"), meta.get("deletionTimestamp"),
+                tuple(sorted((meta.get("annotations") or {}).items())), repr(body.get("spec")))
+
+    def changed_since_reconcile(self, body: Any) -> bool:
+        """False when only the status moved since the last reconcile of this object."""
+        key = (body["metadata"].get("namespace", ""), body["metadata"]["name"])
+        return self._seen.get(key) != self._fingerprint(body)
+
+    async def use_connection(self, info: Any) -> None:
+        """Switch the reconciler's API client to new credentials (first login and re-logins)."""
+        old, self.api, self.connection = self.api, None, info
+        if old is not None:
+            await old.close()
+
+    def _api(self) -> KubeApi:
+        if self.api is None:
+            if self.connection is None:
+                raise kopf.TemporaryError("not logged in to the cluster yet", delay=1)
+            self.api = KubeApi.from_connection_info(self.connection)
+        return self.api
+
+    async def close(self) -> None:
+        if self.api is not None:
+            await self.api.close()
+        await self.trainer.close()
+
+    # ------------------------------------------------------------ observe
+
+    async def _observe(self, api: KubeApi, ns: str, name: str) -> Observed:
+        selector = {LABEL_JOB: name}
+        pods, jobs, cms, pvcs, svcs = await asyncio.gather(
+            api.list("Pod", ns, selector), api.list("Job", ns, selector), api.list("ConfigMap", ns, selector),
+            api.list("PersistentVolumeClaim", ns, selector), api.list("Service", ns, selector))
+
+        def component(obj: dict[str, Any]) -> str:
+            return (obj.get("metadata", {}).get("labels") or {}).get(LABEL_COMPONENT, "")
+
+        existing = frozenset((kind, obj["metadata"]["name"])
+                             for kind, group in (("ConfigMap", cms), ("PersistentVolumeClaim", pvcs),
+                                                 ("Service", svcs)) for obj in group)
+        return Observed(pods=[p for p in pods if component(p) == "trainer"],
+                        trainer_jobs=[j for j in jobs if component(j) == "trainer"],
+                        hook_jobs=[j for j in jobs if component(j) == "hook"],
+                        existing=existing)
+
+    # ------------------------------------------------------------ reconcile
+
+    async def reconcile(self, namespace: str, name: str) -> None:
+        key = (namespace, name)
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            started = time.perf_counter()
+            try:
+                await self._reconcile(namespace, name)
+            except Exception:
+                self.metrics.reconcile_errors.inc()
+                self.polled.add(key)  # retried by the next poll
+                raise
+            finally:
+                self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
+
+    async def _reconcile(self, namespace: str, name: str) -> None:
+        api = self._api()
+        body = await api.get(KIND, namespace, name)
+        if body is None or body.get("metadata", {}).get("deletionTimestamp"):
+            self.forget(namespace, name)
+            return
+        self._seen[(namespace, name)] = self._fingerprint(body)
+        now = self.settings.clock()
+        previous = body.get("status") or {}
+        try:
+            job = parse_training_job(body)
+        except SpecError as exc:
+            await self._invalid_spec(api, body, previous, str(exc), now)
+            return
+        counters = Counters.from_annotations(body["metadata"].get("annotations"))
+        observed = await self._observe(api, namespace, name)
+        endpoint = status_endpoint(job, counters, observed)
+        trainer = await self.trainer.fetch(*endpoint) if endpoint else None
+        result = plan(job, counters=counters, observed=observed, trainer=trainer, previous_status=previous, now=now)
+        await self._apply(api, body, result, previous)
+
+    async def _apply(self, api: KubeApi, body: dict[str, Any], result: Plan, previous: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        ns, name = meta["namespace"], meta["name"]
+        if result.counters is not None:
+            # Persist the attempt before creating the child it names: a restart mid-way re-plans the same.
+            await api.patch(KIND, ns, name, {"metadata": {"annotations": result.counters.to_annotations()}})
+            if result.counters.restarts > Counters.from_annotations(meta.get("annotations")).restarts:
+                self.metrics.restarts.inc()
+        for kind, child in result.delete:
+            if await api.delete(kind, ns, child):
+                await post_event(api, body, "Normal", "Deleted", f"Deleted {kind} {child}.", self.settings.clock())
+        notes: list[tuple[str, str, str]] = []
+        created: list[str] = []
+        for obj in result.create:
+            what = f"{obj['kind']} {obj['metadata']['name']}"
+            try:
+                if await api.create(obj):
+                    created.append(what)
+            except ApiError as exc:
+                if exc.transient:
+                    raise
+                notes.append(("Warning", "CreateFailed", f"Could not create {what}: {exc}"))
+        if created:  # one event per reconcile, not one per child: events are API writes too
+            notes.insert(0, ("Normal", "Created", f"Created {', '.join(created)}."))
+        if status_changed(previous, result.status):
+            await api.patch(KIND, ns, name, {"status": result.status}, subresource="status")
+        self.metrics.hooks_finished(previous.get("hooks") or (), result.status["hooks"])
+        self.metrics.set_phase((ns, name), result.status["phase"])
+        create_failed = any(reason == "CreateFailed" for _, reason, _ in notes)  # e.g. quota: try again later
+        if result.status["phase"] in ACTIVE or result.requeue_after is not None or create_failed:
+            self.polled.add((ns, name))
+        else:
+            self.polled.discard((ns, name))
+        now = self.settings.clock()
+        for etype, reason, message in notes + [(e.type, e.reason, e.message) for e in result.events]:
+            await post_event(api, body, etype, reason, message, now)
+        if result.delete_trainingjob:
+            await api.delete(KIND, ns, name)
+            self.forget(ns, name)
+
+    async def _invalid_spec(self, api: KubeApi, body: dict[str, Any], previous: dict[str, Any], message: str,
+                            now: datetime) -> None:
+        """A spec the operator cannot act on is a permanent failure until the spec changes."""
+        meta = body["metadata"]
+        outcome = Outcome(Phase.FAILED, "InvalidSpec", message)
+        generation = int(meta.get("generation", 1) or 1)
+        status = derive_status(outcome=outcome, generation=generation, trainer=None, previous=previous, now=now,
+                               restarts=int(previous.get("restarts", 0)), hooks=previous.get("hooks") or ())
+        if status_changed(previous, status):
+            await api.patch(KIND, meta["namespace"], meta["name"], {"status": status}, subresource="status")
+            await post_event(api, body, "Warning", "InvalidSpec", message, now)
+        self.metrics.set_phase((meta["namespace"], meta["name"]), str(Phase.FAILED))
+
+    def forget(self, namespace: str, name: str) -> None:
+        self.polled.discard((namespace, name))
+        self._locks.pop((namespace, name), None)
+        self._seen.pop((namespace, name), None)
+        self.metrics.set_phase((namespace, name), None)
+
+    async def poll_forever(self) -> None:
+        """Reconcile the polled jobs periodically (trainer progress, deadlines, TTLs, retries)."""
+        semaphore = asyncio.Semaphore(self.settings.poll_concurrency)
+
+        async def one(key: tuple[str, str]) -> None:
+            async with semaphore:
+                try:
+                    await self.reconcile(*key)
+                except Exception as exc:  # the next round retries; one job must not stop the loop
+                    log.warning("periodic reconcile of %s/%s failed: %s", key[0], key[1], exc)
+
+        while True:
+            await asyncio.sleep(self.settings.poll_interval)
+            await asyncio.gather(*(one(key) for key in sorted(self.polled)))
+
+
+def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
+    """A kopf registry whose handlers all funnel into ``reconciler``."""
+    registry = kopf.OperatorRegistry()
+    settings = reconciler.settings
+    tasks: list[asyncio.Task[None]] = []
+
+    @kopf.on.startup(registry=registry)
+    async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.scanning.disabled = True
+        settings.posting.level = logging.WARNING  # our own events cover transitions
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+        settings.watching.reconnect_backoff = 0.5
+        if reconciler.settings.metrics_port is not None:
+            runner, port = await start_metrics_server(reconciler.metrics, reconciler.settings.metrics_host,
+                                                      reconciler.settings.metrics_port)
+            reconciler.metrics_port = port
+            tasks.append(asyncio.create_task(_hold(runner)))
+        tasks.append(asyncio.create_task(reconciler.poll_forever()))
+
+    @kopf.on.cleanup(registry=registry)
+    async def shutdown(**_: Any) -> None:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await reconciler.close()
+
+    @kopf.on.login(registry=registry)
+    async def login(**kwargs: Any) -> Any:
+        # kopf logs in again when credentials stop working (e.g. a rotated token): follow it.
+        if settings.login is not None:
+            info = settings.login(**kwargs)
+        else:
+            info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+        await reconciler.use_connection(info)
+        return info
+
+    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
+    async def trainingjob_event(type: str, name: str, namespace: str, body: Any, **_: Any) -> None:
+        if type == "DELETED":
+            reconciler.forget(namespace, name)
+            return
+        if type == "MODIFIED" and not reconciler.changed_since_reconcile(body):
+            return  # our own status write echoed back: nothing new to act on
+        await _reconcile_or_retry(reconciler, namespace, name)
+
+    @kopf.on.event("v1", "pods", labels={LABEL_JOB: kopf.PRESENT, LABEL_COMPONENT: "trainer"}, registry=registry)
+    async def pod_event(labels: dict[str, str], namespace: str, **_: Any) -> None:
+        await _reconcile_or_retry(reconciler, namespace, labels[LABEL_JOB])
+
+    @kopf.on.event("batch", "v1", "jobs", labels={LABEL_JOB: kopf.PRESENT}, registry=registry)
+    async def job_event(labels: dict[str, str], namespace: str, **_: Any) -> None:
+        await _reconcile_or_retry(reconciler, namespace, labels[LABEL_JOB])
+
+    return registry
+
+
+async def post_event(api: KubeApi, body: dict[str, Any], etype: str, reason: str, message: str,
+                     now: datetime) -> None:
+    """A core/v1 Event on the TrainingJob. Best effort: a lost event must not fail the reconcile."""
+    meta = body["metadata"]
+    stamp = rfc3339(now)
+    event = {
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "involvedObject": {"apiVersion": body.get("apiVersion", f"{GROUP}/{VERSION}"), "kind": KIND,
+                           "name": meta["name"], "namespace": meta["namespace"], "uid": meta.get("uid", "")},
+        "type": etype, "reason": reason, "message": message[:1024],
+        "source": {"component": "kubetuner-operator"}, "reportingComponent": "kubetuner-operator",
+        "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1,
+    }
+    try:
+        await api.create(event)
+    except ApiError as exc:
+        log.warning("could not post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], exc)
+
+
+async def _hold(runner: Any) -> None:
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+async def _reconcile_or_retry(reconciler: Reconciler, namespace: str, name: str) -> None:
+    try:
+        await reconciler.reconcile(namespace, name)
+    except ApiError as exc:
+        # Event handlers are not retried by kopf; the periodic poll picks the job up again.
+        reconciler.polled.add((namespace, name))
+        log.warning("reconcile of %s/%s failed (%s); will retry on the next poll", namespace, name, exc)
+
+
+async def run_operator(settings: OperatorSettings, *, namespaces: list[str] | None = None,
+                       liveness_endpoint: str | None = None, stop_flag: Any = None, ready_flag: Any = None,
+                       reconciler: Reconciler | None = None, standalone: bool = True) -> None:
+    """Run the operator until ``stop_flag`` is set (or forever, stopping on SIGINT/SIGTERM)."""
+    reconciler = reconciler or Reconciler(settings)
+    registry = build_registry(reconciler)
+    await kopf.operator(registry=registry, standalone=standalone, clusterwide=not namespaces,
+                        namespaces=namespaces or (), liveness_endpoint=liveness_endpoint,
+                        stop_flag=stop_flag, ready_flag=ready_flag)

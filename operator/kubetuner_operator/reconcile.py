@@ -1,0 +1,437 @@
+"""Pure reconcile decisions: desired spec + observed children + trainer report -> a plan.
+
+The handlers observe (list children, poll the trainer), call :func:`plan`, then apply it in order:
+persist the attempt counters, delete, create (create-or-get by deterministic name), patch status,
+post events. Every decision is a function of what is observed, so replaying a reconcile after an
+operator restart converges on the same children instead of duplicating them.
+
+Attempts: the trainer of attempt ``n`` is named ``<job>-t<n>``. A new attempt starts after a
+preemption/eviction, an "interrupted" exit (75) or a crash (counted in ``restarts`` against
+``runPolicy.backoffLimit``), and after a suspension (not counted). Every attempt after the first
+resumes from the latest checkpoint. The counters live in annotations of the TrainingJob (the
+status schema has no room for them and status may be lost; annotations are written before the
+child they name is created).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from kubetuner_trainer.contract import ExitCode, TrainerState, TrainerStatus
+
+from .builders import (
+    build_configmap,
+    build_headless_service,
+    build_hook_job,
+    build_indexed_job,
+    build_pvcs,
+    build_trainer_pod,
+    hook_job_name,
+    trainer_name,
+)
+from .builders.common import LABEL_ATTEMPT, TRAINER_CONTAINER
+from .builders.hook_job import default_checkpoint_path
+from .builders.multinode import COMPLETION_INDEX_ANNOTATION
+from .spec import TrainingJobSpec
+from .status import ACTIVE, TERMINAL, Outcome, Phase, derive_status, parse_time
+
+ANNOTATION_ATTEMPT = "kubetuner.dev/attempt"
+ANNOTATION_RESTARTS = "kubetuner.dev/restarts"
+DISRUPTION_REASONS = frozenset({"Evicted", "Preempting", "Preempted", "Shutdown", "NodeShutdown", "Terminated",
+                                "DeletionByTaintManager", "TerminationByKubelet"})
+MESSAGE_LIMIT = 512
+
+
+class RunState(StrEnum):
+    MISSING = "missing"
+    QUEUED = "queued"
+    PENDING = "pending"
+    TERMINATING = "terminating"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    CONFIG_ERROR = "config-error"
+    INTERRUPTED = "interrupted"
+    EVICTED = "evicted"
+    CRASHED = "crashed"
+
+
+RETRYABLE = frozenset({RunState.INTERRUPTED, RunState.EVICTED, RunState.CRASHED})
+FINISHED_STATES = RETRYABLE | {RunState.SUCCEEDED, RunState.CONFIG_ERROR}
+
+
+@dataclass(frozen=True)
+class Counters:
+    attempt: int = 0
+    restarts: int = 0
+
+    @classmethod
+    def from_annotations(cls, annotations: Mapping[str, str] | None) -> Counters:
+        annotations = annotations or {}
+        return cls(int(annotations.get(ANNOTATION_ATTEMPT, 0)), int(annotations.get(ANNOTATION_RESTARTS, 0)))
+
+    def to_annotations(self) -> dict[str, str]:
+        return {ANNOTATION_ATTEMPT: str(self.attempt), ANNOTATION_RESTARTS: str(self.restarts)}
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Children of one TrainingJob as listed from the API (by the ``kubetuner.dev/job`` label)."""
+
+    pods: Sequence[Mapping[str, Any]] = ()  # trainer pods, every attempt (also multi-node pods)
+    trainer_jobs: Sequence[Mapping[str, Any]] = ()  # multi-node Indexed Jobs, every attempt
+    hook_jobs: Sequence[Mapping[str, Any]] = ()
+    existing: frozenset[tuple[str, str]] = frozenset()  # (kind, name) of ConfigMap/PVC/Service
+
+
+@dataclass(frozen=True)
+class Run:
+    """The trainer of the current attempt as observed."""
+
+    state: RunState
+    detail: str = ""
+    started_at: str | None = None
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class Plan:
+    status: dict[str, Any]
+    counters: Counters | None = None  # persist before creating anything
+    delete: list[tuple[str, str]] = field(default_factory=list)  # (kind, name)
+    create: list[dict[str, Any]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    delete_trainingjob: bool = False
+    requeue_after: float | None = None
+
+
+# ---------------------------------------------------------------- observation helpers
+
+def _name(obj: Mapping[str, Any]) -> str:
+    return str(obj.get("metadata", {}).get("name", ""))
+
+
+def _attempt_of(obj: Mapping[str, Any]) -> int | None:
+    value = (obj.get("metadata", {}).get("labels") or {}).get(LABEL_ATTEMPT)
+    return int(value) if value is not None and str(value).isdigit() else None
+
+
+def _true_condition(obj: Mapping[str, Any], ctype: str) -> Mapping[str, Any] | None:
+    for cond in (obj.get("status") or {}).get("conditions") or ():
+        if cond.get("type") == ctype and cond.get("status") == "True":
+            return cond
+    return None
+
+
+def _terminated(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    for cs in (pod.get("status") or {}).get("containerStatuses") or ():
+        if cs.get("name") == TRAINER_CONTAINER:
+            return (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
+    return None
+
+
+def _waiting_reason(pod: Mapping[str, Any]) -> str:
+    status = pod.get("status") or {}
+    for cs in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
+        waiting = (cs.get("state") or {}).get("waiting")
+        if waiting and waiting.get("reason") not in (None, "PodInitializing", "ContainerCreating"):
+            return f"{waiting['reason']}: {waiting.get('message', '')}".strip(": ")
+    cond = next((c for c in status.get("conditions") or () if c.get("type") == "PodScheduled"
+                 and c.get("status") == "False"), None)
+    return f"{cond.get('reason', 'Unschedulable')}: {cond.get('message', '')}".strip(": ") if cond else ""
+
+
+def _short(text: str) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= MESSAGE_LIMIT else text[: MESSAGE_LIMIT - 1] + "…"
+
+
+def classify_pod(pod: Mapping[str, Any]) -> Run:
+    """The state of one trainer pod (preemption, exit codes, Kueue gates, scheduling)."""
+    status = pod.get("status") or {}
+    phase = status.get("phase", "Pending")
+    disruption = _true_condition(pod, "DisruptionTarget")
+    disrupted = disruption is not None or status.get("reason") in DISRUPTION_REASONS
+    started = status.get("startTime")
+    if phase == "Succeeded":
+        return Run(RunState.SUCCEEDED, "", started)
+    if phase == "Failed":
+        term = _terminated(pod) or {}
+        code = term.get("exitCode")
+        if code == ExitCode.CONFIG_ERROR:
+            return Run(RunState.CONFIG_ERROR, _short(term.get("message") or ExitCode.describe(code)), started)
+        if code == ExitCode.INTERRUPTED:
+            return Run(RunState.INTERRUPTED, ExitCode.describe(code), started)
+        if disrupted:
+            why = (disruption or {}).get("reason") or status.get("reason") or "Disrupted"
+            return Run(RunState.EVICTED, _short(f"{why}: {status.get('message') or (disruption or {}).get('message', '')}"
+                                                .strip(": ")), started)
+        return Run(RunState.CRASHED, _short(ExitCode.describe(code) + (f" ({term['reason']})" if term.get("reason")
+                                                                     else "")), started)
+    if pod.get("metadata", {}).get("deletionTimestamp"):
+        return Run(RunState.TERMINATING, "trainer pod is terminating", started)
+    if phase == "Running":
+        return Run(RunState.RUNNING, "", started)
+    if (pod.get("spec") or {}).get("schedulingGates"):
+        return Run(RunState.QUEUED, "waiting for admission (scheduling gates)", started)
+    return Run(RunState.PENDING, _short(_waiting_reason(pod)), started)
+
+
+def _classify_failed_pods(pods: Sequence[Mapping[str, Any]]) -> Run:
+    runs = [classify_pod(p) for p in pods]
+    for state in (RunState.CONFIG_ERROR, RunState.EVICTED, RunState.INTERRUPTED, RunState.CRASHED):
+        for run in runs:
+            if run.state == state:
+                return run
+    return Run(RunState.CRASHED, "a node of the multi-node job failed")
+
+
+def classify_run(job: TrainingJobSpec, attempt: int, observed: Observed) -> Run:
+    """The trainer of ``attempt``: a Pod (one node) or an Indexed Job and its pods (several nodes)."""
+    pods = [p for p in observed.pods if _attempt_of(p) == attempt]
+    if job.nodes == 1:
+        name = trainer_name(job, attempt)
+        pod = next((p for p in pods if _name(p) == name), None)
+        return classify_pod(pod) if pod is not None else Run(RunState.MISSING)
+    tjob = next((j for j in observed.trainer_jobs if _name(j) == trainer_name(job, attempt)), None)
+    if tjob is None:
+        return Run(RunState.MISSING)
+    started = (tjob.get("status") or {}).get("startTime")
+    if tjob.get("metadata", {}).get("deletionTimestamp"):
+        return Run(RunState.TERMINATING, "trainer job is being deleted", started)
+    if _true_condition(tjob, "Complete"):
+        return Run(RunState.SUCCEEDED, "", started)
+    if _true_condition(tjob, "Failed"):
+        return _classify_failed_pods([p for p in pods if (p.get("status") or {}).get("phase") == "Failed"])
+    if (tjob.get("spec") or {}).get("suspend"):
+        return Run(RunState.QUEUED, "waiting for Kueue admission", started)
+    runs = [classify_pod(p) for p in pods]
+    if any(r.state in (RunState.CONFIG_ERROR,) for r in runs):
+        return next(r for r in runs if r.state == RunState.CONFIG_ERROR)
+    if len([r for r in runs if r.state == RunState.RUNNING]) >= 1:
+        return Run(RunState.RUNNING, "", started)
+    detail = next((r.detail for r in runs if r.detail), "")
+    return Run(RunState.PENDING, detail, started)
+
+
+def status_endpoint(job: TrainingJobSpec, counters: Counters, observed: Observed) -> tuple[str, int] | None:
+    """(pod IP, port) of the trainer to poll: the running pod, or node 0 of a multi-node job."""
+    for pod in observed.pods:
+        if _attempt_of(pod) != counters.attempt or (pod.get("status") or {}).get("phase") != "Running":
+            continue
+        if job.nodes > 1:
+            index = (pod.get("metadata", {}).get("annotations") or {}).get(COMPLETION_INDEX_ANNOTATION)
+            labels = pod.get("metadata", {}).get("labels") or {}
+            if index != "0" and labels.get("batch.kubernetes.io/job-completion-index") != "0":
+                continue
+        ip = (pod.get("status") or {}).get("podIP")
+        if ip:
+            return ip, job.metrics_port
+    return None
+
+
+def hook_job_result(obj: Mapping[str, Any]) -> str:
+    if _true_condition(obj, "Complete"):
+        return "Succeeded"
+    if _true_condition(obj, "Failed"):
+        return "Failed"
+    return "Running"
+
+
+# ---------------------------------------------------------------- planning
+
+def _trainer_objects(job: TrainingJobSpec, attempt: int, *, resume: bool) -> list[dict[str, Any]]:
+    if job.nodes == 1:
+        return [build_trainer_pod(job, attempt, resume=resume)]
+    # A queued Job may be stopped and re-admitted by Kueue with the same template: always resume then.
+    return [build_indexed_job(job, attempt, resume=resume or bool(job.queue_name))]
+
+
+def _active_trainers(job: TrainingJobSpec, observed: Observed, *, keep: int | None) -> list[tuple[str, str]]:
+    """Trainer objects still running or pending (except those of attempt ``keep``)."""
+    out: list[tuple[str, str]] = []
+    if job.nodes == 1:
+        for pod in observed.pods:
+            if _attempt_of(pod) == keep or pod.get("metadata", {}).get("deletionTimestamp"):
+                continue
+            if classify_pod(pod).state not in FINISHED_STATES:
+                out.append(("Pod", _name(pod)))
+    else:
+        for tjob in observed.trainer_jobs:
+            if _attempt_of(tjob) == keep or tjob.get("metadata", {}).get("deletionTimestamp"):
+                continue
+            if not (_true_condition(tjob, "Complete") or _true_condition(tjob, "Failed")):
+                out.append(("Job", _name(tjob)))
+    return out
+
+
+def _hooks(job: TrainingJobSpec, observed: Observed, trainer: TrainerStatus | None,
+           previous: Sequence[Mapping[str, Any]], latest: Mapping[str, Any]
+           ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(hook status entries, hook Jobs to create): one Job per (checkpoint, hook), bounded concurrency."""
+    entries: dict[tuple[int, str], dict[str, Any]] = {
+        (int(h["checkpointStep"]), str(h["hook"])): dict(h) for h in previous or ()}
+    paths: dict[int, str] = {}
+    if trainer is not None:
+        paths.update({c.step: c.path for c in trainer.checkpoints if c.complete})
+    if latest.get("latestStep"):
+        paths.setdefault(int(latest["latestStep"]), str(latest.get("latestPath") or ""))
+    for step in sorted(paths):
+        for hook in job.hooks:
+            entries.setdefault((step, hook.name), {"checkpointStep": step, "hook": hook.name,
+                                                   "job": hook_job_name(job.name, hook.name, step),
+                                                   "result": "Pending"})
+    jobs = {_name(j): j for j in observed.hook_jobs}
+    running = 0
+    for entry in entries.values():
+        found = jobs.get(entry["job"])
+        if found is not None:
+            entry["result"] = hook_job_result(found)
+        elif entry["result"] == "Running":
+            entry["result"] = "Unknown"  # deleted behind our back (e.g. by its TTL before we saw the end)
+        running += entry["result"] == "Running"
+    specs = {h.name: h for h in job.hooks}
+    create: list[dict[str, Any]] = []
+    for key in sorted(entries):
+        entry = entries[key]
+        if entry["result"] != "Pending" or entry["hook"] not in specs:
+            continue
+        if running + len(create) >= job.hooks_max_concurrent:
+            break
+        step = key[0]
+        path = paths.get(step) or default_checkpoint_path(step)
+        create.append(build_hook_job(job, specs[entry["hook"]], step, path))
+    return list(entries.values()), create
+
+
+def plan(job: TrainingJobSpec, *, counters: Counters, observed: Observed, trainer: TrainerStatus | None,
+         previous_status: Mapping[str, Any] | None, now: datetime) -> Plan:
+    """Decide what to create/delete and what the status is. Pure and deterministic."""
+    prev = dict(previous_status or {})
+    prev_phase = Phase(prev["phase"]) if prev.get("phase") in Phase.__members__.values() else None
+    ready_reason = next((c.get("reason", "") for c in prev.get("conditions") or () if c.get("type") == "Ready"), "")
+    if ready_reason == "InvalidSpec" and prev.get("observedGeneration") != job.generation:
+        prev_phase = None  # the spec was fixed: an invalid spec is only final for its own generation
+    new_counters = counters
+    create: list[dict[str, Any]] = []
+    delete: list[tuple[str, str]] = []
+    events: list[Event] = []
+    run = classify_run(job, counters.attempt, observed)
+    latest = prev.get("checkpoints") or {}
+    has_checkpoint = bool(latest.get("latestStep")) or bool(trainer and trainer.latest_checkpoint)
+    start = parse_time(prev.get("startTime")) or parse_time(run.started_at)
+    deadline = job.run_policy.active_deadline_seconds
+
+    if prev_phase in TERMINAL:
+        outcome = Outcome(prev_phase, ready_reason or str(prev_phase), prev.get("message", ""))  # type: ignore[arg-type]
+        delete += _active_trainers(job, observed, keep=None)
+    else:
+        desired = [build_configmap(job), *build_pvcs(job)]
+        if job.nodes > 1:
+            desired.append(build_headless_service(job))
+        create += [c for c in desired if (c["kind"], c["metadata"]["name"]) not in observed.existing]
+        delete += _active_trainers(job, observed, keep=counters.attempt)
+        current = trainer_name(job, counters.attempt)
+        current_kind = "Pod" if job.nodes == 1 else "Job"
+        if deadline and start and now >= start + timedelta(seconds=deadline):
+            if run.state not in FINISHED_STATES | {RunState.MISSING}:
+                delete.append((current_kind, current))
+            outcome = Outcome(Phase.FAILED, "DeadlineExceeded",
+                              f"Training ran longer than activeDeadlineSeconds ({deadline}s).")
+        elif run.state == RunState.SUCCEEDED:  # a finished run wins over a late suspend
+            outcome = Outcome(Phase.SUCCEEDED, "Completed", "Training finished.")
+        elif run.state == RunState.CONFIG_ERROR:
+            outcome = Outcome(Phase.FAILED, "ConfigError",
+                              f"The trainer rejected its configuration (exit {int(ExitCode.CONFIG_ERROR)}, not "
+                              f"retried): {run.detail}")
+        elif job.run_policy.suspend:
+            if run.state not in FINISHED_STATES | {RunState.MISSING}:
+                delete.append((current_kind, current))
+                new_counters = Counters(counters.attempt + 1, counters.restarts)
+            outcome = Outcome(Phase.SUSPENDED, "Suspended",
+                              "Suspended: trainer stopped, caches and outputs kept; resuming continues from the "
+                              "latest checkpoint.")
+        elif run.state == RunState.MISSING and prev_phase in ACTIVE:
+            run = Run(RunState.EVICTED, "trainer disappeared while running (deleted or preempted)")
+            outcome, new_counters, extra = _retry(job, counters, run, prev_phase)
+            create += extra
+        elif run.state == RunState.MISSING:
+            create += _trainer_objects(job, counters.attempt, resume=counters.attempt > 0 or has_checkpoint)
+            outcome = _waiting(prev_phase, "Creating", f"Creating trainer {current}.")
+        elif run.state == RunState.QUEUED:
+            outcome = Outcome(Phase.PENDING, "Queued",
+                              f"Waiting for Kueue admission in queue {job.queue_name}." if job.queue_name
+                              else f"Trainer is gated: {run.detail}")
+        elif run.state in (RunState.PENDING, RunState.TERMINATING):
+            outcome = _waiting(prev_phase, "TrainerPending",
+                               f"Trainer {current} is pending" + (f": {run.detail}" if run.detail else "."))
+        elif run.state == RunState.RUNNING:
+            caching = trainer is not None and trainer.state == TrainerState.CACHING
+            outcome = Outcome(Phase.CACHING if caching else Phase.RUNNING, "Caching" if caching else "Training",
+                              _running_message(trainer))
+        else:
+            outcome, new_counters, extra = _retry(job, counters, run, prev_phase)
+            create += extra
+            if job.nodes > 1 and new_counters.attempt != counters.attempt:
+                delete.append(("Job", current))  # free the old attempt's hostnames and pods
+
+    hooks, hook_jobs = _hooks(job, observed, trainer, prev.get("hooks") or (), latest)
+    create += hook_jobs
+    status = derive_status(outcome=outcome, generation=job.generation, trainer=trainer, previous=prev, now=now,
+                           restarts=new_counters.restarts, hooks=hooks, started_at=run.started_at)
+    if outcome.phase != prev_phase or new_counters.restarts != counters.restarts:
+        warn = outcome.phase in (Phase.FAILED, Phase.RESTARTING)
+        events.append(Event("Warning" if warn else "Normal", outcome.reason, outcome.message))
+    for hook_job in hook_jobs:
+        events.append(Event("Normal", "HookStarted", f"Started hook Job {hook_job['metadata']['name']}."))
+    requeue = None
+    phase = outcome.phase
+    ttl = job.run_policy.ttl_seconds_after_finished
+    delete_tj = False
+    if phase in TERMINAL and ttl is not None and status.get("completionTime"):
+        due = parse_time(status["completionTime"]) + timedelta(seconds=int(ttl))  # type: ignore[operator]
+        delete_tj = now >= due
+        requeue = None if delete_tj else (due - now).total_seconds()
+    elif deadline and start and phase not in TERMINAL:
+        requeue = max(0.0, (start + timedelta(seconds=deadline) - now).total_seconds())
+    return Plan(status=status, counters=new_counters if new_counters != counters else None,
+                delete=sorted(set(delete)), create=create, events=events, delete_trainingjob=delete_tj,
+                requeue_after=requeue)
+
+
+def _waiting(prev_phase: Phase | None, reason: str, message: str) -> Outcome:
+    if prev_phase == Phase.RESTARTING:
+        return Outcome(Phase.RESTARTING, "Restarting", message)
+    return Outcome(Phase.PENDING, reason, message)
+
+
+def _retry(job: TrainingJobSpec, counters: Counters, run: Run, prev_phase: Phase | None
+           ) -> tuple[Outcome, Counters, list[dict[str, Any]]]:
+    reason = {RunState.INTERRUPTED: "Interrupted", RunState.EVICTED: "Preempted"}.get(run.state, "Crashed")
+    limit = job.run_policy.backoff_limit
+    if counters.restarts >= limit:
+        return (Outcome(Phase.FAILED, "BackoffLimitExceeded",
+                        f"{reason}: {run.detail}; giving up after {counters.restarts} restart(s) "
+                        f"(backoffLimit {limit})."), counters, [])
+    new = Counters(counters.attempt + 1, counters.restarts + 1)
+    message = (f"{reason}: {run.detail}; restarting from the latest checkpoint as "
+               f"{trainer_name(job, new.attempt)} (restart {new.restarts} of {limit}).")
+    return Outcome(Phase.RESTARTING, reason, message), new, _trainer_objects(job, new.attempt, resume=True)
+
+
+def _running_message(trainer: TrainerStatus | None) -> str:
+    if trainer is None:
+        return "Trainer is running."
+    if trainer.state == TrainerState.CACHING:
+        return trainer.message or "Trainer is filling the latent and text-embedding caches."
+    steps = f"step {trainer.step}" + (f"/{trainer.max_steps}" if trainer.max_steps else "")
+    return f"Training: {steps}, epoch {trainer.epoch}" + (f". {trainer.message}" if trainer.message else ".")
