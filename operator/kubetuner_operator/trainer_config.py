@@ -12,9 +12,10 @@ import posixpath
 from dataclasses import dataclass
 from typing import Any
 
-from .spec import DatasetSpec, TrainingJobSpec
+from .spec import DatasetSpec, SpecError, TrainingJobSpec
 
 CONFIG_FILE = "config.json"
+OUTPUT_S3_ENV_PREFIX = "KUBETUNER_OUTPUT_"
 DATABACKEND_FILE = "multidatabackend.json"
 
 
@@ -91,6 +92,31 @@ def _databackend(job: TrainingJobSpec, paths: MountPaths) -> list[dict[str, Any]
     return entries
 
 
+def _publishing_targets(job: TrainingJobSpec) -> list[dict[str, Any]]:
+    """``spec.output.s3`` as a trainer publishing target, after any the user configured.
+
+    Credentials are referenced by environment variable name only (set from the Secret).
+    """
+    out = job.output_s3
+    assert out is not None
+    target: dict[str, Any] = {"provider": "s3", "bucket": out.bucket, "base_path": out.prefix.strip("/")}
+    if out.endpoint_url:
+        target["endpoint_url"] = out.endpoint_url
+    if out.region:
+        target["region"] = out.region
+    if out.credentials:
+        target["access_key_env"] = f"{OUTPUT_S3_ENV_PREFIX}AWS_ACCESS_KEY_ID"
+        target["secret_key_env"] = f"{OUTPUT_S3_ENV_PREFIX}AWS_SECRET_ACCESS_KEY"
+    existing = job.config.get("publishing_config")
+    if existing is None:
+        return [target]
+    if isinstance(existing, dict):
+        return [existing, target]
+    if isinstance(existing, list):
+        return [*existing, target]
+    raise SpecError("config.publishing_config", "give it inline (an object or a list) when spec.output.s3 is set")
+
+
 def render_trainer_files(job: TrainingJobSpec, paths: MountPaths, *, resume: bool) -> TrainerFiles:
     """The trainer's config (user options + operator-owned options) and dataset list."""
     config: dict[str, Any] = dict(job.config)
@@ -114,6 +140,8 @@ def render_trainer_files(job: TrainingJobSpec, paths: MountPaths, *, resume: boo
         config["revision"] = src.revision
     if src.kind == "hub" and src.variant:
         config["variant"] = src.variant
+    if job.output_s3 is not None:
+        config["publishing_config"] = _publishing_targets(job)
     if resume:
         config["resume_from_checkpoint"] = "latest"
     return TrainerFiles(config_json=dict(sorted(config.items())), databackend_json=_databackend(job, paths))

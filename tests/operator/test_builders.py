@@ -9,7 +9,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import TRAININGJOB_UID, make_trainingjob
+from operator_helpers import TRAININGJOB_UID, make_trainingjob
 
 from kubetuner_operator.builders import (
     build_configmap,
@@ -398,3 +398,22 @@ def test_pod_command_line_and_env_as_the_trainer_reads_them(tmp_path: Path) -> N
     assert cfg.resume_from_checkpoint == "latest" and cfg.model_family == "sdxl"
     assert cfg.source("resume_from_checkpoint") == "cli" and cfg.source("learning_rate").startswith("file:")
     assert cfg.env.job_id == "team-a/sdxl-style"
+
+
+def test_output_s3_becomes_a_secret_free_publishing_target(monkeypatch) -> None:
+    from kubetuner_trainer.runtime.publishing import parse_publishing_config
+
+    job = parse_training_job(make_trainingjob(**SPEC_MATRIX["output-s3"]))
+    config = json.loads(build_configmap(job)["data"]["config.json"])
+    (target,) = config["publishing_config"]
+    assert target["provider"] == "s3" and target["bucket"] == job.output_s3.bucket
+    assert target["access_key_env"] == "KUBETUNER_OUTPUT_AWS_ACCESS_KEY_ID"
+    assert "access_key" not in target and "secret_key" not in target
+    # The trainer resolves the named variables, which the pod gets from the Secret.
+    monkeypatch.setenv("KUBETUNER_OUTPUT_AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("KUBETUNER_OUTPUT_AWS_SECRET_ACCESS_KEY", "s3cr3t")
+    (resolved,) = parse_publishing_config(config["publishing_config"])
+    assert (resolved.access_key, resolved.secret_key) == ("AKIDEXAMPLE", "s3cr3t")
+    monkeypatch.delenv("KUBETUNER_OUTPUT_AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(ValueError, match="secret_key_env names"):
+        parse_publishing_config(config["publishing_config"])

@@ -14,7 +14,7 @@ import re
 from typing import Any
 
 import aiohttp
-from conftest import Cluster, FakeTrainer, eventually, make_trainingjob
+from operator_helpers import Cluster, FakeTrainer, eventually, make_trainingjob
 
 from kubetuner_operator.builders import hook_job_name
 from kubetuner_trainer.contract import CheckpointInfo, TrainerState, TrainerStatus

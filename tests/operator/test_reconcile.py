@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from conftest import make_trainingjob
+from operator_helpers import make_trainingjob
 
 from kubetuner_operator.builders import build_configmap, build_pvcs, build_trainer_pod, hook_job_name
 from kubetuner_operator.reconcile import (

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..spec import S3CredentialsSecret, TrainingJobSpec
-from ..trainer_config import POD_PATHS, MountPaths
+from ..trainer_config import OUTPUT_S3_ENV_PREFIX, POD_PATHS, MountPaths
 from .common import (
     LABEL_ATTEMPT,
     LABEL_QUEUE,
@@ -51,15 +51,10 @@ def trainer_env(job: TrainingJobSpec, paths: MountPaths = POD_PATHS) -> list[dic
     for ds in job.datasets:
         if ds.credentials:
             env += _s3_env(ds.env_prefix, ds.credentials)
-    if job.output_s3:
-        out = job.output_s3
-        env.append({"name": "KUBETUNER_OUTPUT_S3_URI", "value": f"s3://{out.bucket}/{out.prefix}"})
-        if out.endpoint_url:
-            env.append({"name": "KUBETUNER_OUTPUT_S3_ENDPOINT_URL", "value": out.endpoint_url})
-        if out.region:
-            env.append({"name": "KUBETUNER_OUTPUT_S3_REGION", "value": out.region})
-        if out.credentials:
-            env += _s3_env("KUBETUNER_OUTPUT_", out.credentials)
+    if job.output_s3 and job.output_s3.credentials:
+        # The bucket, prefix and endpoint travel in publishing_config (trainer_config.py);
+        # the keys only as Secret references, named there by OUTPUT_S3_ENV_PREFIX.
+        env += _s3_env(OUTPUT_S3_ENV_PREFIX, job.output_s3.credentials)
     env += [_secret_env(str(e["name"]), str(e["secretKeyRef"]["name"]), str(e["secretKeyRef"]["key"]))
             for e in job.secret_env]
     return env

@@ -3,7 +3,9 @@
 ``--publishing_config`` holds one object or a list (inline JSON or a JSON file), like
 ``--webhook_config``. Each entry needs ``provider``: ``s3`` or ``backblaze_b2`` (the S3 API),
 with ``bucket`` and optional ``region``, ``endpoint_url`` (S3-compatible stores),
-``access_key``/``secret_key`` (else the standard AWS chain: env, profile, IRSA),
+``access_key``/``secret_key`` or ``access_key_env``/``secret_key_env`` (names of environment
+variables holding them, so that a config can be stored without secrets; else the standard AWS
+chain: env, profile, IRSA),
 ``base_path`` (key prefix), ``public_base_url`` (reported instead of ``s3://``),
 ``upload_checkpoints`` (default true).
 
@@ -36,7 +38,7 @@ log = logging.getLogger(__name__)
 
 S3_PROVIDERS = ("s3", "backblaze_b2")
 KNOWN_KEYS = {"provider", "bucket", "region", "endpoint_url", "access_key", "secret_key", "session_token",
-              "base_path", "public_base_url", "upload_checkpoints"}
+              "access_key_env", "secret_key_env", "base_path", "public_base_url", "upload_checkpoints"}
 # Top-level entries of output_dir left out of the final-model upload: checkpoints are uploaded on
 # their own, the rest is scratch (caches, half-written checkpoints, debug log).
 FINAL_EXCLUDE = ("checkpoint-*", ".tmp-*", "*.tmp", "cache", ".cache", "debug.log")
@@ -96,6 +98,15 @@ def parse_publishing_config(value: Any) -> list[S3Target]:
         endpoint = entry.get("endpoint_url")
         if endpoint is not None and not str(endpoint).startswith(("http://", "https://")):
             raise PublishingConfigError(f"{where}.endpoint_url must start with http:// or https://")
+        for key in ("access_key", "secret_key"):
+            variable = entry.get(f"{key}_env")
+            if variable is None:
+                continue
+            if entry.get(key):
+                raise PublishingConfigError(f"{where}: give {key} or {key}_env, not both")
+            if not os.environ.get(str(variable)):
+                raise PublishingConfigError(f"{where}.{key}_env names ${variable}, which is not set")
+            entry = {**entry, key: os.environ[str(variable)]}
         if bool(entry.get("access_key")) != bool(entry.get("secret_key")):
             raise PublishingConfigError(f"{where}: give both access_key and secret_key, or neither")
         targets.append(S3Target(
