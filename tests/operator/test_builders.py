@@ -417,3 +417,14 @@ def test_output_s3_becomes_a_secret_free_publishing_target(monkeypatch) -> None:
     monkeypatch.delenv("KUBETUNER_OUTPUT_AWS_SECRET_ACCESS_KEY")
     with pytest.raises(ValueError, match="secret_key_env names"):
         parse_publishing_config(config["publishing_config"])
+
+
+def test_pod_grace_period_outlasts_the_trainer_stop_budget() -> None:
+    default = build_trainer_pod(parse_training_job(make_trainingjob()), 0, resume=False)
+    custom = build_trainer_pod(
+        parse_training_job(make_trainingjob(config={"optimizer": "adamw_bf16", "stop_grace_seconds": 600})),
+        0,
+        resume=False,
+    )
+    assert default["spec"]["terminationGracePeriodSeconds"] > 120
+    assert custom["spec"]["terminationGracePeriodSeconds"] > 600

@@ -26,6 +26,7 @@ from .model_fetch import model_fetch_init_container
 from .volumes import VOLUME_LATENTS, VOLUME_MODELS, VOLUME_OUTPUT, cache_and_output_volumes
 
 TRAINER_COMMAND = ["kubetuner-train"]
+STOP_GRACE_MARGIN_SECONDS = 30
 RESUME_ARGS = ["--resume_from_checkpoint", "latest"]
 
 
@@ -36,6 +37,14 @@ def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
 def _s3_env(prefix: str, cred: S3CredentialsSecret) -> list[dict[str, Any]]:
     return [_secret_env(f"{prefix}AWS_ACCESS_KEY_ID", cred.name, cred.access_key_id_key),
             _secret_env(f"{prefix}AWS_SECRET_ACCESS_KEY", cred.name, cred.secret_access_key_key)]
+
+
+def termination_grace_seconds(job: TrainingJobSpec) -> int:
+    """Longer than the trainer's own SIGTERM budget (``stop_grace_seconds``), so its checkpoint lands."""
+    from kubetuner_trainer.options import get_registry
+
+    budget = job.config.get("stop_grace_seconds", get_registry().get("stop_grace_seconds").default)
+    return int(float(budget)) + STOP_GRACE_MARGIN_SECONDS
 
 
 def trainer_env(job: TrainingJobSpec, paths: MountPaths = POD_PATHS) -> list[dict[str, Any]]:
@@ -146,6 +155,7 @@ def trainer_pod_spec(job: TrainingJobSpec, *, resume: bool, extra_env: list[dict
         tolerations.append({"key": job.resources.gpu_resource_name, "operator": "Exists", "effect": "NoSchedule"})
     spec: dict[str, Any] = {
         "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": termination_grace_seconds(job),
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": pod_security_context(),
