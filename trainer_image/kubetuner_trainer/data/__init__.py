@@ -1,0 +1,48 @@
+"""The trainer's data pipeline: datasets on disk and S3, captions, aspect buckets, caches, sampler.
+
+Entry point: ``build_training_data(cfg, encoders, rank=, world_size=)``. Importing this package is cheap;
+torch-heavy modules load when the pipeline is built.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .batch import Batch
+    from .cache import Encoders
+    from .pipeline import TrainingData, build_training_data
+
+__all__ = ["Batch", "Encoders", "TrainingData", "build_training_data", "preflight_problems"]
+
+
+def preflight_problems(cfg: Any) -> list:
+    """Problems with the data options and the dataset list, found without touching any data."""
+    from kubetuner_trainer.config.errors import ConfigError
+
+    from .dataset_config import load_dataset_config
+    from .settings import settings_from_config
+
+    try:
+        settings = settings_from_config(cfg)
+        if settings.data_backend_config:
+            load_dataset_config(settings.data_backend_config, settings)
+    except ConfigError as error:
+        return list(error.problems)
+    return []
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Batch":
+        from .batch import Batch
+
+        return Batch
+    if name == "Encoders":
+        from .cache import Encoders
+
+        return Encoders
+    if name in ("TrainingData", "build_training_data"):
+        from . import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(name)

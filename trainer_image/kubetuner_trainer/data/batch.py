@@ -1,0 +1,28 @@
+"""The batch handed to the training loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Batch:
+    """One micro-batch of a single aspect bucket. Sizes are (height, width) as SDXL conditioning expects."""
+
+    latents: torch.Tensor  # [B, C, h, w]
+    text: dict[str, torch.Tensor]  # each [B, ...], stacked per key from Encoders.encode_prompts
+    original_sizes: list[tuple[int, int]]
+    crop_coords: list[tuple[int, int]]  # (top, left)
+    target_sizes: list[tuple[int, int]]
+    captions: list[str]  # after caption dropout ("" when dropped)
+    paths: list[str]
+    dataset_ids: list[str]
+    is_regularisation: list[bool]
+    masks: torch.Tensor | None = None
+    epoch: int = 0
+    position: int = 0  # index of this batch within its epoch
+
+    def __len__(self) -> int:
+        return int(self.latents.shape[0])

@@ -1,0 +1,233 @@
+"""Aspect buckets: the training size of every image, grouped so a batch shares one size.
+
+Target sizes follow SimpleTuner's rules per ``resolution_type``:
+
+- ``pixel``: the shorter edge becomes ``resolution``; the longer edge follows the aspect ratio.
+- ``area``: ``resolution`` is megapixels; the square edge ``sqrt(area)`` is scaled by ``sqrt(aspect)`` for
+  the width and divided by it for the height.
+- ``pixel_area``: ``resolution`` in pixels is turned into the area ``resolution²`` and treated as ``area``
+  (1024 → 1024x1024, 1216x832, 832x1216, ...).
+
+Every edge is rounded to the nearest multiple of ``--aspect_bucket_alignment`` (at least one multiple);
+aspect ratios are rounded to ``--aspect_bucket_rounding`` decimals (2 by default) first.
+
+How an image reaches its target: it is first shrunk to ``target_downsample_size`` when it exceeds
+``maximum_image_size``, then resized (aspect kept) to the smallest size that covers the target, and the
+excess is cut: evenly without ``crop``, else placed per ``crop_style`` (``corner`` keeps the bottom-right).
+With ``crop`` the bucket's aspect comes from ``crop_aspect``: ``square``, the image's own (``preserve``), the
+nearest of ``crop_aspect_buckets`` (``closest``) or a per-image seeded pick among them (``random``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+
+from .dataset_config import DatasetEntry
+from .metadata import ImageInfo
+
+log = logging.getLogger(__name__)
+
+Size = tuple[int, int]  # (width, height)
+
+
+@dataclass(frozen=True)
+class SamplePlan:
+    """How one image becomes one training sample (all sizes are (width, height))."""
+
+    key: str
+    version: str
+    original_size: Size  # after EXIF orientation
+    intermediate_size: Size  # what the image is resized to before cropping
+    crop_left: int
+    crop_top: int
+    target_size: Size  # the bucket
+
+    @property
+    def crop_coords(self) -> tuple[int, int]:
+        """(top, left), the SDXL micro-conditioning convention."""
+        return self.crop_top, self.crop_left
+
+    def geometry(self) -> dict[str, object]:
+        return {"original": list(self.original_size), "intermediate": list(self.intermediate_size),
+                "crop": [self.crop_left, self.crop_top], "target": list(self.target_size)}
+
+
+@dataclass
+class BucketResult:
+    buckets: dict[Size, list[SamplePlan]] = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    pruned: dict[Size, int] = field(default_factory=dict)  # bucket -> samples removed
+    repeats: int = 0  # repeats in effect (may be raised by oversubscription)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def sample_count(self) -> int:
+        return sum(len(v) for v in self.buckets.values())
+
+
+def round_to_multiple(value: float, multiple: int) -> int:
+    return max(multiple, int(round(value / multiple) * multiple))
+
+
+def target_size(aspect: float, resolution: float, resolution_type: str, alignment: int = 64) -> Size:
+    """The bucket (width, height) for an aspect ratio (width / height) at a resolution."""
+    if resolution_type == "pixel":
+        if aspect >= 1:
+            return round_to_multiple(int(resolution * aspect), alignment), round_to_multiple(resolution, alignment)
+        return round_to_multiple(resolution, alignment), round_to_multiple(int(resolution / aspect), alignment)
+    if resolution_type == "pixel_area":
+        square_edge = float(resolution)  # the side of the square of area resolution²
+    elif resolution_type == "area":
+        square_edge = math.sqrt(resolution * 1e6)
+    else:
+        raise ValueError(f"resolution_type {resolution_type!r} is not one of: pixel, pixel_area, area")
+    edge = round_to_multiple(int(square_edge + 1e-6), alignment)  # 1e-6: no float noise below an integer
+    if aspect == 1.0:
+        return edge, edge
+    root = math.sqrt(aspect)
+    return round_to_multiple(edge * root, alignment), round_to_multiple(edge / root, alignment)
+
+
+def _too_large(size: Size, limit: float, resolution_type: str) -> bool:
+    width, height = size
+    if resolution_type == "pixel":
+        return max(width, height) > limit
+    area_limit = limit * limit if resolution_type == "pixel_area" else limit * 1e6
+    return width * height > area_limit
+
+
+def _too_small(size: Size, minimum: float, resolution_type: str) -> bool:
+    width, height = size
+    if resolution_type == "pixel":
+        return min(width, height) < minimum
+    area_minimum = minimum * minimum if resolution_type == "pixel_area" else minimum * 1e6
+    return width * height < area_minimum
+
+
+def _downsampled(size: Size, target: float, resolution_type: str) -> Size:
+    width, height = size
+    if resolution_type == "pixel":
+        scale = target / min(width, height)
+    else:
+        area = target * target if resolution_type == "pixel_area" else target * 1e6
+        scale = math.sqrt(area / (width * height))
+    scale = min(scale, 1.0)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _sample_rng(seed: int, dataset_id: str, key: str) -> random.Random:
+    digest = hashlib.sha256(f"{seed}\0{dataset_id}\0{key}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def plan_sample(info: ImageInfo, entry: DatasetEntry, *, alignment: int = 64, rounding: int | None = None,
+                seed: int = 0) -> SamplePlan | str:
+    """The plan for one image, or the reason it is left out. Deterministic for a given seed."""
+    digits = 2 if rounding is None else rounding
+    rtype, resolution = entry.resolution_type, entry.resolution
+    original = info.size
+    if entry.minimum_image_size is not None and _too_small(original, entry.minimum_image_size, rtype):
+        return f"smaller than minimum_image_size {entry.minimum_image_size:g} ({original[0]}x{original[1]})"
+    source = original
+    if (entry.maximum_image_size is not None and entry.target_downsample_size is not None
+            and _too_large(original, entry.maximum_image_size, rtype)):
+        source = _downsampled(original, entry.target_downsample_size, rtype)
+    image_aspect = round(source[0] / source[1], digits)
+    rng = _sample_rng(seed, entry.id, info.key)
+    aspect = image_aspect
+    if entry.crop:
+        if entry.crop_aspect == "square":
+            aspect = 1.0
+        elif entry.crop_aspect == "closest":
+            aspect = min(entry.crop_aspect_buckets, key=lambda a: (abs(a - image_aspect), a))
+        elif entry.crop_aspect == "random":
+            aspect = rng.choice(entry.crop_aspect_buckets)
+    aspect = round(aspect, digits)
+    if entry.minimum_aspect_ratio is not None and aspect < entry.minimum_aspect_ratio:
+        return f"aspect ratio {aspect:g} is below minimum_aspect_ratio {entry.minimum_aspect_ratio:g}"
+    if entry.maximum_aspect_ratio is not None and aspect > entry.maximum_aspect_ratio:
+        return f"aspect ratio {aspect:g} is above maximum_aspect_ratio {entry.maximum_aspect_ratio:g}"
+    target = target_size(aspect, resolution, rtype, alignment)
+
+    cover = max(target[0] / source[0], target[1] / source[1])
+    if entry.max_upscale_threshold is not None and cover - 1 > entry.max_upscale_threshold + 1e-9:
+        return (f"needs {100 * (cover - 1):.0f}% upscaling to {target[0]}x{target[1]}, more than "
+                f"max_upscale_threshold {entry.max_upscale_threshold:g}")
+    intermediate = (max(target[0], round(source[0] * cover)), max(target[1], round(source[1] * cover)))
+    spare_w, spare_h = intermediate[0] - target[0], intermediate[1] - target[1]
+    style = entry.crop_style if entry.crop else "center"
+    if style == "center":
+        left, top = spare_w // 2, spare_h // 2
+    elif style == "corner":
+        left, top = spare_w, spare_h  # bottom-right corner
+    else:
+        left, top = rng.randint(0, spare_w), rng.randint(0, spare_h)
+    return SamplePlan(info.key, info.version, original, intermediate, left, top, target)
+
+
+def assign_buckets(images: list[ImageInfo], entry: DatasetEntry, *, alignment: int = 64,
+                   rounding: int | None = None, seed: int = 0) -> BucketResult:
+    """Plan every image and group the plans by target size (buckets sorted, samples sorted by key)."""
+    result = BucketResult(repeats=entry.repeats)
+    for info in images:
+        plan = plan_sample(info, entry, alignment=alignment, rounding=rounding, seed=seed)
+        if isinstance(plan, str):
+            result.skipped.append((info.key, plan))
+        else:
+            result.buckets.setdefault(plan.target_size, []).append(plan)
+    if entry.max_num_samples is not None and result.sample_count > entry.max_num_samples:
+        _limit(result, entry, seed)
+    result.buckets = {size: sorted(plans, key=lambda p: p.key) for size, plans in sorted(result.buckets.items())}
+    return result
+
+
+def _limit(result: BucketResult, entry: DatasetEntry, seed: int) -> None:
+    plans = sorted((p for ps in result.buckets.values() for p in ps), key=lambda p: p.key)
+    rng = random.Random(f"{seed}:{entry.id}:max_num_samples")
+    keep = {p.key for p in rng.sample(plans, entry.max_num_samples or len(plans))}
+    for size in list(result.buckets):
+        dropped = [p for p in result.buckets[size] if p.key not in keep]
+        result.skipped.extend((p.key, f"over max_num_samples {entry.max_num_samples}") for p in dropped)
+        result.buckets[size] = [p for p in result.buckets[size] if p.key in keep]
+        if not result.buckets[size]:
+            del result.buckets[size]
+
+
+def prune_buckets(result: BucketResult, entry: DatasetEntry, *, effective_batch: int,
+                  disable_pruning: bool = False, allow_oversubscription: bool = False) -> BucketResult:
+    """Drop buckets holding fewer samples than one effective batch (counting repeats).
+
+    With ``allow_oversubscription`` and no ``repeats`` in the entry, ``repeats`` is raised instead so that
+    every bucket fills one effective batch. With ``disable_pruning`` small buckets are kept (the sampler
+    then reuses samples within a batch).
+    """
+    if not result.buckets:
+        return result
+    smallest = min(len(v) for v in result.buckets.values())
+    if allow_oversubscription and not entry.repeats_set and smallest * (result.repeats + 1) < effective_batch:
+        needed = math.ceil(effective_batch / smallest) - 1
+        result.warnings.append(
+            f"dataset {entry.id}: raising repeats from {result.repeats} to {needed} so that its smallest bucket "
+            f"({smallest} images) fills one effective batch of {effective_batch} (allow_dataset_oversubscription)")
+        result.repeats = needed
+    if disable_pruning:
+        return result
+    for size in list(result.buckets):
+        count = len(result.buckets[size]) * (result.repeats + 1)
+        if count < effective_batch:
+            plans = result.buckets.pop(size)
+            result.pruned[size] = len(plans)
+            reason = (f"bucket {size[0]}x{size[1]} has {count} samples, fewer than the effective batch "
+                      f"{effective_batch}; pruned")
+            result.skipped.extend((p.key, reason) for p in plans)
+    if result.pruned:
+        result.warnings.append(
+            f"dataset {entry.id}: pruned {sum(result.pruned.values())} images in {len(result.pruned)} buckets "
+            f"smaller than the effective batch {effective_batch} (train_batch_size x processes x gradient "
+            "accumulation); add images, raise repeats, or set disable_bucket_pruning / "
+            "allow_dataset_oversubscription")
+    return result

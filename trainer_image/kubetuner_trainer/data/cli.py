@@ -1,0 +1,86 @@
+"""``kubetuner data inspect CONFIG.json``: check datasets before spending GPU hours."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import types
+import typing
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from kubetuner_trainer.config.errors import ConfigError
+from kubetuner_trainer.options import ValueProblem, normalize_key, parse_bool
+
+from .settings import DataSettings
+
+# DataSettings fields that make no sense on this command line.
+_HIDDEN = {"data_backend_config", "output_dir"}
+
+
+def _parser_type(annotation: Any) -> Any:
+    args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    base = next(a for a in args if a is not type(None))
+    return {"bool": bool, "int": int, "float": float, "str": str}.get(getattr(base, "__name__", ""), str)
+
+
+def _bool_arg(text: str) -> bool:
+    try:
+        return parse_bool(text)
+    except ValueProblem as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+    inspect = sub.add_parser("inspect", help="Discover every dataset and report files, skips, buckets, captions.",
+                             description="Discover every dataset of a dataset list (multidatabackend.json) "
+                             "without encoding anything, and report what training would use.")
+    inspect.add_argument("dataset_config", metavar="CONFIG.json", help="the dataset list")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    inspect.add_argument("--config", metavar="FILE", help="trainer options (JSON) to take defaults from")
+    inspect.add_argument("--verify", action="store_true",
+                         help="also decode every usable image, to find files damaged after their header")
+    group = inspect.add_argument_group("trainer options that shape the data")
+    hints = typing.get_type_hints(DataSettings)
+    for f in fields(DataSettings):
+        if f.name in _HIDDEN:
+            continue
+        kind = _parser_type(hints[f.name])
+        if kind is bool:
+            group.add_argument(f"--{f.name}", nargs="?", const=True, type=_bool_arg, default=None, metavar="BOOL")
+        else:
+            group.add_argument(f"--{f.name}", type=kind, default=None, metavar=f.name.upper())
+
+
+def _file_options(path: str) -> dict[str, Any]:
+    raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: trainer options must be a JSON object")
+    return {normalize_key(k): v for k, v in raw.items()}
+
+
+def main(args: argparse.Namespace) -> int:
+    from .inspect import format_report, inspect_datasets, to_json
+    from .prepare import DataError
+    from .settings import settings_from_config
+
+    values: dict[str, Any] = _file_options(args.config) if args.config else {}
+    values.update({f.name: getattr(args, f.name) for f in fields(DataSettings)
+                   if f.name not in _HIDDEN and getattr(args, f.name, None) is not None})
+    values["data_backend_config"] = args.dataset_config
+    try:
+        settings = settings_from_config(values)
+        # With an explicit --cache_dir the metadata cache is read and updated, as the trainer would.
+        report = inspect_datasets(settings, use_metadata_cache=bool(values.get("cache_dir")),
+                                  verify=args.verify)
+    except ConfigError as error:
+        print(f"kubetuner data inspect: {error}", file=sys.stderr)
+        return 2
+    except (DataError, ValueError, OSError) as error:
+        print(f"kubetuner data inspect: {error}", file=sys.stderr)
+        return 1
+    print(to_json(report) if args.json else format_report(report))
+    return 0 if report["ok"] else 1

@@ -1,0 +1,132 @@
+"""What the trainer would see in each dataset, without encoding anything (``kubetuner data inspect``)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from .buckets import SamplePlan
+from .dataset_config import load_dataset_config
+from .metadata import UnreadableImage
+from .prepare import PreparedDataset, prepare_all
+from .settings import DataSettings
+
+SAMPLE_CAPTIONS = 3
+
+
+def inspect_datasets(settings: DataSettings, *, environ: Mapping[str, str] | None = None,
+                     use_metadata_cache: bool = False, verify: bool = False) -> dict[str, Any]:
+    """A JSON-ready report of every enabled image dataset (discovery, skips, buckets, captions).
+
+    Discovery reads headers only; ``verify`` also decodes every usable image so that files damaged
+    after their header are reported now rather than when the latent cache is built.
+    """
+    if not settings.data_backend_config:
+        raise ValueError("no dataset list given")
+    config = load_dataset_config(settings.data_backend_config, settings)
+    prepared = prepare_all(config, settings, environ=environ, write_metadata=use_metadata_cache)
+    if verify:
+        for item in prepared:
+            _verify(item, settings.max_workers)
+    effective = settings.effective_batch_size
+    datasets = [_dataset_report(p, effective) for p in prepared]
+    disabled = [e.id for e in config.entries if e.disabled]
+    return {
+        "effective_batch": {
+            "train_batch_size": settings.train_batch_size,
+            "num_processes": settings.num_processes,
+            "gradient_accumulation_steps": settings.gradient_accumulation_steps,
+            "size": effective,
+        },
+        "datasets": datasets,
+        "disabled": disabled,
+        "ok": all(d["batch_check"]["ok"] for d in datasets),
+    }
+
+
+def _verify(item: PreparedDataset, workers: int) -> None:
+    from .images import pixels_from_bytes  # torch is needed only for --verify
+
+    plans = [p for ps in item.buckets.buckets.values() for p in ps]
+
+    def check(plan: SamplePlan) -> str | None:
+        try:
+            pixels_from_bytes(item.storage.read(plan.key), plan)
+        except (UnreadableImage, OSError) as error:
+            return str(error)
+        return None
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        failures = {p.key: why for p, why in zip(plans, pool.map(check, plans), strict=True) if why}
+    if failures:
+        for size in list(item.buckets.buckets):
+            item.buckets.buckets[size] = [p for p in item.buckets.buckets[size] if p.key not in failures]
+            if not item.buckets.buckets[size]:
+                del item.buckets.buckets[size]
+        item.buckets.skipped.extend(sorted(failures.items()))
+
+
+def _dataset_report(p: PreparedDataset, effective: int) -> dict[str, Any]:
+    entry, buckets = p.entry, p.buckets
+    samples = buckets.sample_count
+    keys = sorted(plan.key for plans in buckets.buckets.values() for plan in plans)[:SAMPLE_CAPTIONS]
+    ok = samples > 0
+    if ok:
+        message = (f"{samples} images x {buckets.repeats + 1} (repeats {buckets.repeats}) in "
+                   f"{len(buckets.buckets)} buckets fill whole batches of {effective}")
+    else:
+        message = (f"no bucket reaches the effective batch of {effective}; add images, raise repeats, lower "
+                   "--train_batch_size, or set disable_bucket_pruning / allow_dataset_oversubscription")
+    return {
+        "id": entry.id,
+        "type": entry.type,
+        "location": entry.location,
+        "resolution": entry.resolution,
+        "resolution_type": entry.resolution_type,
+        "files_found": len(p.discovery.images) + len(p.discovery.skipped),
+        "images_usable": samples,
+        "repeats": buckets.repeats,
+        "skipped": [{"file": key, "reason": reason} for key, reason in p.skipped],
+        "ignored_files": list(p.discovery.ignored),
+        "buckets": [{"size": f"{w}x{h}", "count": len(v)} for (w, h), v in buckets.buckets.items()],
+        "pruned_buckets": [{"size": f"{w}x{h}", "count": n} for (w, h), n in sorted(buckets.pruned.items())],
+        "caption_strategy": entry.caption_strategy,
+        "sample_captions": [{"file": k, "caption": p.captions[k]} for k in keys],
+        "warnings": list(buckets.warnings),
+        "batch_check": {"ok": ok, "message": message},
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    eb = report["effective_batch"]
+    lines = [f"effective batch: {eb['size']} = train_batch_size {eb['train_batch_size']} x processes "
+             f"{eb['num_processes']} x gradient_accumulation_steps {eb['gradient_accumulation_steps']}"]
+    for d in report["datasets"]:
+        lines += ["", f"dataset {d['id']} ({d['type']}: {d['location']})",
+                  f"  resolution {d['resolution']:g} ({d['resolution_type']})",
+                  f"  files found: {d['files_found']}, usable images: {d['images_usable']}, repeats: {d['repeats']}"]
+        if d["buckets"]:
+            lines.append("  buckets:")
+            lines += [f"    {b['size']:>11}  {b['count']}" for b in d["buckets"]]
+        if d["pruned_buckets"]:
+            lines.append("  pruned buckets:")
+            lines += [f"    {b['size']:>11}  {b['count']}" for b in d["pruned_buckets"]]
+        if d["skipped"]:
+            lines.append(f"  skipped ({len(d['skipped'])}):")
+            lines += [f"    {s['file']}: {s['reason']}" for s in d["skipped"]]
+        if d["ignored_files"]:
+            lines.append(f"  not images ({len(d['ignored_files'])}): {', '.join(d['ignored_files'][:10])}")
+        lines.append(f"  captions ({d['caption_strategy']}):")
+        lines += [f"    {c['file']}: {c['caption']!r}" for c in d["sample_captions"]]
+        lines += [f"  warning: {w}" for w in d["warnings"]]
+        check = d["batch_check"]
+        lines.append(f"  batch check: {'OK' if check['ok'] else 'PROBLEM'}: {check['message']}")
+    if report["disabled"]:
+        lines += ["", f"disabled: {', '.join(report['disabled'])}"]
+    return "\n".join(lines)
+
+
+def to_json(report: dict[str, Any]) -> str:
+    return json.dumps(report, indent=2, sort_keys=False)
