@@ -11,7 +11,7 @@ shapes), so the ratio isolates the loop's own overhead.
         --gradient-checkpointing          # CUDA; "max" doubles the batch until it runs out of memory
 
 Peak memory is CUDA ``max_memory_allocated`` on GPUs and the process's peak resident set (sampled)
-on CPU. MFU divides achieved FLOP/s by ``--peak-tflops`` (default: the GPU's dense bf16 peak from
+on CPU (where subnormal floats are flushed to zero for both loops). MFU divides achieved FLOP/s by ``--peak-tflops`` (default: the GPU's dense bf16 peak from
 a small table, or a matmul measured here on CPU).
 """
 
@@ -291,32 +291,49 @@ def peak_tflops(device: torch.device, override: float | None) -> tuple[float, st
 
 # ----- driver ---------------------------------------------------------------------------------------
 
-def run_case(args, batch_size: int, workdir: Path, device: torch.device, dtype: torch.dtype) -> list[Measurement]:
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _merge(parts: list[Measurement]) -> Measurement:
+    return Measurement(parts[0].name, [t for m in parts for t in m.step_seconds],
+                       sum(m.data_wait for m in parts), max(m.peak_bytes for m in parts), parts[0].flops_per_step)
+
+
+def bench_config(args, workdir: Path) -> TrainerConfig:
     mp = {"bf16": "bf16", "fp16": "fp16"}.get(args.dtype, "no")
-    cfg = TrainerConfig.from_mapping({
+    return TrainerConfig.from_mapping({
         "model_family": args.family, "model_type": "lora", "pretrained_model_name_or_path": str(workdir / f"tiny-{args.family}"),
         "output_dir": str(workdir / "out"), "optimizer": args.optimizer, "learning_rate": 1e-4, "lora_rank": args.rank,
         "mixed_precision": mp, "max_train_steps": args.steps, "seed": 0, "lr_scheduler": "constant",
         "max_grad_norm": 1.0, "grad_clip_method": "norm", "gradient_checkpointing": args.gradient_checkpointing,
     }, require=False)
-    adapter = build_adapter(args.family, args.arch, workdir, dtype, device, cfg)
-    base_unet = copy.deepcopy(adapter.unet)
-    out = [bench_kubetuner(cfg, adapter, SyntheticData(adapter, batch_size, args.resolution), args.steps, args.warmup)]
-    del adapter.components.unet
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    ref_adapter = adapter
-    ref_adapter.components.unet = base_unet
-    out.append(bench_reference(ref_adapter, base_unet, SyntheticData(ref_adapter, batch_size, args.resolution),
-                               args.steps, args.warmup, rank=args.rank, lr=1e-4,
-                               autocast_dtype=dtype if dtype != torch.float32 else None,
-                               gradient_checkpointing=args.gradient_checkpointing))
-    del base_unet, ref_adapter, adapter
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return out
+
+
+def run_case(args, batch_size: int, cfg: TrainerConfig, adapter, device: torch.device,
+             dtype: torch.dtype) -> list[Measurement]:
+    """Alternate our loop and the reference ``--repeats`` times on copies of one UNet; pool the timings."""
+    pristine = adapter.unet
+    ours, ref = [], []
+    try:
+        for _ in range(args.repeats):
+            adapter.components.unet = copy.deepcopy(pristine)
+            ours.append(bench_kubetuner(cfg, adapter, SyntheticData(adapter, batch_size, args.resolution),
+                                        args.steps, args.warmup))
+            adapter.components.unet = copy.deepcopy(pristine)
+            _free(device)
+            ref.append(bench_reference(adapter, adapter.unet, SyntheticData(adapter, batch_size, args.resolution),
+                                       args.steps, args.warmup, rank=args.rank, lr=1e-4,
+                                       autocast_dtype=dtype if dtype != torch.float32 else None,
+                                       gradient_checkpointing=args.gradient_checkpointing))
+            adapter.components.unet = pristine
+            _free(device)
+    finally:
+        adapter.components.unet = pristine  # the next batch size starts from the untouched UNet
+        _free(device)
+    return [_merge(ours), _merge(ref)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", default="1", help="comma-separated batch sizes; 'max' searches the largest")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per loop")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="alternate the two loops this many times")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     parser.add_argument("--optimizer", default="adamw_bf16")
@@ -343,21 +361,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.dtype == "auto":
         args.dtype = "bf16" if device.type == "cuda" else "fp32"
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    if device.type == "cpu":
+        # subnormal optimizer state makes CPU steps erratically slow (10x); flush them for both loops
+        torch.set_flush_denormal(True)
     peak, peak_note = peak_tflops(device, args.peak_tflops)
 
     sizes = [s.strip() for s in args.batch.split(",") if s.strip()]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
+        cfg = bench_config(args, workdir)
+        adapter = build_adapter(args.family, args.arch, workdir, dtype, device, cfg)
         for size in sizes:
             candidates = [int(size)] if size != "max" else [2**i for i in range(0, 10)]
             best = None
             for bs in candidates:
                 try:
-                    best = (bs, run_case(args, bs, workdir, device, dtype))
+                    best = (bs, run_case(args, bs, cfg, adapter, device, dtype))
                 except torch.OutOfMemoryError:
-                    gc.collect()
-                    torch.cuda.empty_cache()
+                    _free(device)
                     break
                 if size != "max":
                     break
@@ -368,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
 
     header = (f"family={args.family} arch={args.arch} resolution={args.resolution} dtype={args.dtype} "
               f"device={device} lora_rank={args.rank} optimizer={args.optimizer} "
-              f"gradient_checkpointing={args.gradient_checkpointing} steps={args.steps} warmup={args.warmup}\n"
+              f"gradient_checkpointing={args.gradient_checkpointing} steps={args.steps} warmup={args.warmup} "
+              f"repeats={args.repeats}\n"
               f"peak for MFU: {peak:.2f} TFLOP/s ({peak_note})\n")
     lines = [f"{'batch':>5} {'loop':<10} {'samples/s':>10} {'s/step':>8} {'peak mem MiB':>13} "
              f"{'data wait s':>11} {'GFLOP/step':>11} {'MFU %':>7} {'ours/ref':>9}"]

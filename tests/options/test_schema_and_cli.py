@@ -78,13 +78,26 @@ def test_print_config_shows_sources_and_redacts(tmp_path, monkeypatch, capsys):
     values = {}
     for option in required:
         values[option.name] = sorted(option.implemented_choices, key=str)[0] if option.implemented_choices else "/tmp/x"
+    values["max_train_steps"] = 10
+    secret_hook = [{"webhook_type": "raw", "callback_url": "http://127.0.0.1:9/x", "api_key": "hunter2"}]
+    redactable = registry.get("webhook_config").implemented
+    if redactable:
+        values["webhook_config"] = secret_hook
     config = tmp_path / "config.json"
     config.write_text(json.dumps(values))
+    monkeypatch.setenv("TRAINING_NUM_PROCESSES", "1")
     assert main(["--config", str(config), "--print-config=json"]) == 0
-    doc = json.loads(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    doc = json.loads(out)
     for name in values:
         assert doc[name]["source"] == f"file:{config}"
-    assert implemented  # something is implemented once required options are
+    assert doc["num_processes"]["source"] == "env:TRAINING_NUM_PROCESSES"
+    assert implemented
+    if redactable:
+        assert "hunter2" not in out and doc["webhook_config"]["value"][0]["api_key"] == "***"
+    assert main(["--config", str(config), "--print-config"]) == 0
+    text = capsys.readouterr().out
+    assert f"max_train_steps = 10    # file:{config}" in text and "hunter2" not in text
 
 
 def test_console_script_runs_in_a_fresh_process():
