@@ -30,7 +30,13 @@ from typing import Any
 
 import yaml
 
-from kubetuner_trainer.contract import STATUS_PATH, ExitCode, TrainerStatus
+from kubetuner_trainer.contract import (
+    CHECKPOINT_COMPLETE_MARKER,
+    CHECKPOINT_PREFIX,
+    STATUS_PATH,
+    ExitCode,
+    TrainerStatus,
+)
 from kubetuner_trainer.placeholders import substitute_argv
 
 from .spec import KIND, DatasetSpec, SpecError, TrainingJobSpec, parse_training_job
@@ -238,9 +244,10 @@ class LocalRun:
 
     def scan_checkpoints(self) -> None:
         """Checkpoints written after the last poll (e.g. the final one) still get their hooks."""
-        for directory in sorted(Path(self.paths.output_dir).glob("checkpoint-*")):
-            match = re.fullmatch(r"checkpoint-(\d+)", directory.name)
-            if match and int(match.group(1)) not in self.seen_checkpoints and any(directory.glob("*complete*")):
+        for directory in sorted(Path(self.paths.output_dir).glob(f"{CHECKPOINT_PREFIX}*")):
+            match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", directory.name)
+            complete = (directory / CHECKPOINT_COMPLETE_MARKER).is_file()
+            if match and complete and int(match.group(1)) not in self.seen_checkpoints:
                 self.seen_checkpoints.add(int(match.group(1)))
                 self.run_hooks_for(int(match.group(1)), str(directory))
 

@@ -25,6 +25,9 @@ CONTRACT_VERSION = 1
 STATUS_PATH = "/status"
 METRICS_PATH = "/metrics"
 DEFAULT_METRICS_PORT = 9400
+# A checkpoint folder ``checkpoint-<step>`` is complete once this file exists in it (written last).
+CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_COMPLETE_MARKER = "COMPLETE"
 
 
 class ExitCode(IntEnum):

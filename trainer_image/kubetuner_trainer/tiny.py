@@ -91,7 +91,14 @@ def build_tiny_sd1x(out: Path, *, seed: int = 0, sample_size: int = 32) -> Path:
     out = Path(out)
     tokenizer_dir = write_tiny_clip_tokenizer(out / "_tokenizer_build")
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        steps_offset=1,
+        clip_sample=False,
+    )
     pipeline = StableDiffusionPipeline(
         unet=unet,
         vae=vae,
