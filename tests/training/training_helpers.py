@@ -1,0 +1,110 @@
+"""Helpers for the training tests: an in-memory batch source, recording events, in-process training."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kubetuner_trainer.config import TrainerConfig
+from kubetuner_trainer.data.batch import Batch
+from kubetuner_trainer.events import NullEvents
+
+
+class InMemoryData:
+    """A resumable, endless batch source over a few random images (the loop's data contract).
+
+    Used where the test is about the loop itself; the end-to-end tests use the real pipeline.
+    Records every batch it hands out in ``seen`` as (epoch, position, indices).
+    """
+
+    def __init__(self, encoders: Any, *, count: int = 4, batch_size: int = 2, size: int = 32, seed: int = 0,
+                 sizes: list[tuple[int, int]] | None = None, masks: torch.Tensor | None = None):
+        gen = torch.Generator().manual_seed(seed)
+        pixels = torch.rand(count, 3, size, size, generator=gen) * 2 - 1
+        self.latents = encoders.encode_images(pixels)
+        self.prompts = [f"a photo of thing {i}" for i in range(count)]
+        self.text = encoders.encode_prompts(self.prompts)
+        self.sizes = sizes or [(size, size)] * count
+        self.masks = masks  # [count, 1, H, W] pixel masks, or None
+        self.batch_size = batch_size
+        self.count = count
+        self.epoch = 0
+        self.position = 0
+        self.seen: list[tuple[int, int, tuple[int, ...]]] = []
+        self.data_wait_seconds = 0.0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.count // self.batch_size
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+
+    def __iter__(self):
+        while True:
+            order = torch.randperm(self.count, generator=torch.Generator().manual_seed(1000 + self.epoch)).tolist()
+            idx = order[self.position * self.batch_size:(self.position + 1) * self.batch_size]
+            batch = Batch(
+                latents=self.latents[idx],
+                text={k: torch.stack([self.text[i][k] for i in idx]) for k in self.text[0]},
+                original_sizes=[self.sizes[i] for i in idx], crop_coords=[(0, 0)] * len(idx),
+                target_sizes=[(32, 32)] * len(idx), captions=[self.prompts[i] for i in idx],
+                paths=[str(i) for i in idx], dataset_ids=["mem"] * len(idx), is_regularisation=[False] * len(idx),
+                epoch=self.epoch, position=self.position,
+                masks=self.masks[idx] if self.masks is not None else None,
+            )
+            self.seen.append((self.epoch, self.position, tuple(idx)))
+            self.position += 1
+            if self.position >= self.steps_per_epoch:
+                self.epoch, self.position = self.epoch + 1, 0
+            yield batch
+
+
+class RecordingEvents(NullEvents):
+    """Keeps every event; asks the loop to stop once ``stop_after`` optimizer steps were reported."""
+
+    def __init__(self, stop_after: int | None = None):
+        self.stop_after = stop_after
+        self.steps: list[Any] = []
+        self.checkpoints: list[Any] = []
+        self.states: list[Any] = []
+        self.errors: list[str] = []
+
+    def state(self, state, message=""):
+        self.states.append(state)
+
+    def step(self, report):
+        self.steps.append(report)
+
+    def checkpoint(self, info, *, seconds):
+        self.checkpoints.append(info)
+
+    def error(self, message):
+        self.errors.append(message)
+
+    def stop_requested(self) -> bool:
+        return self.stop_after is not None and len(self.steps) >= self.stop_after
+
+
+def train_in_process(cfg: TrainerConfig, *, data_factory: Callable[[Any], Any] | None = None,
+                     events: Any = None, resume: Path | None = None):
+    """Load the adapter and run the loop in this process; returns (result, adapter, data)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from kubetuner_trainer.models import load_adapter
+    from kubetuner_trainer.training.loop import TrainingLoop, weight_dtype_for
+
+    AcceleratorState._reset_state()  # tests run many configurations in one process
+    accelerator = Accelerator(cpu=True, mixed_precision=cfg.mixed_precision or "no")
+    torch.manual_seed(cfg.seed or 0)
+    adapter = load_adapter(cfg, weight_dtype=weight_dtype_for(cfg))
+    data = (data_factory or (lambda enc: InMemoryData(enc)))(adapter.encoders())
+    loop = TrainingLoop(cfg, accelerator, adapter, data, events, seed=cfg.seed or 0)
+    return loop.run(resume), adapter, data

@@ -1,0 +1,231 @@
+"""Tiny random-weight model folders in diffusers layout, for tests and benchmarks.
+
+Each builder writes ``model_index.json`` plus one subfolder per component with
+``save_pretrained`` so that loading goes through exactly the code path a user's
+model folder takes. Tokenizers are built from a byte-level vocabulary written on
+the fly (no hub access needed).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_CLIP_SPECIAL = ("<|startoftext|>", "<|endoftext|>")
+
+
+def _byte_chars() -> list[str]:
+    """The 256 printable stand-ins byte-level BPE uses for raw bytes."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    keep += list(range(ord("®"), ord("ÿ") + 1))
+    chars = [chr(b) for b in keep]
+    extra = 0
+    for b in range(256):
+        if b not in keep:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def write_clip_tokenizer(folder: Path, max_length: int = 77) -> None:
+    """A CLIP tokenizer whose vocabulary is single byte-characters (no merges)."""
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = _byte_chars()
+    vocab = {c: i for i, c in enumerate(chars)}
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    for tok in _CLIP_SPECIAL:
+        vocab[tok] = len(vocab)
+    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length, pad_token="<|endoftext|>")
+    tok.save_pretrained(folder)
+
+
+def tiny_unet_config(*, cross_attention_dim: int = 32, sdxl: bool = False, size: str = "tiny",
+                     sample_size: int = 16) -> dict[str, Any]:
+    """UNet2DConditionModel config: ``tiny`` for tests, ``sdxl`` for the real SDXL layout."""
+    if size == "sdxl":
+        return dict(
+            sample_size=128, in_channels=4, out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(320, 640, 1280), layers_per_block=2,
+            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048, use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+        )
+    config: dict[str, Any] = dict(
+        sample_size=sample_size, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+        attention_head_dim=(2, 4), cross_attention_dim=cross_attention_dim,
+    )
+    if sdxl:
+        config.update(
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+            # pooled text projection (32) + 6 time ids * 8
+            projection_class_embeddings_input_dim=32 + 6 * 8,
+        )
+    return config
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, norm_num_groups=8, sample_size=32,
+    )
+
+
+def _clip_config(hidden: int = 32, projection: int | None = None):
+    from transformers import CLIPTextConfig
+
+    extra = {"projection_dim": projection} if projection else {}
+    return CLIPTextConfig(
+        vocab_size=520, hidden_size=hidden, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=512, eos_token_id=513,
+        pad_token_id=513, **extra,
+    )
+
+
+def _scheduler(prediction_type: str = "epsilon"):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                         beta_end=0.012, prediction_type=prediction_type, clip_sample=False, steps_offset=1)
+
+
+def _save(folder: Path, pipeline_cls: str, components: dict[str, Any]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    index: dict[str, Any] = {"_class_name": pipeline_cls, "_diffusers_version": "0.42.1"}
+    for name, comp in components.items():
+        if comp is None:
+            index[name] = [None, None]
+            continue
+        comp.save_pretrained(folder / name)
+        module = type(comp).__module__.split(".")[0]
+        index[name] = [module, type(comp).__name__]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
+def build_tiny_sd(folder: Path, *, prediction_type: str = "epsilon", seed: int = 0) -> Path:
+    """An SD 1.x/2.x-shaped pipeline folder (one CLIP text encoder)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**tiny_unet_config())
+    vae = _tiny_vae()
+    te = CLIPTextModel(_clip_config())
+    folder = _save(folder, "StableDiffusionPipeline", {
+        "unet": unet, "vae": vae, "text_encoder": te, "scheduler": _scheduler(prediction_type),
+        "safety_checker": None, "feature_extractor": None,
+    })
+    write_clip_tokenizer(folder / "tokenizer")
+    _add_index(folder, "tokenizer", "transformers", "CLIPTokenizer")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["requires_safety_checker"] = False
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
+def build_tiny_sdxl(folder: Path, *, seed: int = 0) -> Path:
+    """An SDXL-shaped pipeline folder (two CLIP encoders, pooled embeds, add_time_ids)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**tiny_unet_config(cross_attention_dim=64, sdxl=True))
+    folder = _save(folder, "StableDiffusionXLPipeline", {
+        "unet": unet, "vae": _tiny_vae(), "text_encoder": CLIPTextModel(_clip_config(32)),
+        "text_encoder_2": CLIPTextModelWithProjection(_clip_config(32, projection=32)),
+        "scheduler": _scheduler(),
+    })
+    for name in ("tokenizer", "tokenizer_2"):
+        write_clip_tokenizer(folder / name)
+        _add_index(folder, name, "transformers", "CLIPTokenizer")
+    return folder
+
+
+def write_chatglm_tokenizer(folder: Path) -> None:
+    """A ChatGLM tokenizer over a tiny sentencepiece model trained here on a few sentences."""
+    import io
+
+    import sentencepiece as spm
+    from diffusers.pipelines.kolors.tokenizer import ChatGLMTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    text = "\n".join(
+        f"a photo of a {c} {t} on a {s} background number {n}"
+        for c in ("red", "blue", "green", "small", "large") for t in ("cat", "dog", "cube", "ball")
+        for s in ("white", "black") for n in range(3)
+    )
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text.splitlines()), model_writer=model,
+                                   vocab_size=320, model_type="bpe", character_coverage=1.0,
+                                   byte_fallback=True, minloglevel=2)
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    tok = ChatGLMTokenizer(vocab_file=str(folder / "tokenizer.model"))
+    tok.save_pretrained(folder)
+
+
+def build_tiny_kolors(folder: Path, *, seed: int = 0) -> Path:
+    """A Kolors-shaped pipeline folder (ChatGLM text encoder, SDXL-style UNet)."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig, ChatGLMModel
+
+    torch.manual_seed(seed)
+    unet_cfg = tiny_unet_config(cross_attention_dim=32, sdxl=True)
+    unet_cfg.update(encoder_hid_dim=32, encoder_hid_dim_type="text_proj")
+    unet = UNet2DConditionModel(**unet_cfg)
+    te_cfg = ChatGLMConfig(num_layers=2, padded_vocab_size=400, hidden_size=32, ffn_hidden_size=64,
+                           kv_channels=8, num_attention_heads=4, seq_length=256,
+                           multi_query_attention=True, multi_query_group_num=2, add_qkv_bias=True,
+                           original_rope=True, torch_dtype="float32")
+    te = ChatGLMModel(te_cfg)
+    _init_chatglm(te)
+    folder = _save(folder, "KolorsPipeline", {
+        "unet": unet, "vae": _tiny_vae(), "text_encoder": te, "scheduler": _scheduler(),
+    })
+    write_chatglm_tokenizer(folder / "tokenizer")
+    _add_index(folder, "tokenizer", "kolors", "ChatGLMTokenizer")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["text_encoder"] = ["kolors", "ChatGLMModel"]
+    index["force_zeros_for_empty_prompt"] = False
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
+@torch.no_grad()
+def _init_chatglm(model: torch.nn.Module) -> None:
+    """ChatGLM defines no weight init, so a freshly built one holds uninitialised memory."""
+    for name, param in model.named_parameters():
+        if "layernorm" in name:
+            param.fill_(1.0)
+        elif name.endswith("bias"):
+            param.zero_()
+        else:
+            param.normal_(0.0, 0.02)
+
+
+def _add_index(folder: Path, name: str, library: str, cls: str) -> None:
+    index = json.loads((folder / "model_index.json").read_text())
+    index[name] = [library, cls]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+BUILDERS = {
+    "sd1x": build_tiny_sd,
+    "sd2x": lambda folder, **kw: build_tiny_sd(folder, prediction_type="v_prediction", **kw),
+    "sdxl": build_tiny_sdxl,
+    "kolors": build_tiny_kolors,
+}

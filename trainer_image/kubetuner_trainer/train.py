@@ -1,0 +1,308 @@
+"""One training run, start to finish: ``run(cfg) -> ExitCode``.
+
+With ``num_processes > 1`` (or ``TRAINING_NUM_PROCESSES``) and no distributed environment yet,
+``run`` starts one worker process per rank (spawned, with ``RANK``/``WORLD_SIZE``/``MASTER_*`` set,
+so accelerate sets up DDP — NCCL on GPUs, gloo on CPU). The parent keeps the runtime
+(metrics, status, signals): rank 0 forwards its events over a queue, and a stop request
+reaches every worker through a shared flag.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue as queue_mod
+import secrets
+import signal
+import socket
+import traceback
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, Problem, TrainerConfig
+from .contract import ExitCode, TrainerState
+from .events import NullEvents, TrainingEvents
+
+log = logging.getLogger(__name__)
+
+_CLEAN_EXITS = (int(ExitCode.SUCCESS), int(ExitCode.INTERRUPTED), int(ExitCode.CONFIG_ERROR))
+
+
+def requested_processes(cfg: Any, environ: dict[str, str] | None = None) -> int:
+    """``TRAINING_NUM_PROCESSES`` overrides ``--num_processes``."""
+    env = os.environ if environ is None else environ
+    raw = env.get("TRAINING_NUM_PROCESSES")
+    if raw:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError([Problem("num_processes", raw, "TRAINING_NUM_PROCESSES must be a whole number")]) from None
+        if value < 1:
+            raise ConfigError([Problem("num_processes", raw, "TRAINING_NUM_PROCESSES must be at least 1")])
+        return value
+    return int(cfg.num_processes or 1)
+
+
+def in_distributed_env(environ: dict[str, str] | None = None) -> bool:
+    env = os.environ if environ is None else environ
+    return int(env.get("WORLD_SIZE", "1") or 1) > 1
+
+
+def run(cfg: TrainerConfig, events: TrainingEvents | None = None) -> ExitCode:
+    """Train as configured. Returns SUCCESS, INTERRUPTED (checkpoint written) or CONFIG_ERROR."""
+    try:
+        from .training.preflight import check
+
+        check(cfg)
+        world = requested_processes(cfg)
+    except ConfigError as exc:
+        log.error("configuration rejected:\n%s", exc)
+        if events is not None:
+            events.error(str(exc))
+        return ExitCode.CONFIG_ERROR
+    if events is None:
+        if in_distributed_env() and int(os.environ.get("RANK", "0") or 0) != 0:
+            # launched by an external launcher (torchrun, accelerate launch): only rank 0 runs the
+            # runtime (its metrics port, trackers, hooks); the other ranks just obey stop signals
+            return _dispatch(cfg, SignalStopEvents(), world)
+        with _runtime(cfg) as runtime_events:
+            return _dispatch(cfg, runtime_events, world)
+    return _dispatch(cfg, events, world)
+
+
+def _dispatch(cfg: TrainerConfig, events: TrainingEvents, world: int) -> ExitCode:
+    if world > 1 and not in_distributed_env():
+        return launch_workers(cfg, events, world)
+    return run_process(cfg, events)
+
+
+def _runtime(cfg: TrainerConfig):
+    try:
+        from .runtime import build_runtime
+    except ImportError:  # the runtime is optional for in-process use
+        from contextlib import nullcontext
+
+        return nullcontext(NullEvents())
+    return build_runtime(cfg)
+
+
+def _seed(cfg: Any) -> int:
+    return int(cfg.seed) if cfg.seed is not None else secrets.randbelow(2**31)
+
+
+def run_process(cfg: TrainerConfig, events: TrainingEvents) -> ExitCode:
+    """The training run of this process (one rank when distributed)."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import broadcast_object_list, set_seed
+
+    from .models import load_adapter
+    from .training import checkpoints as ckpt
+    from .training.loop import TrainingLoop, weight_dtype_for
+
+    events.state(TrainerState.STARTING, "loading the model")
+    try:
+        use_cpu = not torch.cuda.is_available()
+        # accelerate keeps its settings process-wide; a second run in this process may use others
+        AcceleratorState._reset_state()
+        accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), cpu=use_cpu)
+        rank, world = accelerator.process_index, accelerator.num_processes
+        seeds = [_seed(cfg)]
+        if world > 1:
+            broadcast_object_list(seeds)
+        seed = seeds[0]
+        set_seed(seed + rank if cfg.seed_for_each_device else seed)
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+
+        adapter = load_adapter(cfg, device=accelerator.device, weight_dtype=weight_dtype_for(cfg))
+        events.state(TrainerState.CACHING, "preparing datasets and caches")
+        data = build_data(cfg, adapter, rank=rank, world=world)
+        validator = build_validator(cfg, adapter)  # every process decides when; the main one renders
+
+        resume = [None]
+        if accelerator.is_main_process:
+            found = ckpt.find_resume_checkpoint(Path(cfg.output_dir), cfg.resume_from_checkpoint)
+            resume = [str(found) if found else None]
+        if world > 1:
+            broadcast_object_list(resume)
+        loop = TrainingLoop(cfg, accelerator, adapter, data, events, validator=validator, seed=seed)
+        result = loop.run(Path(resume[0]) if resume[0] else None)
+        if result.exit_code == ExitCode.SUCCESS:
+            events.state(TrainerState.FINISHED, f"saved the model to {result.final_path}")
+        else:
+            events.state(TrainerState.TRAINING, "stopped on request after checkpointing")
+        accelerator.end_training()
+        return result.exit_code
+    except ConfigError as exc:
+        events.error(str(exc))
+        return ExitCode.CONFIG_ERROR
+    except Exception as exc:
+        events.error(f"{type(exc).__name__}: {exc}")
+        events.state(TrainerState.FAILED, str(exc))
+        raise
+
+
+def _mixed_precision(cfg: Any) -> str:
+    return cfg.mixed_precision or "no"
+
+
+def build_data(cfg: Any, adapter: Any, *, rank: int, world: int) -> Any:
+    from .data import build_training_data
+
+    return build_training_data(cfg, adapter.encoders(), rank=rank, world_size=world)
+
+
+def build_validator(cfg: Any, adapter: Any) -> Any:
+    """The runtime's validation renderer when it is available and validation is configured."""
+    try:
+        from .runtime.validation import Validator
+    except ImportError:
+        return None
+    return Validator(cfg, adapter, Path(cfg.output_dir))
+
+
+# ----- multi-process launch ---------------------------------------------------------------------
+
+class SignalStopEvents(NullEvents):
+    """Reports nowhere; SIGTERM/SIGINT turn into a stop request (checkpoint, exit 75)."""
+
+    def __init__(self) -> None:
+        self._signalled = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._signalled = True
+
+    def stop_requested(self) -> bool:
+        return self._signalled
+
+
+class QueueEvents:
+    """Forwards a worker's events to the parent; stop requests come back through a shared flag."""
+
+    def __init__(self, queue: Any, stop_flag: Any, *, forward: bool):
+        self._queue = queue
+        self._stop = stop_flag
+        self._forward = forward
+        self._signalled = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._signalled = True
+
+    def _send(self, kind: str, *args: Any, **kwargs: Any) -> None:
+        if self._forward:
+            self._queue.put((kind, args, kwargs))
+
+    def state(self, state: TrainerState, message: str = "") -> None:
+        self._send("state", state, message)
+
+    def step(self, report: Any) -> None:
+        self._send("step", report)
+
+    def checkpoint(self, info: Any, *, seconds: float) -> None:
+        self._send("checkpoint", info, seconds=seconds)
+
+    def validation(self, step: int, images: list[Path], *, seconds: float) -> None:
+        self._send("validation", step, images, seconds=seconds)
+
+    def error(self, message: str) -> None:
+        self._queue.put(("error", (message,), {}))
+
+    def stop_requested(self) -> bool:
+        return self._signalled or self._stop.is_set()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _worker(values: dict[str, Any], env_settings: Any, rank: int, world: int, port: int,
+            queue: Any, stop_flag: Any) -> None:
+    os.environ.update({
+        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
+    })
+    code = 1
+    try:
+        cfg = TrainerConfig.from_mapping(values, require=False, env=env_settings)
+        events = QueueEvents(queue, stop_flag, forward=rank == 0)
+        code = int(run_process(cfg, events))
+    except BaseException:
+        queue.put(("error", (f"process {rank} failed:\n{traceback.format_exc()}",), {}))
+        code = 1
+    finally:
+        queue.put(("exit", (rank, code), {}))
+
+
+def launch_workers(cfg: TrainerConfig, events: TrainingEvents, world: int) -> ExitCode:
+    """Spawn ``world`` ranks, relay their events, forward stop requests; the worst exit code wins."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    stop_flag = ctx.Event()
+    port = _free_port()
+    values = cfg.to_dict(only_set=True)  # workers must see the same "set by the user" as this process
+    procs = [ctx.Process(target=_worker, args=(values, cfg.env, r, world, port, queue, stop_flag), daemon=False)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    codes: dict[int, int] = {}
+    errors: list[str] = []
+
+    def failed() -> bool:
+        return any(c not in _CLEAN_EXITS for c in codes.values())
+
+    try:
+        while len(codes) < world and not failed():
+            if events.stop_requested():
+                stop_flag.set()
+            try:
+                kind, args, kwargs = queue.get(timeout=0.5)
+            except queue_mod.Empty:
+                for r, proc in enumerate(procs):
+                    if r not in codes and not proc.is_alive():
+                        proc.join(timeout=1)
+                        codes[r] = proc.exitcode if proc.exitcode is not None else 1
+                        if codes[r] not in _CLEAN_EXITS:
+                            errors.append(f"process {r} died with exit code {codes[r]}")
+                continue
+            if kind == "exit":
+                codes[args[0]] = args[1]
+            elif kind == "error":
+                errors.append(args[0])
+                events.error(args[0])
+            else:
+                getattr(events, kind)(*args, **kwargs)
+    finally:
+        if failed() or len(codes) < world:
+            # a crashed rank leaves the others blocked in a collective: end them
+            # (SIGTERM first, which a worker treats as a stop request; SIGKILL if it is stuck)
+            for proc in procs:
+                if proc.is_alive():
+                    proc.terminate()
+            for proc in procs:
+                proc.join(timeout=10)
+                if proc.is_alive():
+                    proc.kill()
+        for proc in procs:
+            proc.join(timeout=60)
+        while True:  # collect what the workers said last (their tracebacks)
+            try:
+                kind, args, _kwargs = queue.get(timeout=0.2)
+            except queue_mod.Empty:
+                break
+            if kind == "error" and args[0] not in errors:
+                errors.append(args[0])
+            elif kind == "exit":
+                codes.setdefault(args[0], args[1])
+    worst = max(codes.values(), key=lambda c: (c not in _CLEAN_EXITS, c))
+    if worst not in _CLEAN_EXITS:
+        raise RuntimeError("distributed training failed:\n" + "\n".join(errors))
+    return ExitCode(worst)

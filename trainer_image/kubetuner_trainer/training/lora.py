@@ -1,0 +1,182 @@
+"""LoRA adapters through PEFT: configuration, attaching, exporting and re-loading weights.
+
+Exported LoRA files use the diffusers key layout (``unet.…``, ``text_encoder.…``) so that
+``pipeline.load_lora_weights`` reads them; ``--lora_format comfyui`` rewrites the keys to the
+kohya/ComfyUI style (``lora_unet_…``, ``lora_te…``, ``.lora_down``/``.lora_up``/``.alpha``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ADAPTER_NAME = "default"
+INIT_TYPES = {"default": True, "gaussian": "gaussian", "loftq": "loftq", "olora": "olora", "pissa": "pissa"}
+DEFAULT_RANK = 16
+
+
+def parse_target_modules(value: Any, default: Sequence[str]) -> list[str]:
+    """``--peft_lora_target_modules``: a JSON list, a comma-separated string, or unset (family default)."""
+    if value in (None, "", []):
+        return list(default)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            value = json.loads(text)
+        else:
+            value = [part.strip() for part in text.split(",") if part.strip()]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(
+            f"peft_lora_target_modules must be a list of module names, e.g. [\"to_q\", \"to_k\"]; got {value!r}"
+        )
+    return value
+
+
+def lora_config(cfg: Any, target_modules: Sequence[str]):
+    """A PEFT ``LoraConfig`` from ``--lora_rank/--lora_alpha/--lora_dropout/--lora_init_type/--use_dora``."""
+    from peft import LoraConfig
+
+    rank = cfg.lora_rank or DEFAULT_RANK
+    init = cfg.lora_init_type or "default"
+    if init not in INIT_TYPES:
+        raise ValueError(f"lora_init_type {init!r} is not one of {', '.join(INIT_TYPES)}")
+    kwargs: dict[str, Any] = {}
+    if init == "loftq":
+        from peft import LoftQConfig
+
+        kwargs["loftq_config"] = LoftQConfig(loftq_bits=4)
+    return LoraConfig(
+        r=rank,
+        lora_alpha=cfg.lora_alpha if cfg.lora_alpha is not None else rank,
+        lora_dropout=cfg.lora_dropout or 0.0,
+        init_lora_weights=INIT_TYPES[init],
+        target_modules=list(target_modules),
+        use_dora=bool(cfg.use_dora),
+        **kwargs,
+    )
+
+
+def _check_targets_exist(module: torch.nn.Module, targets: Sequence[str], owner: str) -> None:
+    names = [name for name, _ in module.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise ValueError(f"peft_lora_target_modules: no module of the {owner} matches {missing}")
+
+
+def attach_lora(adapter: Any, cfg: Any) -> dict[str, torch.nn.Module]:
+    """Add LoRA layers to the UNet (and text encoders with ``--train_text_encoder``).
+
+    Returns the modules that now hold trainable parameters, by pipeline name.
+    """
+    unet_targets = parse_target_modules(cfg.peft_lora_target_modules, adapter.default_lora_targets)
+    _check_targets_exist(adapter.unet, unet_targets, "UNet")
+    adapter.unet.add_adapter(lora_config(cfg, unet_targets))
+    trained = {"unet": adapter.unet}
+    if cfg.train_text_encoder:
+        for index, (name, te) in enumerate(zip(adapter.text_encoder_names, adapter.text_encoders, strict=True)):
+            # peft directly: transformers' add_adapter demands a newer peft than diffusers needs
+            from peft import inject_adapter_in_model
+
+            inject_adapter_in_model(lora_config(cfg, adapter.text_lora_targets(index)), te,
+                                    adapter_name=ADAPTER_NAME)
+            trained[name] = te
+    _lora_params_fp32(trained.values())
+    if cfg.init_lora:
+        load_lora_into(adapter, trained, cfg.init_lora)
+    return trained
+
+
+def _lora_params_fp32(modules) -> None:
+    """Trainable LoRA weights stay in fp32 even when the base model is in half precision."""
+    for module in modules:
+        for param in module.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+
+
+def lora_state_dicts(trained: dict[str, torch.nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
+    """LoRA weights per module in the diffusers layout (unprefixed keys)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return {name: convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+            for name, module in trained.items()}
+
+
+def lora_adapter_metadata(trained: dict[str, torch.nn.Module]) -> dict[str, dict[str, Any]]:
+    return {name: module.peft_config[ADAPTER_NAME].to_dict() for name, module in trained.items()}
+
+
+def flatten_with_prefix(per_module: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {f"{name}.{k}": v for name, sd in per_module.items() for k, v in sd.items()}
+
+
+def load_lora_into(adapter: Any, trained: dict[str, torch.nn.Module], path: str | Path) -> None:
+    """Load a LoRA file (diffusers or kohya keys) into already-attached adapters; exact for our own files."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "pytorch_lora_weights.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"init_lora: no LoRA weights at {path}")
+    loader = adapter.lora_loader_class()
+    state, _alphas = loader.lora_state_dict(str(path))
+    for name, module in trained.items():
+        prefix = name + "."
+        part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not part:
+            log.warning("init_lora: %s has no weights for the %s", path, name)
+            continue
+        if name == "unet":
+            part = convert_unet_state_dict_to_peft(part)
+        else:
+            from diffusers.utils import convert_state_dict_to_peft
+
+            part = convert_state_dict_to_peft(part)
+        result = set_peft_model_state_dict(module, part, adapter_name=ADAPTER_NAME)
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise ValueError(f"init_lora: {path} has weights that do not fit the {name}: {unexpected[:5]}")
+
+
+# ----- ComfyUI / kohya key format -----------------------------------------------------------------
+
+_COMFY_PREFIX = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+
+
+def to_comfyui(per_module: dict[str, dict[str, torch.Tensor]], alphas: dict[str, float]) -> dict[str, torch.Tensor]:
+    """Rewrite diffusers LoRA keys to the kohya style ComfyUI loads, adding ``.alpha`` per layer.
+
+    ``unet.down_blocks.0.attentions.0…to_q.lora_A.weight`` → ``lora_unet_down_blocks_0_attentions_0_…_to_q.lora_down.weight``.
+    With a single text encoder its prefix is ``lora_te``.
+    """
+    out: dict[str, torch.Tensor] = {}
+    te_count = sum(1 for n in per_module if n.startswith("text_encoder"))
+    for name, sd in per_module.items():
+        prefix = _COMFY_PREFIX.get(name, f"lora_{name}")
+        if name == "text_encoder" and te_count == 1 and "text_encoder_2" not in per_module:
+            prefix = "lora_te"
+        for key, tensor in sd.items():
+            for peft_part, kohya_part in ((".lora_A.", ".lora_down."), (".lora_B.", ".lora_up."),
+                                          (".lora.down.", ".lora_down."), (".lora.up.", ".lora_up."),
+                                          (".lora_magnitude_vector", ".dora_scale")):
+                if peft_part in key:
+                    module_path, rest = key.split(peft_part, 1)
+                    suffix = kohya_part + rest if rest else kohya_part.rstrip(".")
+                    base = f"{prefix}_{module_path.replace('.', '_')}"
+                    out[base + suffix] = tensor
+                    if kohya_part == ".lora_down.":
+                        out[base + ".alpha"] = torch.tensor(float(alphas[name]))
+                    break
+            else:
+                raise ValueError(f"unexpected LoRA key {key!r} in the {name}")
+    return out

@@ -1,0 +1,124 @@
+"""Configuration checks that need the torch stack, run before anything is loaded.
+
+``check(cfg)`` gathers the core problems below plus every area's ``preflight_problems(cfg)``
+(``kubetuner_trainer.optim``, ``.data``, ``.runtime`` where they define one) and raises one
+:class:`ConfigError` listing them all.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError, Problem
+
+log = logging.getLogger(__name__)
+
+AREAS = ("kubetuner_trainer.optim", "kubetuner_trainer.data", "kubetuner_trainer.runtime")
+SUPPORTED_PREDICTION = ("epsilon", "v_prediction")
+
+
+def core_problems(cfg: Any) -> list[Problem]:
+    """Problems with the model, loop and checkpoint options."""
+    import torch
+
+    from ..models.registry import ADAPTERS
+
+    problems: list[Problem] = []
+    family = cfg.model_family
+    adapter = ADAPTERS.get(family)
+    if adapter is None:
+        problems.append(Problem("model_family", family, f"is not supported; supported: {', '.join(sorted(ADAPTERS))}"))
+    elif cfg.model_flavour and cfg.model_flavour not in adapter.flavours:
+        problems.append(Problem("model_flavour", cfg.model_flavour,
+                                f"is not a {family} flavour; allowed: {', '.join(sorted(adapter.flavours))}"))
+    if cfg.prediction_type and cfg.prediction_type not in SUPPORTED_PREDICTION:
+        problems.append(Problem("prediction_type", cfg.prediction_type,
+                                f"is not supported for UNet families; allowed: {', '.join(SUPPORTED_PREDICTION)}"))
+    location = cfg.pretrained_model_name_or_path
+    if location and _looks_local(location) and not Path(location).exists():
+        problems.append(Problem("pretrained_model_name_or_path", location, "no such file or folder"))
+    precision = cfg.mixed_precision or "no"
+    if precision == "fp8":
+        problems.append(Problem("mixed_precision", precision, "fp8 training is not supported; use bf16, fp16 or no"))
+    if precision == "fp16" and not torch.cuda.is_available():
+        problems.append(Problem("mixed_precision", precision, "fp16 needs a CUDA GPU; use bf16 or no on CPU"))
+    if not (cfg.max_train_steps or 0) > 0 and not (cfg.num_train_epochs or 0) > 0:
+        problems.append(Problem("max_train_steps", cfg.max_train_steps,
+                                "set max_train_steps or num_train_epochs to a positive number"))
+    if cfg.ignore_final_epochs and not (cfg.max_train_steps or 0) > 0:
+        problems.append(Problem("ignore_final_epochs", True, "needs max_train_steps to know when to stop"))
+    if cfg.model_type == "full":
+        if cfg.use_dora:
+            problems.append(Problem("use_dora", True, "applies to model_type=lora only"))
+        if cfg.lora_format == "comfyui":
+            problems.append(Problem("lora_format", "comfyui", "applies to model_type=lora only"))
+        if cfg.init_lora:
+            problems.append(Problem("init_lora", cfg.init_lora, "applies to model_type=lora only"))
+    if family == "kolors" and cfg.model_type == "lora" and cfg.train_text_encoder:
+        problems.append(Problem("train_text_encoder", True,
+                                "a LoRA on Kolors' ChatGLM text encoder cannot be loaded by diffusers' "
+                                "KolorsPipeline; train the UNet LoRA only, or use model_type=full"))
+    if cfg.lora_init_type == "loftq":
+        problems.append(Problem("lora_init_type", "loftq",
+                                "is not supported (it quantizes the base model); "
+                                "allowed: default, gaussian, olora, pissa"))
+    if cfg.init_lora and _looks_local(cfg.init_lora) and not Path(cfg.init_lora).exists():
+        problems.append(Problem("init_lora", cfg.init_lora, "no such LoRA file"))
+    problems += _timestep_problems(cfg)
+    if (cfg.loss_type or "l2") != "l2" and cfg.huber_c is not None and not 0 < cfg.huber_c <= 1:
+        problems.append(Problem("huber_c", cfg.huber_c, "must be in (0, 1]"))
+    if cfg.use_soft_min_snr and not cfg.snr_gamma:
+        problems.append(Problem("use_soft_min_snr", True, "needs snr_gamma (the soft clamp's γ)"))
+    if cfg.peft_lora_target_modules not in (None, "", []):
+        from .lora import parse_target_modules
+
+        try:
+            parse_target_modules(cfg.peft_lora_target_modules, ())
+        except ValueError as exc:
+            problems.append(Problem("peft_lora_target_modules", cfg.peft_lora_target_modules, str(exc)))
+    return problems
+
+
+def _timestep_problems(cfg: Any) -> list[Problem]:
+    strategy = cfg.timestep_bias_strategy
+    if not strategy or strategy == "none":
+        return []
+    from .timesteps import bias_weights
+
+    try:
+        bias_weights(1000, strategy,
+                     multiplier=1.0 if cfg.timestep_bias_multiplier is None else cfg.timestep_bias_multiplier,
+                     portion=cfg.timestep_bias_portion if cfg.timestep_bias_portion is not None else 0.25,
+                     begin=cfg.timestep_bias_begin or 0,
+                     end=cfg.timestep_bias_end if cfg.timestep_bias_end is not None else 1000)
+    except ValueError as exc:
+        return [Problem("timestep_bias_strategy", strategy, str(exc))]
+    return []
+
+
+def _looks_local(location: str) -> bool:
+    return location.startswith(("/", "./", "../", "~")) or Path(location).suffix in (".safetensors", ".ckpt")
+
+
+def all_problems(cfg: Any) -> list[Problem]:
+    problems = core_problems(cfg)
+    for module_name in AREAS:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            log.debug("preflight: %s not importable (%s)", module_name, exc)
+            continue
+        check = getattr(module, "preflight_problems", None)
+        if callable(check):
+            problems += list(check(cfg))
+    return problems
+
+
+def check(cfg: Any) -> None:
+    """Raise :class:`ConfigError` with every problem found, or return quietly."""
+    problems = all_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
