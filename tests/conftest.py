@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,3 +23,29 @@ def spec_dir() -> Path | None:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Callable[[str], Path]:
+    """``tiny_model("sdxl")`` → a diffusers folder saved with ``save_pretrained`` (built once per session)."""
+    from kubetuner_trainer.models.tiny import BUILDERS
+
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = BUILDERS[family](tmp_path_factory.mktemp(f"tiny-{family}"))
+        return built[family]
+
+    return get
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread: model tests run in parallel (xdist) next to other suites on few cores."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
