@@ -100,9 +100,7 @@ def test_due_follows_intervals_disable_and_startup(cfg_factory):
     counting = Validator(cfg_factory(**FAST, validation_epoch_interval=2))  # no epoch given: counts epoch ends
     assert [counting.due(s, epoch_end=True) for s in (5, 10, 15, 20)] == [False, True, False, True]
     assert not validator.due_on_startup()
-    # validation_on_startup needs the loop to call due_on_startup(); until it does, the config refuses
-    # the option, so the API is exercised with a plain mapping of option values
-    assert Validator({**cfg_factory(**FAST).to_dict(), "validation_on_startup": True}).due_on_startup()
+    assert Validator(cfg_factory(**FAST, validation_on_startup=True)).due_on_startup()
     off = Validator(cfg_factory(**FAST, validation_step_interval=1, validation_disable=True))
     assert not off.due(1) and off.run(1, lambda: pytest.fail("disabled validation built a pipeline")) == []
     no_prompt = Validator(cfg_factory(validation_step_interval=1))
@@ -164,8 +162,7 @@ def test_ema_comparison_uses_both_weight_sets(cfg_factory, pipeline_factory, tmp
                 param.mul_(0.5)
         return pipeline
 
-    # ema_validation needs the loop to pass EMA weights; the config refuses it until the loop does,
-    # so the Validator API is exercised with a plain mapping of option values
+    # Through the loop this is tested in tests/training/test_run.py; here the factories are stand-ins.
     base = cfg_factory(**FAST).to_dict()
     cfg = {**base, "ema_validation": "comparison", "use_ema": True}
     files = {p.name: p for p in Validator(cfg, output_dir=tmp_path / "o").run(3, pipeline_factory,

@@ -166,3 +166,21 @@ def test_a_failing_worker_fails_the_distributed_run_with_its_traceback(run_cfg, 
     assert "has no unet/ folder" in message
     assert "process 0 failed" in message and "process 1 failed" in message and "Traceback" in message
     assert events.errors
+
+
+def test_startup_and_ema_comparison_validation_render_through_the_loop(run_cfg, tmp_path):
+    cfg = run_cfg(
+        model_type="full", use_ema=True, ema_decay=0.5, ema_validation="comparison", validation_on_startup=True,
+        validation_step_interval=2, validation_prompt="a red circle", validation_resolution="32",
+        validation_num_inference_steps=1, max_train_steps=2,
+    )
+    events = RecordingEvents()
+    assert run(cfg, events) == ExitCode.SUCCESS
+    root = Path(cfg.output_dir) / "validation"
+    for step in (0, 2):
+        names = sorted(p.name for p in (root / f"step-{step}").glob("*.png"))
+        assert names == ["ema-validation-32x32-0.png", "validation-32x32-0.png"], (step, names)
+    live = np.asarray(Image.open(root / "step-2" / "validation-32x32-0.png"))
+    ema = np.asarray(Image.open(root / "step-2" / "ema-validation-32x32-0.png"))
+    assert not np.array_equal(live, ema)  # the EMA weights lag the live ones
+    assert events.states.count(TrainerState.VALIDATING) == 2
