@@ -26,11 +26,13 @@ from typing import Any
 
 import torch
 
+from ..contract import CHECKPOINT_COMPLETE_MARKER, CHECKPOINT_PREFIX
+
 log = logging.getLogger(__name__)
 
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 MANIFEST = "manifest.json"
-COMPLETE = "COMPLETE"
+COMPLETE = CHECKPOINT_COMPLETE_MARKER  # shared with the operator side through the contract
 STATE_FILE = "training_state.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 _ENV_RE = re.compile(r"\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
