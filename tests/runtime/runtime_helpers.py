@@ -90,6 +90,7 @@ def write_checkpoint(output_dir: Path, step: int) -> CheckpointInfo:
     (path / "unet").mkdir(parents=True, exist_ok=True)
     (path / "unet" / "weights.bin").write_bytes(bytes(range(64)) * step)
     (path / "training_state.json").write_text(json.dumps({"global_step": step}))
+    (path / "COMPLETE").write_text("{}")
     return CheckpointInfo(step=step, path=str(path), time="2026-01-01T00:00:00Z", complete=True)
 
 

@@ -95,9 +95,11 @@ def test_placeholder_values_include_every_validation_option(cfg_factory, tmp_pat
     assert values["global_step"] == 5 and values["local_checkpoint_path"] == str(tmp_path / "c")
 
 
-def test_latest_checkpoint_dir_picks_the_highest_step(tmp_path):
+def test_latest_checkpoint_dir_picks_the_highest_complete_step(tmp_path):
     assert latest_checkpoint_dir(tmp_path) is None
-    for step in (2, 10, 9):
+    for step in (2, 10, 9, 11):
         (tmp_path / f"checkpoint-{step}").mkdir()
+        if step != 11:  # checkpoint-11 is still being written
+            (tmp_path / f"checkpoint-{step}" / "COMPLETE").write_text("{}")
     (tmp_path / "checkpoint-tmp").mkdir()
     assert latest_checkpoint_dir(tmp_path) == tmp_path / "checkpoint-10"
