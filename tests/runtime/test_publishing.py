@@ -65,7 +65,7 @@ def test_checkpoints_and_final_model_reach_s3(cfg_factory, s3_server, argv_dumpe
     assert main["runs/2026/out/checkpoint-2/training_state.json"] == b'{"global_step": 2}'
     assert main["runs/2026/out/pytorch_lora_weights.safetensors"] == b"final-weights"
     assert main["runs/2026/out/validation/a.png"] == b"png"
-    assert not any(k.startswith("runs/2026/out/checkpoint-2/") and "unet" not in k and "training_state" not in k
+    assert not any(k.startswith("runs/2026/out/checkpoint-2/") and "unet" not in k and "training_state" not in k and not k.endswith("COMPLETE")
                    for k in main)
     assert sum(k.startswith("runs/2026/out/checkpoint") for k in main) == 2  # final upload skips checkpoints
     mirror = s3_keys(s3_server, "mirror")
