@@ -16,12 +16,13 @@ child they name is created).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from kubetuner_trainer.contract import ExitCode, TrainerState, TrainerStatus
+from kubetuner_trainer.contract import CheckpointInfo, ExitCode, TrainerState, TrainerStatus
+from kubetuner_trainer.termination import from_termination_message
 
 from .builders import (
     build_configmap,
@@ -139,6 +140,12 @@ def _terminated(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return None
 
 
+def terminated_report(pod: Mapping[str, Any]) -> TrainerStatus | None:
+    """The final trainer status a terminated trainer container left as its termination message."""
+    term = _terminated(pod)
+    return from_termination_message(term.get("message")) if term else None
+
+
 def _waiting_reason(pod: Mapping[str, Any]) -> str:
     status = pod.get("status") or {}
     for cs in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
@@ -168,7 +175,9 @@ def classify_pod(pod: Mapping[str, Any]) -> Run:
         term = _terminated(pod) or {}
         code = term.get("exitCode")
         if code == ExitCode.CONFIG_ERROR:
-            return Run(RunState.CONFIG_ERROR, _short(term.get("message") or ExitCode.describe(code)), started)
+            report = from_termination_message(term.get("message"))
+            detail = report.message if report is not None else term.get("message")  # older trainers: plain text
+            return Run(RunState.CONFIG_ERROR, _short(detail or ExitCode.describe(code)), started)
         if code == ExitCode.INTERRUPTED:
             return Run(RunState.INTERRUPTED, ExitCode.describe(code), started)
         if disrupted:
@@ -239,6 +248,49 @@ def status_endpoint(job: TrainingJobSpec, counters: Counters, observed: Observed
     return None
 
 
+def _merge_checkpoints(reports: Sequence[TrainerStatus]) -> tuple[CheckpointInfo, ...]:
+    """Every checkpoint any report names, one per step (a complete report of a step wins)."""
+    by_step: dict[int, CheckpointInfo] = {}
+    for report in reports:
+        for cp in report.checkpoints:
+            known = by_step.get(cp.step)
+            if known is None or (cp.complete and not known.complete):
+                by_step[cp.step] = cp
+    return tuple(by_step[step] for step in sorted(by_step))
+
+
+def _final_reports(observed: Observed) -> list[tuple[int, TrainerStatus]]:
+    """(attempt, status) of every terminated trainer pod that left a termination message."""
+    return [(attempt, report) for pod in observed.pods
+            if (report := terminated_report(pod)) is not None and (attempt := _attempt_of(pod)) is not None]
+
+
+def trainer_report(polled: TrainerStatus | None, counters: Counters, observed: Observed) -> TrainerStatus | None:
+    """What the trainer said last: the polled ``/status``, else the termination message of the current attempt.
+
+    A checkpoint written after the last poll (the final one, the one on SIGTERM) is only in a
+    termination message, so the checkpoints of every terminated trainer's message are merged in.
+    Progress comes from the current attempt only: an old attempt's message never moves it back.
+    """
+    finals = _final_reports(observed)
+    report = polled
+    if report is None:
+        current = [r for attempt, r in finals if attempt == counters.attempt]
+        report = max(current, key=lambda r: (r.step, r.updated_at or "")) if current else None
+    if report is None or not finals:
+        return report
+    return replace(report, checkpoints=_merge_checkpoints([report, *(r for _, r in finals)]))
+
+
+def reported_checkpoints(report: TrainerStatus | None, observed: Observed) -> tuple[CheckpointInfo, ...]:
+    """Every checkpoint the trainer reported: polled or in any attempt's termination message.
+
+    Every attempt counts: a reconcile cut short right after moving on to the next attempt must
+    not lose the hook Jobs of the checkpoint only the previous attempt's message names.
+    """
+    return _merge_checkpoints(([report] if report is not None else []) + [r for _, r in _final_reports(observed)])
+
+
 def hook_job_result(obj: Mapping[str, Any]) -> str:
     if _true_condition(obj, "Complete"):
         return "Succeeded"
@@ -274,15 +326,14 @@ def _active_trainers(job: TrainingJobSpec, observed: Observed, *, keep: int | No
     return out
 
 
-def _hooks(job: TrainingJobSpec, observed: Observed, trainer: TrainerStatus | None,
+def _hooks(job: TrainingJobSpec, observed: Observed, checkpoints: Sequence[CheckpointInfo],
            previous: Sequence[Mapping[str, Any]], latest: Mapping[str, Any]
            ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(hook status entries, hook Jobs to create): one Job per (checkpoint, hook), bounded concurrency."""
     entries: dict[tuple[int, str], dict[str, Any]] = {
         (int(h["checkpointStep"]), str(h["hook"])): dict(h) for h in previous or ()}
     paths: dict[int, str] = {}
-    if trainer is not None:
-        paths.update({c.step: c.path for c in trainer.checkpoints if c.complete})
+    paths.update({c.step: c.path for c in checkpoints if c.complete})
     if latest.get("latestStep"):
         paths.setdefault(int(latest["latestStep"]), str(latest.get("latestPath") or ""))
     for step in sorted(paths):
@@ -316,6 +367,7 @@ def _hooks(job: TrainingJobSpec, observed: Observed, trainer: TrainerStatus | No
 def plan(job: TrainingJobSpec, *, counters: Counters, observed: Observed, trainer: TrainerStatus | None,
          previous_status: Mapping[str, Any] | None, now: datetime) -> Plan:
     """Decide what to create/delete and what the status is. Pure and deterministic."""
+    trainer = trainer_report(trainer, counters, observed)
     prev = dict(previous_status or {})
     prev_phase = Phase(prev["phase"]) if prev.get("phase") in Phase.__members__.values() else None
     ready_reason = next((c.get("reason", "") for c in prev.get("conditions") or () if c.get("type") == "Ready"), "")
@@ -384,7 +436,8 @@ def plan(job: TrainingJobSpec, *, counters: Counters, observed: Observed, traine
             if job.nodes > 1 and new_counters.attempt != counters.attempt:
                 delete.append(("Job", current))  # free the old attempt's hostnames and pods
 
-    hooks, hook_jobs = _hooks(job, observed, trainer, prev.get("hooks") or (), latest)
+    hooks, hook_jobs = _hooks(job, observed, reported_checkpoints(trainer, observed), prev.get("hooks") or (),
+                              latest)
     create += hook_jobs
     status = derive_status(outcome=outcome, generation=job.generation, trainer=trainer, previous=prev, now=now,
                            restarts=new_counters.restarts, hooks=hooks, started_at=run.started_at)

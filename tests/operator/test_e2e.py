@@ -18,6 +18,7 @@ from operator_helpers import Cluster, FakeTrainer, eventually, make_trainingjob
 
 from kubetuner_operator.builders import hook_job_name
 from kubetuner_trainer.contract import CheckpointInfo, TrainerState, TrainerStatus
+from kubetuner_trainer.termination import termination_message
 
 NS = "team-a"
 TJ = "kubetuner.dev/v1alpha1/trainingjobs"
@@ -191,6 +192,41 @@ async def test_lifecycle_progress_hooks_preemption_and_success(cluster: Cluster)
         assert re.search(r"^kubetuner_trainer_restarts_total 1\.0$", text, re.M)
         assert re.search(r'^kubetuner_hook_jobs_total\{result="Succeeded"\} 1\.0$', text, re.M)
         assert re.search(r"^kubetuner_reconcile_duration_seconds_count [1-9]", text, re.M)
+
+
+async def test_checkpoint_named_only_by_the_termination_message_gets_its_hook_job(cluster: Cluster) -> None:
+    async with FakeTrainer() as trainer:
+        await cluster.start_operator()
+        await create(cluster, make_trainingjob(metricsPort=trainer.port))
+        await eventually(lambda: "sdxl-style-t0" in pods(cluster), "trainer pod t0")
+        trainer.status = TrainerStatus(state=TrainerState.TRAINING, step=300, max_steps=500,
+                                       checkpoints=(checkpoint(250),))
+        await set_pod_status(cluster, "sdxl-style-t0", running())
+        await eventually(lambda: hook_job_name("sdxl-style", "eval", 250) in jobs(cluster), "hook job of a poll")
+        await eventually(lambda: status(cluster).get("progress", {}).get("step") == 300, "polled progress")
+        polls = trainer.hits
+
+        # The trainer saves checkpoint 500 and exits before the next poll: only its message names it.
+        final = TrainerStatus(state=TrainerState.FINISHED, step=500, max_steps=500, epoch=4, loss=0.0375,
+                              checkpoints=(checkpoint(250), checkpoint(500)))
+        pod_status = terminated(0, termination_message(final))
+        pod_status["containerStatuses"][0]["state"]["terminated"]["reason"] = "Completed"
+        await set_pod_status(cluster, "sdxl-style-t0", pod_status)
+
+        hook = await eventually(lambda: jobs(cluster).get(hook_job_name("sdxl-style", "eval", 500)), "final hook job")
+        assert "/workspace/output/checkpoint-500" in hook["spec"]["template"]["spec"]["containers"][0]["command"]
+        await eventually(lambda: status(cluster).get("phase") == "Succeeded", "Succeeded")
+        st = status(cluster)
+        assert st["progress"]["step"] == 500 and st["progress"]["loss"] == "0.0375"
+        assert st["checkpoints"]["latestStep"] == 500
+        await eventually(lambda: [(h["checkpointStep"], h["result"]) for h in status(cluster)["hooks"]]
+                         == [(250, "Running"), (500, "Running")], "both hooks running")
+        assert_status_fits_crd(cluster)
+        assert all(p["status"]["phase"] == "Succeeded" for p in pods(cluster).values())
+        assert trainer.hits >= polls  # the fake trainer never served checkpoint 500
+        await cluster.nudge("sdxl-style", 2)  # replays create nothing twice
+        created = [(plural, name) for plural, _, name in cluster.server.created]
+        assert len(created) == len(set(created)), created
 
 
 async def test_config_error_fails_without_retry(cluster: Cluster) -> None:

@@ -17,6 +17,7 @@ from .config import ConfigError, TrainerConfig, redact
 from .config.loader import load_from_command_line, parse_command_line
 from .contract import ExitCode
 from .options import Registry, get_registry
+from .termination import record_config_error
 
 USAGE = "usage: kubetuner-train [--config FILE] [--env-file FILE] [--print-config[=json]] [--OPTION VALUE ...]"
 
@@ -96,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_from_command_line(command, os.environ, registry=registry)
     except ConfigError as error:
         sys.stderr.write(f"kubetuner-train: {error}\n")
+        record_config_error(str(error))
         return ExitCode.CONFIG_ERROR
     if command.print_config:
         sys.stdout.write(render_config(config, command.print_config))
@@ -105,7 +107,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     from .train import run  # torch is imported only when training really starts
 
-    return int(run(config))
+    code = int(run(config))
+    if code == ExitCode.CONFIG_ERROR:
+        record_config_error(_preflight_problems(config))
+    return code
+
+
+def _preflight_problems(config: TrainerConfig) -> str:
+    """The preflight problems ``run`` logged before returning 78 (found again: cheap, reads no data).
+
+    Empty when the configuration error came from later on; the runtime's final status then
+    already carries its text.
+    """
+    from .training.preflight import check
+
+    try:
+        check(config)
+    except ConfigError as error:
+        return str(error)
+    except Exception:  # only a message is at stake while exiting
+        return ""
+    return ""
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Multi-node training: an Indexed Job (one pod per node) and a headless Service for rendezvous.
 
 Each pod gets a stable hostname ``<job>-<index>.<service>``; node 0 is the rendezvous master.
+Every pod runs ``kubetuner-train``, which starts the node's local ranks itself (see
+:func:`rendezvous_env`), so a pod's exit code keeps the trainer contract (0 / 75 / 78).
 ``backoffLimit: 0`` (no podFailurePolicy needed): any failed node fails the whole attempt at once,
 and the operator reads the pods' exit codes / disruption conditions to decide whether to resume.
 """
@@ -36,49 +38,32 @@ def _completion_index() -> dict[str, Any]:
 
 
 def rendezvous_env(job: TrainingJobSpec, attempt: int) -> list[dict[str, Any]]:
-    """Rendezvous variables; NODE_RANK comes from the pod's completion index.
+    """Where and how the nodes meet; ``NODE_RANK`` comes from the pod's completion index.
 
-    One GPU (or none) per node: each pod is one rank, so the trainer gets the torch.distributed
-    variables directly (RANK, WORLD_SIZE, ...) and runs as that rank, keeping its exit codes.
-    Several GPUs per node: ``torchrun`` starts the local ranks (see :func:`torchrun_argv`).
+    ``kubetuner-train`` runs directly in every pod (no torchrun, whose exit code 1 would hide the
+    trainer's "interrupted"/"config error" codes): it starts ``NPROC_PER_NODE`` local workers as
+    global ranks ``NODE_RANK * NPROC_PER_NODE + local rank`` of ``NUM_NODES * NPROC_PER_NODE``
+    (the rendered ``num_processes``) and gives the pod one exit code by the trainer contract.
     """
-    per_node = max(1, job.resources.gpus)
     master = f"{trainer_name(job, attempt)}-0.{resource_names(job)['service']}"
-    env: list[dict[str, Any]] = [
+    return [
         {"name": "MASTER_ADDR", "value": master},
         {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
         {"name": "NUM_NODES", "value": str(job.nodes)},
-        {"name": "NPROC_PER_NODE", "value": str(per_node)},
+        {"name": "NPROC_PER_NODE", "value": str(processes_per_node(job))},
         {"name": "NODE_RANK", "valueFrom": _completion_index()},
     ]
-    if per_node == 1:
-        env += [{"name": "RANK", "valueFrom": _completion_index()},
-                {"name": "LOCAL_RANK", "value": "0"},
-                {"name": "WORLD_SIZE", "value": str(job.nodes)},
-                {"name": "LOCAL_WORLD_SIZE", "value": "1"}]
-    return env
 
 
-def torchrun_argv(job: TrainingJobSpec, trainer_args: list[str]) -> tuple[list[str], list[str]]:
-    """(command, args) starting one trainer process per GPU of this node under torchrun.
-
-    torchrun reports any failed worker as exit code 1, so with several GPUs per node the
-    trainer's "interrupted" (75) and "config error" (78) codes arrive as crashes: retried with
-    resume within ``backoffLimit``.
-    """
-    return ["torchrun"], [
-        "--nnodes", str(job.nodes), "--nproc-per-node", str(max(1, job.resources.gpus)),
-        "--node-rank", "$(NODE_RANK)", "--master-addr", "$(MASTER_ADDR)", "--master-port", "$(MASTER_PORT)",
-        "--max-restarts", "0", "-m", "kubetuner_trainer.cli", *trainer_args]
+def processes_per_node(job: TrainingJobSpec) -> int:
+    """One trainer process per GPU of a node (one on a CPU-only node)."""
+    return max(1, job.resources.gpus)
 
 
 def build_indexed_job(job: TrainingJobSpec, attempt: int, *, resume: bool) -> dict[str, Any]:
     name = trainer_name(job, attempt)
     pod_spec = trainer_pod_spec(job, resume=resume, extra_env=rendezvous_env(job, attempt))
     pod_spec["subdomain"] = resource_names(job)["service"]
-    if job.resources.gpus > 1:
-        container = pod_spec["containers"][0]
-        container["command"], container["args"] = torchrun_argv(job, container["args"])
     extra = {LABEL_ATTEMPT: str(attempt)}
     if job.queue_name:
         extra[LABEL_QUEUE] = job.queue_name

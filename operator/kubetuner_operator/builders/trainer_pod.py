@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from kubetuner_trainer.termination import DEFAULT_TERMINATION_LOG, TERMINATION_LOG_ENV
+
 from ..spec import S3CredentialsSecret, TrainingJobSpec
 from ..trainer_config import OUTPUT_S3_ENV_PREFIX, POD_PATHS, MountPaths
 from .common import (
@@ -54,6 +56,8 @@ def trainer_env(job: TrainingJobSpec, paths: MountPaths = POD_PATHS) -> list[dic
         {"name": "HF_HOME", "value": paths.model_cache_dir},
         {"name": "SIMPLETUNER_JOB_ID", "value": f"{job.namespace}/{job.name}"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        # The trainer writes its final status there; the operator reads it from the pod's status.
+        {"name": TERMINATION_LOG_ENV, "value": DEFAULT_TERMINATION_LOG},
     ]
     if job.hf_token:
         env.append(_secret_env("HF_TOKEN", job.hf_token.name, job.hf_token.key))
@@ -145,6 +149,9 @@ def trainer_pod_spec(job: TrainingJobSpec, *, resume: bool, extra_env: list[dict
         "ports": [{"name": "metrics", "containerPort": job.metrics_port, "protocol": "TCP"}],
         "volumeMounts": mounts,
         "securityContext": container_security_context(),
+        # The final status document (kubetuner_trainer.termination), not the logs: those are no JSON.
+        "terminationMessagePath": DEFAULT_TERMINATION_LOG,
+        "terminationMessagePolicy": "File",
     }
     resources = _resources(job)
     if resources:

@@ -3,6 +3,8 @@ Kubernetes additions (``pvc`` to mount a claim, ``credentialsSecret`` for S3 key
 
 from __future__ import annotations
 
+from kubetuner_trainer.data.dataset_config import DATASET_TYPES as TRAINER_DATASET_TYPES
+
 from .fields import (
     Schema,
     array,
@@ -17,7 +19,7 @@ from .fields import (
 
 DATASET_ID = r"^[A-Za-z0-9]([-_.A-Za-z0-9]*[A-Za-z0-9])?$"
 # What the trainer's dataset parser accepts today (kubetuner_trainer.data.dataset_config).
-DATASET_TYPES = ["image", "text_embeds", "image_embeds"]
+DATASET_TYPES = list(TRAINER_DATASET_TYPES)  # one list: the trainer's dataset parser (torch-free)
 STORAGE_TYPES = ["local", "aws"]
 CAPTION_STRATEGIES = ["filename", "textfile", "instanceprompt", "instance_prompt", "parquet"]
 INLINE_CREDENTIALS = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")

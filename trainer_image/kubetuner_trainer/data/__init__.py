@@ -21,12 +21,13 @@ def preflight_problems(cfg: Any) -> list:
     from kubetuner_trainer.config.errors import ConfigError
 
     from .dataset_config import load_dataset_config
+    from .evaluation import split_eval_problems
     from .settings import settings_from_config
 
     try:
         settings = settings_from_config(cfg)
         if settings.data_backend_config:
-            load_dataset_config(settings.data_backend_config, settings)
+            return split_eval_problems(cfg, load_dataset_config(settings.data_backend_config, settings))
     except ConfigError as error:
         return list(error.problems)
     return []

@@ -20,8 +20,10 @@ from kubetuner_trainer.options import ValueProblem, parse_bool
 
 from .settings import DataSettings
 
-DATASET_TYPES = ("image", "text_embeds", "image_embeds")
-PLANNED_DATASET_TYPES = ("conditioning", "video", "audio", "eval")
+# "eval": images held out of training and used for the evaluation loss (see data/evaluation.py)
+DATASET_TYPES = ("image", "text_embeds", "image_embeds", "eval")
+IMAGE_DATASET_TYPES = ("image", "eval")  # entries whose images are read, bucketed and cached
+PLANNED_DATASET_TYPES = ("conditioning", "video", "audio")
 BACKEND_TYPES = ("local", "aws")
 PLANNED_BACKEND_TYPES = ("csv", "huggingface")
 RESOLUTION_TYPES = ("pixel", "pixel_area", "area")
@@ -135,7 +137,8 @@ class DatasetConfig:
 
     @property
     def image_datasets(self) -> tuple[DatasetEntry, ...]:
-        return tuple(e for e in self.entries if e.dataset_type == "image" and not e.disabled)
+        """Enabled entries of images: training datasets and evaluation (``dataset_type: eval``) ones."""
+        return tuple(e for e in self.entries if e.dataset_type in IMAGE_DATASET_TYPES and not e.disabled)
 
     def by_id(self, dataset_id: str) -> DatasetEntry:
         for entry in self.entries:
@@ -421,16 +424,16 @@ def _check_entry(e: DatasetEntry, where: str, problems: list[Problem]) -> None:
     def bad(name: str, value: Any, message: str) -> None:
         problems.append(Problem(f"{where}.{name}", _shown(name, value), message))
 
-    if e.type == "local" and e.dataset_type == "image" and not e.instance_data_dir:
+    if e.type == "local" and e.dataset_type in IMAGE_DATASET_TYPES and not e.instance_data_dir:
         bad("instance_data_dir", MISSING_VALUE, "is required for a local image dataset: the folder of images")
     if e.type == "aws" and not e.aws_bucket_name:
         bad("aws_bucket_name", MISSING_VALUE, "is required when type is 'aws'")
     if e.dataset_type in ("text_embeds", "image_embeds") and e.type == "local" and not e.cache_dir:
         bad("cache_dir", MISSING_VALUE, f"is required for a {e.dataset_type} entry: where the cache is written")
-    if e.dataset_type == "image" and e.cache_dir:
+    if e.dataset_type in IMAGE_DATASET_TYPES and e.cache_dir:
         bad("cache_dir", e.cache_dir, "is for text_embeds/image_embeds entries; an image dataset's latent cache "
             "folder is cache_dir_vae")
-    if e.dataset_type != "image" and e.text_embeds:
+    if e.dataset_type not in IMAGE_DATASET_TYPES and e.text_embeds:
         bad("text_embeds", e.text_embeds, "only image datasets refer to a text_embeds entry")
     if e.resolution <= 0:
         bad("resolution", e.resolution, "must be positive")

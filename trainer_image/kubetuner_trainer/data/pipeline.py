@@ -24,6 +24,7 @@ from .batch import Batch
 from .buckets import SamplePlan, prune_buckets
 from .cache import MISSING_FILE, Encoders, LatentCache, TextEmbedCache
 from .dataset_config import DatasetConfig, DatasetConfigError, DatasetEntry, load_dataset_config
+from .evaluation import EvalDataset, EvalSource, eval_dataset_ids, held_out_ids
 from .prefetch import Prefetcher
 from .prepare import DataError, PreparedDataset, open_dataset_storage, prepare_all
 from .sampler import DatasetSamples, Sampler, ScheduledBatch
@@ -89,6 +90,8 @@ class TrainingData:
         self._consumed = (0, 0)  # (epoch, position) of the next batch the consumer will get
         self._prefetcher: Prefetcher[Batch] | None = None
         self._bad: set[str] = set()  # samples found unusable while training (left in the schedule)
+        # the held-out evaluation datasets (--eval_dataset_id), never part of the sampler above
+        self.eval_source: EvalSource | None = None
 
     # -- public API -------------------------------------------------------------------------------
     @property
@@ -238,6 +241,10 @@ def build_training_data(cfg: Any, encoders: Encoders, *, rank: int = 0, world_si
         raise DatasetConfigError([Problem("data_backend_config", MISSING,
                                           "is not set: point it at the dataset list (multidatabackend.json)")])
     config = load_dataset_config(settings.data_backend_config, settings)
+    eval_ids, eval_problems = eval_dataset_ids(cfg, config)
+    if eval_problems:
+        raise DatasetConfigError(eval_problems)
+    held_out = held_out_ids(config, eval_ids)
     prepared = prepare_all(config, settings, environ=environ,
                            progress=(lambda i, d, t: progress(f"discover:{i}", d, t)) if progress else None)
     empty = [p.entry.id for p in prepared if not p.buckets.buckets]
@@ -271,13 +278,24 @@ def build_training_data(cfg: Any, encoders: Encoders, *, rank: int = 0, world_si
     if not settings.vae_cache_ondemand and not settings.skips("vae"):
         for dataset in datasets:
             _build_latents(dataset, settings, encoders, rank, world_size, progress)
-    data = TrainingData(datasets, encoders, settings, rank=rank, world_size=world_size)
+    data = TrainingData([d for d in datasets if d.entry.id not in held_out], encoders, settings, rank=rank,
+                        world_size=world_size)
+    if eval_ids:
+        data.eval_source = EvalSource([_eval_dataset(d) for d in datasets if d.entry.id in eval_ids], encoders,
+                                      batch_size=settings.train_batch_size, rank=rank, world_size=world_size)
     if data.steps_per_epoch == 0:
         raise DatasetConfigError([Problem(
             "train_batch_size", settings.train_batch_size,
             f"no full batch of {settings.train_batch_size} x {world_size} processes can be formed from the "
             "datasets; add images, lower --train_batch_size, or set --disable_bucket_pruning")])
     return data
+
+
+def _eval_dataset(dataset: _Dataset) -> EvalDataset:
+    plans = [p for ps in dataset.prepared.buckets.buckets.values() for p in ps]
+    return EvalDataset(id=dataset.entry.id, plans=plans, captions=dict(dataset.prepared.captions),
+                       latents=dataset.latents, text=dataset.text, storage=dataset.prepared.storage,
+                       location=dataset.prepared.storage.describe().rstrip("/"))
 
 
 def _scan(dataset: _Dataset, settings: DataSettings) -> None:

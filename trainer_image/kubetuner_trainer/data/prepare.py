@@ -88,7 +88,8 @@ def prepare_dataset(entry: DatasetEntry, settings: DataSettings, *, environ: Map
     buckets = assign_buckets(usable, entry, alignment=settings.aspect_bucket_alignment,
                              rounding=settings.aspect_bucket_rounding, seed=settings.seed)
     prune_buckets(buckets, entry, effective_batch=settings.effective_batch_size,
-                  disable_pruning=settings.disable_bucket_pruning,
+                  # an evaluation dataset is read in any batch size: every image counts
+                  disable_pruning=settings.disable_bucket_pruning or entry.dataset_type == "eval",
                   allow_oversubscription=settings.allow_dataset_oversubscription)
     for message in buckets.warnings:
         log.warning(message)

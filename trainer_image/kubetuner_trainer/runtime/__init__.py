@@ -20,6 +20,7 @@ from typing import Any
 from ..config import MISSING, ConfigError, Problem
 from ..contract import CheckpointInfo, ExitCode, TrainerState
 from ..events import StepReport
+from ..termination import write_termination_message
 from . import webhooks as wh
 from ._options import env_value, option
 from .metrics import TrainerMetrics
@@ -34,7 +35,7 @@ from .publishing import (
 )
 from .scripts import POST_CHECKPOINT, POST_UPLOAD, ScriptRunner, check_command, command_of, placeholder_values
 from .server import StatusServer
-from .signals import StopSignal
+from .signals import StopSignal, _hard_exit
 from .status import StatusTracker
 from .trackers import (
     ProgressLogger,
@@ -55,6 +56,8 @@ DEFAULT_STOP_GRACE_SECONDS = 120.0
 DEFAULT_WEBHOOK_INTERVAL = 30.0
 # How long teardown waits for background scripts before terminating them.
 SCRIPT_WAIT_SECONDS = 600.0
+# How long a hard exit (second signal, spent grace budget) waits for the termination message.
+TERMINATION_WRITE_SECONDS = 2.0
 
 
 def check_runtime_config(cfg: Any) -> list[Problem]:
@@ -112,7 +115,8 @@ class Runtime:
         self.metrics.describe_model(model_family=option(cfg, "model_family"),
                                     model_type=option(cfg, "model_type"), job_id=self.job_id)
         self.status = StatusTracker(job_id=self.job_id)
-        self.stop = StopSignal(grace_seconds=float(option(cfg, "stop_grace_seconds", DEFAULT_STOP_GRACE_SECONDS)))
+        self.stop = StopSignal(grace_seconds=float(option(cfg, "stop_grace_seconds", DEFAULT_STOP_GRACE_SECONDS)),
+                               exit_now=self._exit_now)
         self.scripts = ScriptRunner(self.metrics)
         self.progress = ProgressLogger()
         self.server: StatusServer | None = None
@@ -189,11 +193,24 @@ class Runtime:
             for tracker in self.trackers:
                 tracker.close()
         finally:
+            write_termination_message(self.status.snapshot())  # for the operator: see termination.py
             self._closed.set()
             if self._install_signals:
                 self.stop.uninstall()
             if self.server is not None:
                 self.server.stop()
+
+    def _exit_now(self, code: int) -> None:
+        """Exit at once (second signal, spent grace budget), leaving the termination message first.
+
+        The write runs in a helper thread with a time limit: a signal handler runs in the main
+        thread, which may be the one holding the status lock at that moment.
+        """
+        writer = threading.Thread(target=lambda: write_termination_message(self.status.snapshot()),
+                                  name="kubetuner-termination-message", daemon=True)
+        writer.start()
+        writer.join(TERMINATION_WRITE_SECONDS)
+        _hard_exit(code)
 
     def _grace_watchdog(self) -> None:
         """After a stop request, exit anyway once the grace budget (``--stop_grace_seconds``) is spent."""

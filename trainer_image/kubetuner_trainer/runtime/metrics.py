@@ -20,6 +20,15 @@ PREFIX = "kubetuner_trainer"
 STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 180.0)
 # Checkpoints and validations take seconds to many minutes.
 SLOW_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+# Loss components the loop reports for the evaluation datasets (see training/evaluation.py):
+# "eval_loss" pooled over every evaluation sample, "eval_loss/<dataset id>" per dataset.
+EVAL_LOSS = "eval_loss"
+
+
+def eval_dataset_of(component: str) -> str | None:
+    """The dataset id of a per-dataset evaluation loss component, else None."""
+    prefix = f"{EVAL_LOSS}/"
+    return component[len(prefix):] if component.startswith(prefix) else None
 
 
 class TrainerMetrics:
@@ -40,6 +49,13 @@ class TrainerMetrics:
         self.loss = Gauge(
             f"{PREFIX}_loss", "Training loss of the last step; component 'total' is the optimized loss.",
             ["component"], registry=r,
+        )
+        self.eval_loss = Gauge(
+            f"{PREFIX}_eval_loss", "Loss on the held-out evaluation datasets at the last evaluation.", registry=r,
+        )
+        self.eval_dataset_loss = Gauge(
+            f"{PREFIX}_eval_dataset_loss", "Evaluation loss of each evaluation dataset at the last evaluation.",
+            ["dataset"], registry=r,
         )
         self.learning_rate = Gauge(
             f"{PREFIX}_learning_rate", "Learning rate of each optimizer parameter group.",
@@ -116,7 +132,12 @@ class TrainerMetrics:
         self.epoch.set(report.epoch)
         self.loss.labels(component="total").set(report.loss)
         for name, value in report.loss_components.items():
-            self.loss.labels(component=name).set(value)
+            if name == EVAL_LOSS:
+                self.eval_loss.set(value)
+            elif eval_dataset_of(name) is not None:
+                self.eval_dataset_loss.labels(dataset=eval_dataset_of(name)).set(value)
+            else:
+                self.loss.labels(component=name).set(value)
         for group, value in report.learning_rates.items():
             self.learning_rate.labels(param_group=str(group)).set(value)
         if report.samples_per_second is not None:

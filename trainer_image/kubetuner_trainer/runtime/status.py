@@ -47,6 +47,7 @@ class StatusTracker:
         self._step_seconds: float | None = None
         self._last_step_at: float | None = None
         self._last_step: int | None = None
+        self._eval_losses: dict[str, float] = {}  # the latest evaluation, kept until the next one
 
     def snapshot(self) -> TrainerStatus:
         with self._lock:
@@ -82,7 +83,11 @@ class StatusTracker:
                 percent = round(min(100.0, 100.0 * report.step / max_steps), 2)
                 if self._step_seconds is not None:
                     eta = round(max(0, max_steps - report.step) * self._step_seconds, 1)
-            losses = {"loss": float(report.loss), **{k: float(v) for k, v in report.loss_components.items()}}
+            components = {k: float(v) for k, v in report.loss_components.items()}
+            if any(k == "eval_loss" or k.startswith("eval_loss/") for k in components):
+                self._eval_losses = {k: v for k, v in components.items()
+                                     if k == "eval_loss" or k.startswith("eval_loss/")}
+            losses = {"loss": float(report.loss), **self._eval_losses, **components}
             lr = None
             if report.learning_rates:
                 lr = float(next(iter(report.learning_rates.values())))

@@ -140,7 +140,10 @@ class TensorBoardTracker:
         w, s = self._writer, report.step
         w.add_scalar("train/loss", report.loss, s)
         for name, value in report.loss_components.items():
-            w.add_scalar(f"train/loss_{name}", value, s)
+            if name == "eval_loss" or name.startswith("eval_loss/"):
+                w.add_scalar("eval/loss" + name[len("eval_loss"):], value, s)  # eval/loss, eval/loss/<dataset>
+            else:
+                w.add_scalar(f"train/loss_{name}", value, s)
         for group, value in report.learning_rates.items():
             w.add_scalar(f"train/learning_rate/{group}", value, s)
         for tag, value in (("train/samples_per_second", report.samples_per_second),

@@ -25,6 +25,7 @@ import torch
 from ..contract import CheckpointInfo, ExitCode, TrainerState
 from ..events import NullEvents, StepReport, TrainingEvents
 from . import checkpoints as ckpt
+from .evaluation import build_evaluator, plan_eval_schedule
 from .lora import attach_lora, load_lora_into, lora_adapter_metadata, lora_state_dicts
 from .losses import input_perturbation_scale, offset_noise, training_loss
 from .timesteps import TimestepSampler
@@ -113,6 +114,7 @@ class LoopResult:
     final_path: Path | None = None
     checkpoints: list[Path] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    eval_losses: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> evaluation components
 
 
 class TrainingLoop:
@@ -184,6 +186,9 @@ class TrainingLoop:
         self.wrapped = dict(zip(names, modules, strict=True))
         self.timesteps = TimestepSampler(cfg, adapter.noise_scheduler.config.num_train_timesteps)
         self.alphas_cumprod = adapter.noise_scheduler.alphas_cumprod.to(self.device)
+        self.evaluator = build_evaluator(cfg, self.data, seed=self.seed, device=self.device,
+                                         num_train_timesteps=adapter.noise_scheduler.config.num_train_timesteps)
+        self.eval_schedule = plan_eval_schedule(cfg, self.schedule.updates_per_epoch) if self.evaluator else None
 
     # ----- resume ----------------------------------------------------------------------------
     def resume(self, folder: Path) -> None:
@@ -339,7 +344,8 @@ class TrainingLoop:
             flag = self.acc.reduce(flag, reduction="sum")
         return bool(flag.item() > 0)
 
-    def _report(self, loss: float, grad_norm: float | None, step_seconds: float, data_wait: float) -> None:
+    def _report(self, loss: float, grad_norm: float | None, step_seconds: float, data_wait: float,
+                components: dict[str, float] | None = None) -> None:
         lrs = {}
         for group in self.optimizer.param_groups:
             lrs[group.get("name", f"group{len(lrs)}")] = float(group["lr"])
@@ -349,7 +355,8 @@ class TrainingLoop:
             mem, peak = torch.cuda.memory_allocated(self.device), torch.cuda.max_memory_allocated(self.device)
         self.events.step(StepReport(
             step=self.state.global_step, max_steps=self.schedule.max_steps, epoch=self.state.epoch + 1,
-            max_epochs=self.schedule.max_epochs, loss=loss, learning_rates=lrs,
+            max_epochs=self.schedule.max_epochs, loss=loss, loss_components=dict(components or {}),
+            learning_rates=lrs,
             samples_per_second=samples / step_seconds if step_seconds > 0 else None,
             seconds_per_step=step_seconds, data_wait_seconds=data_wait, grad_norm=grad_norm,
             gpu_memory_allocated_bytes=mem, gpu_memory_peak_bytes=peak,
@@ -483,8 +490,41 @@ class TrainingLoop:
         mean_loss = float(mean.item())
         self.result.losses.append(mean_loss)
         wait_now = float(getattr(self.data, "data_wait_seconds", 0.0) or 0.0)
+        seconds = time.monotonic() - step_started
+        components = self._evaluate()  # every process takes part (the loss sums are all-reduced)
         if self.is_main:
-            self._report(mean_loss, grad_norm, time.monotonic() - step_started, wait_now - wait_before)
+            self._report(mean_loss, grad_norm, seconds, wait_now - wait_before, components)
+
+    def _evaluate(self) -> dict[str, float]:
+        """The evaluation loss components when an evaluation is due after this step, else ``{}``."""
+        if self.evaluator is None or not self.eval_schedule.due(self.state.global_step):
+            return {}
+        unwrapped = {n: self.acc.unwrap_model(m) for n, m in self.wrapped.items()}  # no DDP collectives
+        tes = [unwrapped.get(n, te) for n, te in zip(self.adapter.text_encoder_names, self.adapter.text_encoders,
+                                                       strict=True)]
+
+        def predict(batch: Any, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+            with self.acc.autocast():
+                if self.cfg.train_text_encoder:
+                    text = self.adapter.encode_text(list(batch.captions), text_encoders=tes)
+                else:
+                    text = {k: v.to(self.device) for k, v in batch.text.items()}
+                return self.adapter.predict(unwrapped["unet"], noisy, timesteps, text, batch)
+
+        for module in unwrapped.values():
+            module.eval()  # no dropout: the same weights give the same loss
+        _optim_api().optimizer_eval_mode(self.optimizer)
+        try:
+            reduce = (lambda t: self.acc.reduce(t, reduction="sum")) if self.world > 1 else None
+            components = self.evaluator.evaluate(predict, self.adapter.target,
+                                                 self.adapter.noise_scheduler.add_noise, reduce)
+        finally:
+            _optim_api().optimizer_train_mode(self.optimizer)
+            for module in unwrapped.values():
+                module.train()
+        self.result.eval_losses[self.state.global_step] = components
+        log.info("step %d: evaluation loss %.6f", self.state.global_step, components["eval_loss"])
+        return components
 
     # ----- the final model --------------------------------------------------------------------
     def save_final(self) -> Path:
