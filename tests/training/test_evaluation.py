@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from training_helpers import RecordingEvents, train_in_process
+from training_helpers import RecordingEvents, tiny_run_values, train_in_process
 
 from kubetuner_trainer.config import ConfigError, TrainerConfig
 from kubetuner_trainer.contract import ExitCode
@@ -57,14 +57,10 @@ def datasets(tmp_path) -> Path:
 @pytest.fixture
 def eval_cfg(tmp_path, tiny_model, datasets):
     def make(**overrides) -> TrainerConfig:
-        values = {
-            "model_family": "sd1x", "model_type": "lora", "pretrained_model_name_or_path": str(tiny_model("sd1x")),
-            "output_dir": str(tmp_path / "out"), "optimizer": "adamw_bf16", "learning_rate": 1e-2, "lora_rank": 4,
-            "lora_dropout": 0.1, "mixed_precision": "no", "max_train_steps": 4, "seed": 3,
-            "data_backend_config": str(datasets), "cache_dir": str(tmp_path / "cache"),
-            "resolution": 0.001024, "resolution_type": "area", "aspect_bucket_alignment": 16, "train_batch_size": 2,
-            "eval_dataset_id": "held", "eval_steps_interval": 2, "eval_timesteps": 3,
-        }
+        values = tiny_run_values(
+            tiny_model("sd1x"), tmp_path, datasets, learning_rate=1e-2, lora_dropout=0.1, seed=3,
+            eval_dataset_id="held", eval_steps_interval=2, eval_timesteps=3,
+        )
         values.update(overrides)
         return TrainerConfig.from_mapping(values)
 

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from safetensors.torch import load_file
+from training_helpers import tiny_run_values
 
 from kubetuner_trainer.config import ConfigError
 from kubetuner_trainer.contract import ExitCode
@@ -52,14 +53,10 @@ def write_config(tmp_path, tiny_model):
                                      "caption_strategy": "textfile"}]))
 
     def write(name: str, **overrides) -> Path:
-        values = {
-            "model_family": "sd1x", "model_type": "lora", "pretrained_model_name_or_path": str(tiny_model("sd1x")),
-            "output_dir": str(tmp_path / "out"), "optimizer": "adamw_bf16", "learning_rate": 1e-3, "lora_rank": 4,
-            "mixed_precision": "no", "max_train_steps": 2, "seed": 5, "num_processes": 4,
-            "data_backend_config": str(backends), "cache_dir": str(tmp_path / "cache"),
-            "resolution": 0.001024, "resolution_type": "area", "aspect_bucket_alignment": 16,
-            "train_batch_size": 1, "metrics_port": 0,
-        }
+        values = tiny_run_values(
+            tiny_model("sd1x"), tmp_path, backends, max_train_steps=2, num_processes=4, train_batch_size=1,
+            metrics_port=0,
+        )
         values.update(overrides)
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(values))

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from training_helpers import RecordingEvents
+from training_helpers import RecordingEvents, tiny_run_values
 
 from kubetuner_trainer.config import TrainerConfig
 from kubetuner_trainer.contract import ExitCode, TrainerState
@@ -40,15 +40,7 @@ def image_dataset(tmp_path) -> Path:
 @pytest.fixture
 def run_cfg(tmp_path, tiny_model, image_dataset):
     def make(**overrides) -> TrainerConfig:
-        values = {
-            "model_family": "sd1x", "model_type": "lora", "pretrained_model_name_or_path": str(tiny_model("sd1x")),
-            "output_dir": str(tmp_path / "out"), "optimizer": "adamw_bf16", "learning_rate": 1e-3, "lora_rank": 4,
-            "lora_dropout": 0.1, "mixed_precision": "no", "max_train_steps": 4, "seed": 5,
-            "data_backend_config": str(image_dataset), "cache_dir": str(tmp_path / "cache"),
-            "resolution": 0.001024, "resolution_type": "area",  # 32x32 buckets
-            "aspect_bucket_alignment": 16, "train_batch_size": 2,
-        }
-        values.update(overrides)
+        values = tiny_run_values(tiny_model("sd1x"), tmp_path, image_dataset, lora_dropout=0.1, **overrides)
         return TrainerConfig.from_mapping(values)
 
     return make

@@ -108,3 +108,18 @@ def train_in_process(cfg: TrainerConfig, *, data_factory: Callable[[Any], Any] |
     data = (data_factory or (lambda enc: InMemoryData(enc)))(adapter.encoders())
     loop = TrainingLoop(cfg, accelerator, adapter, data, events, seed=cfg.seed or 0)
     return loop.run(resume), adapter, data
+
+
+def tiny_run_values(model_dir: Path, tmp_path: Path, data_config: Path, **overrides: Any) -> dict[str, Any]:
+    """Options of a fast, real sd1x LoRA run on 32x32 buckets (tests override what they vary)."""
+    values: dict[str, Any] = {
+        "model_family": "sd1x", "model_type": "lora", "pretrained_model_name_or_path": str(model_dir),
+        "output_dir": str(tmp_path / "out"), "optimizer": "adamw_bf16", "learning_rate": 1e-3, "lora_rank": 4,
+        "mixed_precision": "no", "max_train_steps": 4, "seed": 5,
+        "data_backend_config": str(data_config), "cache_dir": str(tmp_path / "cache"),
+        "resolution": 0.001024, "resolution_type": "area",  # 32x32 buckets
+        "aspect_bucket_alignment": 16, "train_batch_size": 2,
+    }
+    values.update(overrides)
+    return values
+
