@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..options.model import ValueProblem, parse_json_value
+
 
 def option(cfg: Any, name: str, default: Any = None) -> Any:
     """The resolved value of ``name``, or ``default`` when the option is unknown or unset."""
@@ -31,3 +33,20 @@ def all_options(cfg: Any) -> dict[str, Any]:
     if isinstance(cfg, dict):
         return dict(cfg)
     return dict(vars(cfg)) if hasattr(cfg, "__dict__") else {}
+
+
+def json_entries(value: Any, option_name: str, error: type[Exception]) -> list[Any]:
+    """A JSON-valued option holding one object or a list of them, as a list (empty when unset).
+
+    ``error`` is raised, naming ``option_name``, when the value does not parse or is not of that shape.
+    """
+    if value is None or value == "":
+        return []
+    try:
+        parsed = parse_json_value(value)
+    except ValueProblem as problem:
+        raise error(f"{option_name}: {problem}") from None
+    entries = [parsed] if isinstance(parsed, dict) else parsed
+    if not isinstance(entries, list):
+        raise error(f"{option_name} must be a JSON object or a list of objects")
+    return entries

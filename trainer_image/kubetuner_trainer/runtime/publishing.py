@@ -31,8 +31,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
-from ..options.model import ValueProblem, parse_json_value
-from ._options import option
+from ._options import json_entries, option
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +67,8 @@ class S3Target:
 
 def parse_publishing_config(value: Any) -> list[S3Target]:
     """Validate ``--publishing_config`` into targets; errors name the entry, field and allowed values."""
-    if value is None or value == "":
-        return []
-    try:
-        parsed = parse_json_value(value)
-    except ValueProblem as problem:
-        raise PublishingConfigError(f"publishing_config: {problem}") from None
-    entries = [parsed] if isinstance(parsed, dict) else parsed
-    if not isinstance(entries, list):
-        raise PublishingConfigError("publishing_config must be a JSON object or a list of objects")
     targets = []
-    for index, entry in enumerate(entries):
+    for index, entry in enumerate(json_entries(value, "publishing_config", PublishingConfigError)):
         where = f"publishing_config[{index}]"
         if not isinstance(entry, dict):
             raise PublishingConfigError(f"{where} must be an object")

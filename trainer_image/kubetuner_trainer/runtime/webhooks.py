@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ..contract import CheckpointInfo, TrainerState, TrainerStatus
-from ..options.model import ValueProblem, parse_json_value
+from ._options import json_entries
 from .status import utc_now
 
 log = logging.getLogger(__name__)
@@ -73,15 +73,7 @@ class WebhookTarget:
 
 def parse_webhook_config(value: Any) -> list[WebhookTarget]:
     """Validate ``--webhook_config`` (dict, list, inline JSON or file path) into targets."""
-    if value is None or value == "":
-        return []
-    try:
-        parsed = parse_json_value(value)
-    except ValueProblem as problem:
-        raise WebhookConfigError(f"webhook_config: {problem}") from None
-    entries = [parsed] if isinstance(parsed, dict) else parsed
-    if not isinstance(entries, list):
-        raise WebhookConfigError("webhook_config must be a JSON object or a list of objects")
+    entries = json_entries(value, "webhook_config", WebhookConfigError)
     return [_parse_entry(i, entry) for i, entry in enumerate(entries)]
 
 
