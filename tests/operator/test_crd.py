@@ -356,11 +356,11 @@ BAD_JOBS = [
     ("pvc-and-instance-dir", _set("spec.datasets.0.instance_data_dir", "/data"), "spec.datasets[0]",
      "replaces instance_data_dir"),
     ("parquet-without-block", _set("spec.datasets.0.caption_strategy", "parquet"), "spec",
-     "dataset images: caption_strategy parquet needs the parquet block"),
+     "a dataset fails: caption_strategy parquet needs the parquet block"),
     ("inherited-instance-prompt-missing", _set("spec.config.caption_strategy", "instance_prompt"), "spec.config",
      "caption_strategy instance_prompt needs instance_prompt"),
     ("dataset-instance-prompt-missing", _set("spec.datasets.0.caption_strategy", "instanceprompt"), "spec",
-     "dataset images: caption_strategy instanceprompt needs instance_prompt"),
+     "a dataset fails: caption_strategy instanceprompt needs instance_prompt"),
     ("inherited-resolution-type", _set("spec.config.resolution_type", "area"), "spec.config", "megapixels"),
     ("bad-caption-strategy", _set("spec.datasets.0.caption_strategy", "wd14"), "spec.datasets[0].caption_strategy",
      "\"textfile\""),
@@ -370,12 +370,12 @@ BAD_JOBS = [
     ("only-text-embeds", _set("spec.datasets", [{"id": "te", "type": "local", "dataset_type": "text_embeds"}]),
      "spec.datasets", "at least one enabled image dataset"),
     ("image-size-without-downsample", _set("spec.datasets.0.maximum_image_size", 2048), "spec",
-     "dataset images: maximum_image_size needs target_downsample_size"),
+     "a dataset fails: maximum_image_size needs target_downsample_size"),
     ("operator-cache-dir", _set("spec.datasets.0.cache_dir_vae", "/cache"), "spec.datasets[0]",
      "set by the operator"),
     ("pixel-resolution-in-megapixels", lambda j: j["spec"]["datasets"][0].update(resolution=1.0,
                                                                                resolution_type="pixel_area"),
-     "spec", "dataset images: resolution is in megapixels for resolution_type area"),
+     "spec", "a dataset fails: resolution is in megapixels for resolution_type area"),
     ("conditioning-dataset-not-yet", _set("spec.datasets.0.dataset_type", "conditioning"),
      "spec.datasets[0].dataset_type", "\"text_embeds\""),
     ("bad-skip-discovery", _set("spec.datasets.0.skip_file_discovery", "vae latents"),
@@ -462,39 +462,6 @@ def test_cli_validates_manifests(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"{bad} [1] tiny: spec.resources.gpus: Invalid value: -1" in out
     assert f"{bad} [0] tiny: ok" in out
-
-
-def _rule_nodes(node: dict[str, Any], path: str = "", bounded: bool = True):
-    """(path, node, every enclosing list/map has a size bound) for each node carrying CEL rules."""
-    if node.get("x-kubernetes-validations"):
-        yield path or "<root>", node, bounded
-    for name, child in node.get("properties", {}).items():
-        yield from _rule_nodes(child, f"{path}.{name}" if path else name, bounded)
-    if isinstance(node.get("additionalProperties"), dict):
-        yield from _rule_nodes(node["additionalProperties"], f"{path}.*", bounded and "maxProperties" in node)
-    if isinstance(node.get("items"), dict):
-        yield from _rule_nodes(node["items"], f"{path}[*]", bounded and "maxItems" in node)
-
-
-def test_cel_rules_stay_within_the_api_servers_cost_budget():
-    # The API server estimates each rule's worst-case cost from maxItems/maxProperties/maxLength and refuses
-    # CRDs whose rules are unbounded; these are the shapes that keep the estimate small.
-    import re
-
-    checked = 0
-    for path, node, bounded in _rule_nodes(trainingjob_openapi_schema()):
-        assert bounded, f"{path}: a rule inside a list or map without maxItems/maxProperties"
-        for entry in node["x-kubernetes-validations"]:
-            expression = entry["rule"]
-            checked += 1
-            if re.search(r"\bself\.(all|exists|exists_one|map|filter)\(", expression):
-                assert "maxItems" in node or "maxProperties" in node, f"{path}: iterates an unbounded collection"
-            for field, _call in re.findall(r"\bself\.(\w+)\.(matches|contains|endsWith)\(", expression):
-                assert "maxLength" in node["properties"][field], f"{path}.{field}: string op on unbounded string"
-            if re.search(r"\bself\.(matches|contains|endsWith)\(", expression):
-                assert "maxLength" in node, f"{path}: string op on an unbounded string"
-            assert not re.search(r"\bk\.(matches|contains|endsWith)\(", expression), f"{path}: regex on map keys"
-    assert checked >= 30
 
 
 def test_manifests_are_read_like_kubectl_reads_them():

@@ -1,14 +1,16 @@
 """The schema of ``spec.config``: trainer options, generated from the option registry.
 
 The option types, choices and bounds come from ``options_json_schema`` (one source of truth
-for the CLI, config files and the CRD). Options the operator owns stay in the schema as untyped
-placeholders so that a CEL rule can reject them with a message naming the spec field to use
-instead; as unknown fields they would only be pruned or reported as "unknown field".
+for the CLI, config files and the CRD). Options the operator owns stay in the schema, typed like the
+option, so that a CEL rule can reject them with a message naming the spec field to use instead; as
+unknown fields they would only be pruned or reported as "unknown field". They must be typed: the API
+server declares only typed properties to CEL, and a rule selecting an untyped one does not compile.
 """
 
 from __future__ import annotations
 
-from kubetuner_trainer.options.schema import options_json_schema
+from kubetuner_trainer.options import get_registry
+from kubetuner_trainer.options.schema import option_json_schema, options_json_schema
 
 from ..owned_options import OWNED_OPTIONS
 from .dataset_rules import config_rules
@@ -41,12 +43,12 @@ def config_schema() -> Schema:
     options = options_json_schema(exclude=OWNED_OPTIONS, closed=False)
     properties: dict[str, Schema] = dict(options["properties"])
     rules = []
+    registry = get_registry()
     for name in sorted(OWNED_OPTIONS):
         where = OWNED_BY.get(name, "the TrainingJob spec")
-        properties[name] = {
-            "description": f"Not allowed here: the operator sets it from {where}.",
-            "x-kubernetes-preserve-unknown-fields": True,
-        }
+        placeholder = {key: value for key, value in option_json_schema(registry.get(name)).items()
+                       if key in ("type", "maxLength", "x-kubernetes-preserve-unknown-fields")}
+        properties[name] = {**placeholder, "description": f"Not allowed here: the operator sets it from {where}."}
         rules.append(rule(f"!has(self.{name})",
                           f"{name} is set by the operator from {where}; remove it from spec.config",
                           fieldPath=f".{name}", reason="FieldValueForbidden"))

@@ -6,7 +6,8 @@ structural schemas and the v1 CRD validation): every node typed unless int-or-st
 preserve-unknown-fields; no type/default/description/nullable/additionalProperties inside
 allOf/anyOf/oneOf/not except the exact int-or-string pattern; properties and additionalProperties
 are exclusive; metadata may only restrict name and generateName; v1-forbidden keywords absent;
-list-map keys required or defaulted scalars; defaults valid; CEL rules compile.
+list-map keys required or defaulted scalars; defaults valid; CEL rules compile, type-check against
+the schema and stay within the cost limits (``celcheck``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ def structural_problems(schema: Schema) -> list[str]:
     if schema.get("type") != "object":
         problems.append("<root>: type must be object")
     _node(schema, "", problems, root=True)
+    if not problems:  # like the API server: CEL is type-checked and priced only on a valid schema
+        from .celcheck import compile_problems
+
+        problems.extend(compile_problems(schema))
     return problems
 
 

@@ -10,6 +10,9 @@ from .model import Option
 from .registry import Registry, get_registry
 
 _JSON_TYPES = {"bool": "boolean", "int": "integer", "float": "number", "str": "string"}
+# Longest value of a string option (characters): every string in a Kubernetes schema needs a bound,
+# both for the API server's CEL cost estimate and to keep the rendered config well below object limits.
+STRING_MAX_LENGTH = 4096
 
 
 def option_json_schema(option: Option, *, defaults: bool = False) -> dict[str, Any]:
@@ -21,6 +24,8 @@ def option_json_schema(option: Option, *, defaults: bool = False) -> dict[str, A
         schema: dict[str, Any] = {"x-kubernetes-preserve-unknown-fields": True}
     else:
         schema = {"type": _JSON_TYPES[option.type]}
+        if option.type == "str":
+            schema["maxLength"] = STRING_MAX_LENGTH
     schema["description"] = description
     if option.choices is not None:
         if option.multiple:
