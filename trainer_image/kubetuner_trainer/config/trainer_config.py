@@ -141,18 +141,20 @@ def redact(value: Any, key: str = "") -> Any:
 
 
 def _implementation_problem(option: Option, value: Any) -> Problem | None:
-    if value == option.default or value is None:
+    """Refuse a value that asks for something kubetuner has not built (``Option.is_inert`` values pass)."""
+    if option.is_inert(value):
         return None
     if not option.implemented:
+        accepted = [v for v in (option.default, option.simpletuner_default) if v is not None]
         return Problem(
             option.name,
             value,
             "is a valid SimpleTuner option but kubetuner does not implement it yet; remove it"
-            + (f" or set it to its default ({option.default!r})" if option.default is not None else ""),
+            + (f" or set it to {' or '.join(dict.fromkeys(map(repr, accepted)))}" if accepted else ""),
         )
     if option.implemented_choices is not None:
         items = value.split(",") if option.multiple and isinstance(value, str) else [value]
-        missing = [v for v in items if v not in option.implemented_choices]
+        missing = [v for v in items if v not in option.implemented_choices and not option.is_inert(v)]
         if missing:
             supported = ", ".join(sorted(str(c) for c in option.implemented_choices))
             return Problem(
@@ -192,11 +194,15 @@ def resolve(
                 )
                 continue
             seen_in_layer[name] = key
+            option = registry.get(name)
             try:
-                values[name] = registry.get(name).parse(raw_value)
+                values[name] = option.parse(raw_value)
             except ValueProblem as error:
-                problems.append(Problem(name, raw_value, f"{error} (from {layer.source})"))
-                continue
+                if not option.implemented and option.is_inert(raw_value):
+                    values[name] = raw_value  # SimpleTuner's own default (e.g. a path it ships), unused here
+                else:
+                    problems.append(Problem(name, raw_value, f"{error} (from {layer.source})"))
+                    continue
             sources[name] = layer.source
     for option in registry:
         if option.name not in values:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .catalog import GROUP_TITLES
-from .model import Option
+from .model import SAME, Option
 from .registry import Registry, get_registry
 
 DEFAULT_PATH = Path("docs/options.md")
@@ -41,7 +41,9 @@ command-line flags override files.
 
 **Implemented** says whether the trainer honours the option today: `yes`, `no`, or `partial`
 with the values that work. The trainer refuses an option that is not implemented with a clear
-error instead of silently ignoring it.
+error instead of silently ignoring it, unless its value asks for nothing kubetuner lacks:
+SimpleTuner's own default (shown as "SimpleTuner:" where it differs from kubetuner's) or an
+"off" value is accepted, because SimpleTuner's tools write every default out.
 """
 
 
@@ -84,7 +86,13 @@ def _type(option: Option) -> str:
 
 
 def _default(option: Option) -> str:
-    return "" if option.default is None else _code(option.default)
+    text = "" if option.default is None else _code(option.default)
+    if option.upstream.default is not SAME:
+        upstream = option.upstream.default
+        text += ("<br>" if text else "") + "SimpleTuner: " + ("unset" if upstream is None else _code(upstream))
+    if option.upstream.off:
+        text += ("<br>" if text else "") + "off: " + ", ".join(_code(v) for v in option.upstream.off)
+    return text
 
 
 def _choices(option: Option) -> str:

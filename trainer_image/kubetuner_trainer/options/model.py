@@ -19,6 +19,32 @@ class ValueProblem(ValueError):
     """A single value does not fit its option; the message says what is allowed."""
 
 
+class _Same:
+    """Marker: SimpleTuner's default is the option's own ``default``."""
+
+    def __repr__(self) -> str:
+        return "SAME"
+
+
+SAME: Any = _Same()
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """What SimpleTuner (release 3.1.6, its argument registry) does with an option.
+
+    ``default`` is SimpleTuner's default when it differs from kubetuner's (``SAME`` otherwise),
+    exactly as SimpleTuner's argument parser hands it out. ``off`` lists further values that mean
+    "off / no effect" for kubetuner. Writing ``default`` or an ``off`` value is accepted even for
+    an option or choice kubetuner has not built, because it asks for nothing kubetuner lacks.
+    ``why`` says why kubetuner's default deliberately differs (shown in the docs).
+    """
+
+    default: Any = SAME
+    off: tuple[Any, ...] = ()
+    why: str = ""
+
+
 @dataclass(frozen=True)
 class Option:
     """One trainer option, as promised to users by the SimpleTuner option language.
@@ -43,6 +69,22 @@ class Option:
     metavar: str | None = None
     implemented: bool = False
     implemented_choices: frozenset[Any] | None = field(default=None, compare=False)
+    upstream: Upstream = Upstream()
+
+    @property
+    def simpletuner_default(self) -> Any:
+        """SimpleTuner's default for this option (kubetuner's own when they agree)."""
+        return self.default if self.upstream.default is SAME else self.upstream.default
+
+    def is_inert(self, value: Any) -> bool:
+        """True when ``value`` asks for nothing beyond what kubetuner does anyway.
+
+        That is: unset, kubetuner's default, SimpleTuner's default, or one of the ``off`` values.
+        Raw (unparsed) values are compared too, so that SimpleTuner's default of a JSON option
+        (a path that need not exist) counts.
+        """
+        candidates = (None, self.default, self.simpletuner_default, *self.upstream.off)
+        return any(_same_value(value, c) for c in candidates)
 
     @property
     def flag(self) -> str:
@@ -52,9 +94,9 @@ class Option:
         """Convert a raw value (from JSON, TOML, env or CLI) to this option's type.
 
         Raises ValueProblem with a message naming what is allowed. ``None`` stays ``None``
-        (the option is unset).
+        (the option is unset), and so does what SimpleTuner reads as unset (``_means_unset``).
         """
-        if value is None:
+        if value is None or self._means_unset(value):
             return None
         parsed = _PARSERS[self.type](self, value)
         if self.multiple and isinstance(parsed, str):
@@ -62,6 +104,16 @@ class Option:
         self._check_choices(parsed)
         self._check_bounds(parsed)
         return parsed
+
+    def _means_unset(self, value: Any) -> bool:
+        """SimpleTuner's leniency: ``false`` for a non-boolean option, or an empty value where
+        only choices or numbers fit, leaves the option unset (its JSON loader drops them)."""
+        if self.type == "bool":
+            return False
+        if value is False or (isinstance(value, str) and value.strip().lower() == "false"):
+            return True
+        empty = isinstance(value, str) and not value.strip()
+        return empty and (self.choices is not None or self.type in ("int", "float"))
 
     def _check_choices(self, value: Any) -> None:
         if self.choices is None:
@@ -79,6 +131,12 @@ class Option:
             raise ValueProblem(f"{value!r} is below the minimum {self.minimum:g}")
         if self.maximum is not None and value > self.maximum:
             raise ValueProblem(f"{value!r} is above the maximum {self.maximum:g}")
+
+
+def _same_value(value: Any, candidate: Any) -> bool:
+    if isinstance(value, bool) != isinstance(candidate, bool):
+        return False
+    return value == candidate
 
 
 def parse_bool(value: Any) -> bool:
