@@ -40,7 +40,8 @@ class OperatorSettings:
     poll_concurrency: int = 32
     metrics_host: str = "0.0.0.0"
     metrics_port: int | None = 8081  # None: no metrics server
-    trainer_timeout: float = 2.0
+    trainer_timeout: float = 2.0  # seconds per trainer /status request (a fetch makes up to 3)
+    api_backoff: float = 0.2  # seconds before the first retry of a transient API error (then doubling)
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
 
 
@@ -57,6 +58,7 @@ class Reconciler:
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self.metrics_port: int | None = None
         self._seen: dict[tuple[str, str], tuple[Any, ...]] = {}
+        self.events = EventRecorder()
 
     @staticmethod
     def _fingerprint(body: Any) -> tuple[Any, ...]:
@@ -79,7 +81,7 @@ class Reconciler:
         if self.api is None:
             if self.connection is None:
                 raise kopf.TemporaryError("not logged in to the cluster yet", delay=1)
-            self.api = KubeApi.from_connection_info(self.connection)
+            self.api = KubeApi.from_connection_info(self.connection, backoff=self.settings.api_backoff)
         return self.api
 
     async def close(self) -> None:
@@ -153,10 +155,35 @@ class Reconciler:
                 self.metrics.restarts.inc()
         for kind, child in result.delete:
             if await api.delete(kind, ns, child):
-                await post_event(api, body, "Normal", "Deleted", f"Deleted {kind} {child}.", self.settings.clock())
+                await self.events.post(api, body, "Normal", "Deleted", f"Deleted {kind} {child}.",
+                                       self.settings.clock())
+        created, refusal = await self._create(api, result.create)
         notes: list[tuple[str, str, str]] = []
+        if created:  # one event per reconcile, not one per child: events are API writes too
+            notes.append(("Normal", "Created", f"Created {', '.join(created)}."))
+        status = result.status
+        events = [(e.type, e.reason, e.message) for e in result.events]
+        if refusal is not None and result.restatus is not None and result.outcome is not None:
+            status, events = _refused_status(result, refusal, previous)
+        if status_changed(previous, status):
+            await api.patch(KIND, ns, name, {"status": status}, subresource="status")
+        self.metrics.hooks_finished(previous.get("hooks") or (), status["hooks"])
+        self.metrics.set_phase((ns, name), status["phase"])
+        if status["phase"] in ACTIVE or result.requeue_after is not None or refusal is not None:
+            self.polled.add((ns, name))  # a refusal may be lifted (quota freed): try again later
+        else:
+            self.polled.discard((ns, name))
+        now = self.settings.clock()
+        for etype, reason, message in notes + events:
+            await self.events.post(api, body, etype, reason, message, now)
+        if result.delete_trainingjob:
+            await api.delete(KIND, ns, name)
+            self.forget(ns, name)
+
+    async def _create(self, api: KubeApi, objs: list[dict[str, Any]]) -> tuple[list[str], Refusal | None]:
+        """Create-or-get each object; (what was created, the first refusal by the API server)."""
         created: list[str] = []
-        for obj in result.create:
+        for obj in objs:
             what = f"{obj['kind']} {obj['metadata']['name']}"
             try:
                 if await api.create(obj):
@@ -164,24 +191,11 @@ class Reconciler:
             except ApiError as exc:
                 if exc.transient:
                     raise
-                notes.append(("Warning", "CreateFailed", f"Could not create {what}: {exc}"))
-        if created:  # one event per reconcile, not one per child: events are API writes too
-            notes.insert(0, ("Normal", "Created", f"Created {', '.join(created)}."))
-        if status_changed(previous, result.status):
-            await api.patch(KIND, ns, name, {"status": result.status}, subresource="status")
-        self.metrics.hooks_finished(previous.get("hooks") or (), result.status["hooks"])
-        self.metrics.set_phase((ns, name), result.status["phase"])
-        create_failed = any(reason == "CreateFailed" for _, reason, _ in notes)  # e.g. quota: try again later
-        if result.status["phase"] in ACTIVE or result.requeue_after is not None or create_failed:
-            self.polled.add((ns, name))
-        else:
-            self.polled.discard((ns, name))
-        now = self.settings.clock()
-        for etype, reason, message in notes + [(e.type, e.reason, e.message) for e in result.events]:
-            await post_event(api, body, etype, reason, message, now)
-        if result.delete_trainingjob:
-            await api.delete(KIND, ns, name)
-            self.forget(ns, name)
+                # A refused trainer, ConfigMap or PVC cannot train: permanent for this spec. A refused
+                # hook Job stalls its hooks only; other refusals (quota, RBAC) may be lifted later.
+                permanent = exc.status in PERMANENT_STATUSES and not _is_hook(obj)
+                return created, Refusal(permanent, f"The API server refused {what}: {exc}")
+        return created, None
 
     async def _invalid_spec(self, api: KubeApi, body: dict[str, Any], previous: dict[str, Any], message: str,
                             now: datetime) -> None:
@@ -193,18 +207,24 @@ class Reconciler:
                                restarts=int(previous.get("restarts", 0)), hooks=previous.get("hooks") or ())
         if status_changed(previous, status):
             await api.patch(KIND, meta["namespace"], meta["name"], {"status": status}, subresource="status")
-            await post_event(api, body, "Warning", "InvalidSpec", message, now)
+            await self.events.post(api, body, "Warning", "InvalidSpec", message, now)
         self.metrics.set_phase((meta["namespace"], meta["name"]), str(Phase.FAILED))
 
     def forget(self, namespace: str, name: str) -> None:
         self.polled.discard((namespace, name))
         self._locks.pop((namespace, name), None)
         self._seen.pop((namespace, name), None)
+        self.events.forget(namespace, name)
         self.metrics.set_phase((namespace, name), None)
 
     async def poll_forever(self) -> None:
-        """Reconcile the polled jobs periodically (trainer progress, deadlines, TTLs, retries)."""
+        """Reconcile the polled jobs periodically (trainer progress, deadlines, TTLs, retries).
+
+        Every job is polled on its own: a round starts the jobs whose previous poll has finished
+        and never waits for the others, so a slow trainer delays only its own job's progress.
+        """
         semaphore = asyncio.Semaphore(self.settings.poll_concurrency)
+        in_flight: dict[tuple[str, str], asyncio.Task[None]] = {}
 
         async def one(key: tuple[str, str]) -> None:
             async with semaphore:
@@ -213,9 +233,16 @@ class Reconciler:
                 except Exception as exc:  # the next round retries; one job must not stop the loop
                     log.warning("periodic reconcile of %s/%s failed: %s", key[0], key[1], exc)
 
-        while True:
-            await asyncio.sleep(self.settings.poll_interval)
-            await asyncio.gather(*(one(key) for key in sorted(self.polled)))
+        try:
+            while True:
+                await asyncio.sleep(self.settings.poll_interval)
+                for key in sorted(self.polled - in_flight.keys()):
+                    task = asyncio.create_task(one(key))
+                    in_flight[key] = task
+                    task.add_done_callback(lambda _, key=key: in_flight.pop(key, None))
+        finally:
+            for task in list(in_flight.values()):
+                task.cancel()
 
 
 def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
@@ -275,6 +302,58 @@ def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
         await _reconcile_or_retry(reconciler, namespace, labels[LABEL_JOB])
 
     return registry
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """The API server refused to create a child (4xx other than 409/429)."""
+
+    permanent: bool
+    message: str
+
+
+PERMANENT_STATUSES = frozenset({400, 422})  # the object itself is invalid: retrying the same spec cannot help
+
+
+def _is_hook(obj: dict[str, Any]) -> bool:
+    return (obj["metadata"].get("labels") or {}).get(LABEL_COMPONENT) == "hook"
+
+
+def _refused_status(result: Plan, refusal: Refusal, previous: dict[str, Any]
+                    ) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
+    """The status and events when a child was refused: Failed if permanent, else ``Stalled``."""
+    assert result.restatus is not None and result.outcome is not None
+    message = refusal.message[:1024]
+    reason = "CreateRejected" if refusal.permanent else "CreateRefused"
+    outcome = Outcome(Phase.FAILED, reason, message) if refusal.permanent else result.outcome
+    status = result.restatus(outcome=outcome, stalled=(reason, message))
+    before = next((c for c in previous.get("conditions") or () if c.get("type") == "Stalled"), {})
+    if before.get("status") == "True" and before.get("message") == message:
+        return status, []  # reported already: no event per poll
+    return status, [("Warning", reason, message)]
+
+
+class EventRecorder:
+    """Posts core/v1 Events, dropping a repeat of the same event for the same job within ``window`` seconds
+    (client-go's event correlator does the same for Go controllers)."""
+
+    def __init__(self, window: float = 600.0) -> None:
+        self.window = window
+        self._posted: dict[tuple[str, str], dict[tuple[str, str, str], datetime]] = {}
+
+    async def post(self, api: KubeApi, body: dict[str, Any], etype: str, reason: str, message: str,
+                   now: datetime) -> None:
+        meta = body["metadata"]
+        posted = self._posted.setdefault((meta["namespace"], meta["name"]), {})
+        for key in [k for k, at in posted.items() if (now - at).total_seconds() >= self.window]:
+            del posted[key]
+        if (etype, reason, message) in posted:
+            return
+        posted[(etype, reason, message)] = now
+        await post_event(api, body, etype, reason, message, now)
+
+    def forget(self, namespace: str, name: str) -> None:
+        self._posted.pop((namespace, name), None)
 
 
 async def post_event(api: KubeApi, body: dict[str, Any], etype: str, reason: str, message: str,

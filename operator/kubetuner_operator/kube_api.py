@@ -64,12 +64,12 @@ class KubeApi:
         self.backoff = backoff
 
     @classmethod
-    def from_connection_info(cls, info: Any) -> KubeApi:
-        """From a ``kopf.ConnectionInfo`` (server, CA, token or client certificate)."""
+    def from_connection_info(cls, info: Any, **options: Any) -> KubeApi:
+        """From a ``kopf.ConnectionInfo`` (server, CA, token or client certificate); ``options`` as ``__init__``."""
         connector = aiohttp.TCPConnector(limit=64, ssl=info.as_ssl_context())
         session = aiohttp.ClientSession(connector=connector, headers=info.as_http_headers(),
                                         timeout=aiohttp.ClientTimeout(total=30))
-        return cls(info.server, session)
+        return cls(info.server, session, **options)
 
     async def close(self) -> None:
         await self.session.close()

@@ -6,19 +6,26 @@ post events. Every decision is a function of what is observed, so replaying a re
 operator restart converges on the same children instead of duplicating them.
 
 Attempts: the trainer of attempt ``n`` is named ``<job>-t<n>``. A new attempt starts after a
-preemption/eviction, an "interrupted" exit (75) or a crash (counted in ``restarts`` against
-``runPolicy.backoffLimit``), and after a suspension (not counted). Every attempt after the first
-resumes from the latest checkpoint. The counters live in annotations of the TrainingJob (the
-status schema has no room for them and status may be lost; annotations are written before the
-child they name is created).
+preemption/eviction, an "interrupted" exit (75), a crash, or a running trainer being deleted
+(all counted in ``restarts`` against ``runPolicy.backoffLimit``), and after a suspension (not
+counted). Every attempt after the first resumes from the latest checkpoint, and is created only
+once every older trainer is gone (a trainer stopping on SIGTERM writes its checkpoint first).
+The counters live in annotations of the TrainingJob (the status schema has no room for them and
+status may be lost); they are the durable decision, written before the child they name is created.
+
+Replays: a reconcile cut short after the counters landed (an API error, the operator killed)
+leaves a status whose ``restarts`` lags the annotation. That status describes an older attempt,
+so a missing trainer of the current attempt is "not created yet", never "disappeared": the
+next reconcile creates it and counts nothing again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
+from functools import partial
 from typing import Any
 
 from kubetuner_trainer.contract import CheckpointInfo, ExitCode, TrainerState, TrainerStatus
@@ -42,6 +49,8 @@ from .status import ACTIVE, TERMINAL, Outcome, Phase, derive_status, parse_time
 
 ANNOTATION_ATTEMPT = "kubetuner.dev/attempt"
 ANNOTATION_RESTARTS = "kubetuner.dev/restarts"
+# Ready reasons that are final for the spec generation they were reported for (a new spec retries).
+SPEC_FAILURES = frozenset({"InvalidSpec", "CreateRejected"})
 DISRUPTION_REASONS = frozenset({"Evicted", "Preempting", "Preempted", "Shutdown", "NodeShutdown", "Terminated",
                                 "DeletionByTaintManager", "TerminationByKubelet"})
 MESSAGE_LIMIT = 512
@@ -95,6 +104,7 @@ class Run:
     state: RunState
     detail: str = ""
     started_at: str | None = None
+    ran: bool = False  # the trainer had started (a terminating trainer may have checkpointed)
 
 
 @dataclass(frozen=True)
@@ -113,6 +123,9 @@ class Plan:
     events: list[Event] = field(default_factory=list)
     delete_trainingjob: bool = False
     requeue_after: float | None = None
+    # The status for another outcome (same inputs): used when applying the plan meets a refusal.
+    restatus: Callable[..., dict[str, Any]] | None = None
+    outcome: Outcome | None = None
 
 
 # ---------------------------------------------------------------- observation helpers
@@ -187,7 +200,9 @@ def classify_pod(pod: Mapping[str, Any]) -> Run:
         return Run(RunState.CRASHED, _short(ExitCode.describe(code) + (f" ({term['reason']})" if term.get("reason")
                                                                      else "")), started)
     if pod.get("metadata", {}).get("deletionTimestamp"):
-        return Run(RunState.TERMINATING, "trainer pod is terminating", started)
+        ran = phase == "Running" or any(cs.get("name") == TRAINER_CONTAINER and (cs.get("state") or {}).get("running")
+                                        for cs in status.get("containerStatuses") or ())
+        return Run(RunState.TERMINATING, "trainer pod is being deleted", started, ran=ran)
     if phase == "Running":
         return Run(RunState.RUNNING, "", started)
     if (pod.get("spec") or {}).get("schedulingGates"):
@@ -216,7 +231,7 @@ def classify_run(job: TrainingJobSpec, attempt: int, observed: Observed) -> Run:
         return Run(RunState.MISSING)
     started = (tjob.get("status") or {}).get("startTime")
     if tjob.get("metadata", {}).get("deletionTimestamp"):
-        return Run(RunState.TERMINATING, "trainer job is being deleted", started)
+        return Run(RunState.TERMINATING, "trainer job is being deleted", started, ran=started is not None)
     if _true_condition(tjob, "Complete"):
         return Run(RunState.SUCCEEDED, "", started)
     if _true_condition(tjob, "Failed"):
@@ -326,6 +341,15 @@ def _active_trainers(job: TrainingJobSpec, observed: Observed, *, keep: int | No
     return out
 
 
+def _lingering(job: TrainingJobSpec, observed: Observed, attempt: int) -> list[str]:
+    """Trainers of attempts before ``attempt`` that still exist and have not finished (e.g. terminating)."""
+    if job.nodes == 1:
+        return sorted(_name(p) for p in observed.pods if (_attempt_of(p) or 0) < attempt
+                      and classify_pod(p).state not in FINISHED_STATES)
+    return sorted(_name(j) for j in observed.trainer_jobs if (_attempt_of(j) or 0) < attempt
+                  and not (_true_condition(j, "Complete") or _true_condition(j, "Failed")))
+
+
 def _hooks(job: TrainingJobSpec, observed: Observed, checkpoints: Sequence[CheckpointInfo],
            previous: Sequence[Mapping[str, Any]], latest: Mapping[str, Any]
            ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -371,8 +395,10 @@ def plan(job: TrainingJobSpec, *, counters: Counters, observed: Observed, traine
     prev = dict(previous_status or {})
     prev_phase = Phase(prev["phase"]) if prev.get("phase") in Phase.__members__.values() else None
     ready_reason = next((c.get("reason", "") for c in prev.get("conditions") or () if c.get("type") == "Ready"), "")
-    if ready_reason == "InvalidSpec" and prev.get("observedGeneration") != job.generation:
+    if ready_reason in SPEC_FAILURES and prev.get("observedGeneration") != job.generation:
         prev_phase = None  # the spec was fixed: an invalid spec is only final for its own generation
+    # The status was written after the latest counters were decided (else it describes an older attempt).
+    fresh = int(prev.get("restarts") or 0) == counters.restarts
     new_counters = counters
     create: list[dict[str, Any]] = []
     delete: list[tuple[str, str]] = []
@@ -412,13 +438,20 @@ def plan(job: TrainingJobSpec, *, counters: Counters, observed: Observed, traine
             outcome = Outcome(Phase.SUSPENDED, "Suspended",
                               "Suspended: trainer stopped, caches and outputs kept; resuming continues from the "
                               "latest checkpoint.")
-        elif run.state == RunState.MISSING and prev_phase in ACTIVE:
+        elif run.state == RunState.MISSING and prev_phase in ACTIVE and fresh:
             run = Run(RunState.EVICTED, "trainer disappeared while running (deleted or preempted)")
             outcome, new_counters, extra = _retry(job, counters, run, prev_phase)
-            create += extra
+            create += extra if not _lingering(job, observed, new_counters.attempt) else []
+        elif run.state == RunState.MISSING and (lingering := _lingering(job, observed, counters.attempt)):
+            outcome = _waiting(prev_phase if fresh else Phase.RESTARTING, "TrainerPending",
+                               f"Waiting for {', '.join(lingering)} to stop before starting {current}.")
         elif run.state == RunState.MISSING:
             create += _trainer_objects(job, counters.attempt, resume=counters.attempt > 0 or has_checkpoint)
-            outcome = _waiting(prev_phase, "Creating", f"Creating trainer {current}.")
+            outcome = _waiting(prev_phase if fresh else Phase.RESTARTING, "Creating", f"Creating trainer {current}.")
+        elif run.state == RunState.TERMINATING and run.ran:
+            # Lost while running (deleted, drained): a new attempt resumes from the checkpoint the
+            # trainer writes on SIGTERM, so it is created once this one is gone.
+            outcome, new_counters, _ = _retry(job, counters, run, prev_phase)
         elif run.state == RunState.QUEUED:
             outcome = Outcome(Phase.PENDING, "Queued",
                               f"Waiting for Kueue admission in queue {job.queue_name}." if job.queue_name
@@ -456,9 +489,11 @@ def plan(job: TrainingJobSpec, *, counters: Counters, observed: Observed, traine
         requeue = None if delete_tj else (due - now).total_seconds()
     elif deadline and start and phase not in TERMINAL:
         requeue = max(0.0, (start + timedelta(seconds=deadline) - now).total_seconds())
+    restatus = partial(derive_status, generation=job.generation, trainer=trainer, previous=prev, now=now,
+                       restarts=new_counters.restarts, hooks=hooks, started_at=run.started_at)
     return Plan(status=status, counters=new_counters if new_counters != counters else None,
                 delete=sorted(set(delete)), create=create, events=events, delete_trainingjob=delete_tj,
-                requeue_after=requeue)
+                requeue_after=requeue, restatus=restatus, outcome=outcome)
 
 
 def _waiting(prev_phase: Phase | None, reason: str, message: str) -> Outcome:

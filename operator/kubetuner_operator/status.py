@@ -27,7 +27,7 @@ class Phase(StrEnum):
 
 TERMINAL = frozenset({Phase.SUCCEEDED, Phase.FAILED})
 ACTIVE = frozenset({Phase.CACHING, Phase.RUNNING})
-CONDITION_TYPES = ("Ready", "Running", "Succeeded", "Failed", "Suspended")
+CONDITION_TYPES = ("Ready", "Running", "Succeeded", "Failed", "Suspended", "Stalled")
 
 
 @dataclass(frozen=True)
@@ -114,8 +114,13 @@ def _condition(ctype: str, status: bool, reason: str, message: str, generation: 
 
 
 def conditions_for(outcome: Outcome, generation: int, previous: Sequence[Mapping[str, Any]],
-                   now: datetime) -> list[dict[str, Any]]:
-    """metav1.Conditions; ``Ready`` is kstatus' readiness: True while training runs or has succeeded."""
+                   now: datetime, stalled: tuple[str, str] | None = None) -> list[dict[str, Any]]:
+    """metav1.Conditions; ``Ready`` is kstatus' readiness: True while training runs or has succeeded.
+
+    ``Stalled`` is kstatus' abnormal-true condition: True (with the API server's message) while
+    the operator cannot make progress, e.g. a child it must create is refused; ``stalled`` is
+    its (reason, message).
+    """
     prev = {c.get("type", ""): c for c in previous or ()}
     phase = outcome.phase
     ready = phase in ACTIVE or phase == Phase.SUCCEEDED
@@ -129,13 +134,17 @@ def conditions_for(outcome: Outcome, generation: int, previous: Sequence[Mapping
                    prev, now),
         _condition("Suspended", phase == Phase.SUSPENDED, r if phase == Phase.SUSPENDED else "NotSuspended", m,
                    generation, prev, now),
+        _condition("Stalled", stalled is not None, *(stalled or ("NotStalled", "")), generation, prev, now),
     ]
 
 
 def derive_status(*, outcome: Outcome, generation: int, trainer: TrainerStatus | None,
                   previous: Mapping[str, Any] | None, now: datetime, restarts: int,
-                  hooks: Sequence[Mapping[str, Any]], started_at: str | None = None) -> dict[str, Any]:
+                  hooks: Sequence[Mapping[str, Any]], started_at: str | None = None,
+                  stalled: tuple[str, str] | None = None) -> dict[str, Any]:
     """The complete ``status`` of a TrainingJob.
+
+    ``stalled`` is (reason, message) of the ``Stalled`` condition when the operator cannot make progress.
 
     ``started_at`` is when the trainer was first seen running (the pod's start time when known);
     ``startTime`` and ``completionTime`` are set once and then kept.
@@ -151,7 +160,7 @@ def derive_status(*, outcome: Outcome, generation: int, trainer: TrainerStatus |
     return {
         "phase": str(phase),
         "observedGeneration": generation,
-        "conditions": conditions_for(outcome, generation, prev.get("conditions") or (), now),
+        "conditions": conditions_for(outcome, generation, prev.get("conditions") or (), now, stalled),
         "progress": progress_from(trainer, prev.get("progress"), phase),
         "checkpoints": checkpoints_from(trainer, prev.get("checkpoints")),
         "hooks": sorted((dict(h) for h in hooks), key=lambda h: (h["checkpointStep"], h["hook"])),

@@ -52,3 +52,16 @@ def test_substitution_happens_after_splitting():
 def test_list_commands_are_taken_as_argv_and_none_is_empty():
     assert substitute_argv(["echo", "{a} and {b}"], {"a": "x y", "b": None}) == ["echo", "x y and "]
     assert placeholders_in(["x", "{a}-{b}", "{c"]) == {"a", "b"}
+
+
+@pytest.mark.parametrize("document", ["[1,2,3]", '"x"', '{"step": "abc"}', '{"step": true}', '{"state": "zzz"}',
+                                      '{"checkpoints": [{"step": "x", "path": "/p"}]}', '{"checkpoints": [{}]}',
+                                      '{"checkpoints": {}}', '{"last_losses": {"mse": "low"}}', '{"loss": "0.1"}'])
+def test_status_documents_off_the_contract_are_refused_with_value_error(document: str) -> None:
+    with pytest.raises(ValueError):
+        TrainerStatus.from_json(document)
+
+
+def test_status_numbers_are_json_numbers() -> None:
+    parsed = TrainerStatus.from_json('{"state": "training", "step": 3, "loss": 1, "max_steps": null}')
+    assert parsed.loss == 1.0 and isinstance(parsed.loss, float) and parsed.max_steps is None

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from kubetuner_operator.handlers import OperatorSettings, Reconciler, run_operator
 from kubetuner_operator.kube_api import KubeApi
-from kubetuner_trainer.contract import TrainerStatus
+from kubetuner_trainer.contract import CheckpointInfo, TrainerStatus
 
 TRAININGJOB_UID = "0b0e8a7c-5d2f-4a53-9a8e-3f1c2b7d9e01"
 
@@ -111,6 +111,16 @@ class _CurrentRequestOnly(list):  # type: ignore[type-arg]
         return iter([] if current is None else [current])
 
 
+@dataclass
+class Failure:
+    """An injected API error (see :meth:`ApiServer.fail`); ``seen`` counts the requests it answered."""
+
+    status: int
+    message: str
+    times: int | None
+    seen: int = 0
+
+
 class ApiServer(kmock.KubernetesEmulator):
     """kmock's emulator plus the bits of the real API server these tests rely on.
 
@@ -131,13 +141,40 @@ class ApiServer(kmock.KubernetesEmulator):
         self.created_at: dict[tuple[str, str, str], float] = {}  # time.monotonic() of each create
         self._requests = _CurrentRequestOnly()
         self.lose_create_responses: dict[str, int] = {}  # plural -> creates whose response is lost
+        self.failures: dict[tuple[str, str], Failure] = {}  # (action, plural) -> injected error
         self._index: dict[Any, dict[tuple[Any, str | None, str], None]] = {}  # resource -> object keys
 
     async def _handle(self, request):  # type: ignore[no-untyped-def]
         _CURRENT_REQUEST.set(request)
         return await self._handle_tracked(request)
 
+    def fail(self, action: str, plural: str, status: int, message: str = "injected by the test", *,
+             times: int | None = None) -> Failure:
+        """Answer the next ``times`` (None: every) ``action`` ("create", "patch", ...) requests on ``plural``
+        with ``status`` and a Status document, before touching any object: an outage window
+        measured in requests, not seconds."""
+        failure = Failure(status, message, times)
+        self.failures[(action, plural)] = failure
+        return failure
+
+    def _injected(self, request):  # type: ignore[no-untyped-def]
+        if request.resource is None or request.action is None:
+            return None
+        failure = self.failures.get((str(request.action.name).lower(), request.resource.plural))
+        if failure is None or failure.times == 0:
+            return None
+        failure.seen += 1
+        if failure.times is not None:
+            failure.times -= 1
+        reason = {400: "BadRequest", 403: "Forbidden", 422: "Invalid", 500: "InternalError",
+                  503: "ServiceUnavailable"}.get(failure.status, "Error")
+        return web.json_response({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": failure.status,
+                                  "reason": reason, "message": failure.message}, status=failure.status)
+
     async def _handle_tracked(self, request):  # type: ignore[no-untyped-def]
+        injected = self._injected(request)
+        if injected is not None:
+            return injected
         spec_before = None
         key = None
         if request.resource is not None and request.action == kmock.action.CREATE and isinstance(request.data, dict):
@@ -245,13 +282,19 @@ class FakeTrainer:
 
     def __init__(self) -> None:
         self.status = TrainerStatus()
+        self.raw: str | None = None  # served instead of ``status`` (a document off the contract)
+        self.hang = False  # accept requests and never answer them (until the server stops)
         self.hits = 0
         self.port = 0
         self._runner: web.AppRunner | None = None
+        self._stopped = asyncio.Event()
 
     async def _status(self, _: web.Request) -> web.Response:
         self.hits += 1
-        return web.Response(text=self.status.to_json(), content_type="application/json")
+        if self.hang:
+            await self._stopped.wait()
+        return web.Response(text=self.raw if self.raw is not None else self.status.to_json(),
+                            content_type="application/json")
 
     async def __aenter__(self) -> FakeTrainer:
         app = web.Application()
@@ -265,6 +308,7 @@ class FakeTrainer:
 
     async def __aexit__(self, *_: Any) -> None:
         assert self._runner is not None
+        self._stopped.set()
         await self._runner.cleanup()
 
 
@@ -292,11 +336,11 @@ class Cluster:
     def reconciler(self) -> Reconciler:
         return self.operators[-1][0]
 
-    async def start_operator(self, poll_interval: float = 0.2) -> Reconciler:
+    async def start_operator(self, poll_interval: float = 0.2, trainer_timeout: float = 1.0) -> Reconciler:
         url = self.url
         settings = OperatorSettings(login=lambda **_: kopf.ConnectionInfo(server=url), poll_interval=poll_interval,
-                                    metrics_port=0, metrics_host="127.0.0.1", trainer_timeout=1.0,
-                                    clock=self.clock)
+                                    metrics_port=0, metrics_host="127.0.0.1", trainer_timeout=trainer_timeout,
+                                    clock=self.clock, api_backoff=0.01)
         reconciler = Reconciler(settings)
         stop, ready = threading.Event(), threading.Event()
         # Its own thread and event loop, as in a real deployment: kopf owns the loop it runs in.
@@ -376,3 +420,88 @@ async def emulated_cluster() -> AsyncIterator[Cluster]:
 async def cluster() -> AsyncIterator[Cluster]:
     async with emulated_cluster() as c:
         yield c
+
+
+# ---------------------------------------------------------------- reading and driving the emulated cluster
+
+NS = "team-a"
+TJ = "kubetuner.dev/v1alpha1/trainingjobs"
+
+
+def pods(cluster: Cluster, job: str = "sdxl-style") -> dict[str, dict[str, Any]]:
+    return {p["metadata"]["name"]: p for p in cluster.server.live("v1/pods", NS)
+            if p["metadata"]["labels"].get("kubetuner.dev/job") == job}
+
+
+def jobs(cluster: Cluster, job: str = "sdxl-style") -> dict[str, dict[str, Any]]:
+    return {j["metadata"]["name"]: j for j in cluster.server.live("batch/v1/jobs", NS)
+            if j["metadata"]["labels"].get("kubetuner.dev/job") == job}
+
+
+def status(cluster: Cluster, name: str = "sdxl-style") -> dict[str, Any]:
+    return (cluster.server.get(TJ, NS, name) or {}).get("status") or {}
+
+
+def assert_status_fits_crd(cluster: Cluster, name: str = "sdxl-style") -> None:
+    """The status the operator wrote passes the CRD's status schema, unknown fields included
+    (a real API server would silently prune fields the schema does not declare)."""
+    from kubetuner_operator.crd.schema import trainingjob_openapi_schema
+    from kubetuner_operator.crd.validation import validate_value
+
+    schema = trainingjob_openapi_schema()["properties"]["status"]
+    assert validate_value(status(cluster, name), schema, "status", strict=True) == []
+
+
+def condition(cluster: Cluster, ctype: str, name: str = "sdxl-style") -> dict[str, Any]:
+    return next((c for c in status(cluster, name).get("conditions", []) if c["type"] == ctype), {})
+
+
+def events(cluster: Cluster, name: str = "sdxl-style") -> list[dict[str, Any]]:
+    return [e for e in cluster.server.live("v1/events", NS) if e.get("involvedObject", {}).get("name") == name]
+
+
+def printer_columns(cluster: Cluster, name: str = "sdxl-style") -> dict[str, Any]:
+    """Evaluate the CRD's printer columns (simple .a.b paths) on the stored object, like kubectl."""
+    crd = cluster.server.live("apiextensions.k8s.io/v1/customresourcedefinitions")[0]
+    obj = cluster.server.get(TJ, NS, name) or {}
+    out = {}
+    for column in crd["spec"]["versions"][0].get("additionalPrinterColumns", []):
+        value: Any = obj
+        for part in column["jsonPath"].strip(".").split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        out[column["name"]] = value
+    return out
+
+
+async def create(cluster: Cluster, obj: dict[str, Any]) -> None:
+    obj = dict(obj)
+    obj["metadata"] = {k: v for k, v in obj["metadata"].items() if k not in ("uid", "generation")}
+    assert await cluster.client.create(obj)
+
+
+async def patch_spec(cluster: Cluster, name: str, spec: dict[str, Any]) -> None:
+    await cluster.client.patch("TrainingJob", NS, name, {"spec": spec})
+
+
+async def set_pod_status(cluster: Cluster, name: str, pod_status: dict[str, Any]) -> None:
+    await cluster.client.patch("Pod", NS, name, {"status": pod_status}, subresource="status")
+
+
+def running() -> dict[str, Any]:
+    return {"phase": "Running", "podIP": "127.0.0.1", "startTime": "2026-01-01T00:00:00Z",
+            "containerStatuses": [{"name": "trainer", "state": {"running": {}}}]}
+
+
+def terminated(code: int, message: str = "") -> dict[str, Any]:
+    return {"phase": "Failed" if code else "Succeeded",
+            "containerStatuses": [{"name": "trainer", "state": {"terminated": {"exitCode": code,
+                                                                               "message": message}}}]}
+
+
+def evicted() -> dict[str, Any]:
+    return {"phase": "Failed", "reason": "Evicted", "message": "The node was low on resource: memory.",
+            "conditions": [{"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet"}]}
+
+
+def checkpoint(step: int) -> CheckpointInfo:
+    return CheckpointInfo(step, f"/workspace/output/checkpoint-{step}", "2026-01-01T00:10:00Z")

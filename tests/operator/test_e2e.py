@@ -14,93 +14,32 @@ import re
 from typing import Any
 
 import aiohttp
-from operator_helpers import Cluster, FakeTrainer, eventually, make_trainingjob
+from operator_helpers import (
+    NS,
+    TJ,
+    Cluster,
+    FakeTrainer,
+    assert_status_fits_crd,
+    checkpoint,
+    condition,
+    create,
+    events,
+    eventually,
+    evicted,
+    jobs,
+    make_trainingjob,
+    patch_spec,
+    pods,
+    printer_columns,
+    running,
+    set_pod_status,
+    status,
+    terminated,
+)
 
 from kubetuner_operator.builders import hook_job_name
-from kubetuner_trainer.contract import CheckpointInfo, TrainerState, TrainerStatus
+from kubetuner_trainer.contract import TrainerState, TrainerStatus
 from kubetuner_trainer.termination import termination_message
-
-NS = "team-a"
-TJ = "kubetuner.dev/v1alpha1/trainingjobs"
-
-
-def pods(cluster: Cluster, job: str = "sdxl-style") -> dict[str, dict[str, Any]]:
-    return {p["metadata"]["name"]: p for p in cluster.server.live("v1/pods", NS)
-            if p["metadata"]["labels"].get("kubetuner.dev/job") == job}
-
-
-def jobs(cluster: Cluster, job: str = "sdxl-style") -> dict[str, dict[str, Any]]:
-    return {j["metadata"]["name"]: j for j in cluster.server.live("batch/v1/jobs", NS)
-            if j["metadata"]["labels"].get("kubetuner.dev/job") == job}
-
-
-def status(cluster: Cluster, name: str = "sdxl-style") -> dict[str, Any]:
-    return (cluster.server.get(TJ, NS, name) or {}).get("status") or {}
-
-
-def assert_status_fits_crd(cluster: Cluster, name: str = "sdxl-style") -> None:
-    """The status the operator wrote passes the CRD's status schema, unknown fields included
-    (a real API server would silently prune fields the schema does not declare)."""
-    from kubetuner_operator.crd.schema import trainingjob_openapi_schema
-    from kubetuner_operator.crd.validation import validate_value
-
-    schema = trainingjob_openapi_schema()["properties"]["status"]
-    assert validate_value(status(cluster, name), schema, "status", strict=True) == []
-
-
-def condition(cluster: Cluster, ctype: str, name: str = "sdxl-style") -> dict[str, Any]:
-    return next((c for c in status(cluster, name).get("conditions", []) if c["type"] == ctype), {})
-
-
-def events(cluster: Cluster, name: str = "sdxl-style") -> list[dict[str, Any]]:
-    return [e for e in cluster.server.live("v1/events", NS) if e.get("involvedObject", {}).get("name") == name]
-
-
-def printer_columns(cluster: Cluster, name: str = "sdxl-style") -> dict[str, Any]:
-    """Evaluate the CRD's printer columns (simple .a.b paths) on the stored object, like kubectl."""
-    crd = cluster.server.live("apiextensions.k8s.io/v1/customresourcedefinitions")[0]
-    obj = cluster.server.get(TJ, NS, name) or {}
-    out = {}
-    for column in crd["spec"]["versions"][0].get("additionalPrinterColumns", []):
-        value: Any = obj
-        for part in column["jsonPath"].strip(".").split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        out[column["name"]] = value
-    return out
-
-
-async def create(cluster: Cluster, obj: dict[str, Any]) -> None:
-    obj = dict(obj)
-    obj["metadata"] = {k: v for k, v in obj["metadata"].items() if k not in ("uid", "generation")}
-    assert await cluster.client.create(obj)
-
-
-async def patch_spec(cluster: Cluster, name: str, spec: dict[str, Any]) -> None:
-    await cluster.client.patch("TrainingJob", NS, name, {"spec": spec})
-
-
-async def set_pod_status(cluster: Cluster, name: str, pod_status: dict[str, Any]) -> None:
-    await cluster.client.patch("Pod", NS, name, {"status": pod_status}, subresource="status")
-
-
-def running() -> dict[str, Any]:
-    return {"phase": "Running", "podIP": "127.0.0.1", "startTime": "2026-01-01T00:00:00Z",
-            "containerStatuses": [{"name": "trainer", "state": {"running": {}}}]}
-
-
-def terminated(code: int, message: str = "") -> dict[str, Any]:
-    return {"phase": "Failed" if code else "Succeeded",
-            "containerStatuses": [{"name": "trainer", "state": {"terminated": {"exitCode": code,
-                                                                               "message": message}}}]}
-
-
-def evicted() -> dict[str, Any]:
-    return {"phase": "Failed", "reason": "Evicted", "message": "The node was low on resource: memory.",
-            "conditions": [{"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet"}]}
-
-
-def checkpoint(step: int) -> CheckpointInfo:
-    return CheckpointInfo(step, f"/workspace/output/checkpoint-{step}", "2026-01-01T00:10:00Z")
 
 
 async def test_lifecycle_progress_hooks_preemption_and_success(cluster: Cluster) -> None:

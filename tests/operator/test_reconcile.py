@@ -240,3 +240,37 @@ def test_finished_run_wins_over_a_late_suspend() -> None:
     result = run_plan(job=suspended_job, pods=[pod(0, phase="Succeeded", **trainer_state(0))],
                       prev={"phase": "Running"})
     assert result.status["phase"] == "Succeeded" and result.delete == [] and result.counters is None
+
+
+def test_replay_after_the_attempt_annotation_landed_creates_the_pod_and_counts_nothing() -> None:
+    """A reconcile decided attempt 1 (annotation written) and was cut short before the pod and the status."""
+    prev = run_plan(pods=[pod(0, phase="Running")], trainer=TrainerStatus(state=TrainerState.TRAINING, step=9)).status
+    decided = run_plan(pods=[pod(0, phase="Failed", reason="Evicted")], prev=prev)
+    assert decided.counters == Counters(1, 1)
+    for observed in ([pod(0, phase="Failed", reason="Evicted")], []):  # the evicted pod may be gone by now
+        replay = run_plan(pods=observed, counters=decided.counters, prev=prev)  # prev: still "Running", restarts 0
+        assert replay.counters is None and names(replay.create) == ["sdxl-style-t1"]
+        assert replay.create[0]["spec"]["containers"][0]["args"][-2:] == ["--resume_from_checkpoint", "latest"]
+        assert replay.status["restarts"] == 1 and replay.status["phase"] == "Restarting"
+    # Once the status caught up, a missing trainer of a running job is a real disappearance.
+    running = run_plan(pods=[pod(1, phase="Running")], counters=decided.counters, prev=replay.status).status
+    lost = run_plan(pods=[], counters=decided.counters, prev=running)
+    assert lost.counters == Counters(2, 2) and names(lost.create) == ["sdxl-style-t2"]
+
+
+def test_terminating_running_pod_is_a_counted_restart_created_once_it_is_gone() -> None:
+    prev = run_plan(pods=[pod(0, phase="Running")]).status
+    going = pod(0, phase="Running", **trainer_state())
+    going["metadata"]["deletionTimestamp"] = "2026-03-01T12:00:00Z"
+    decided = run_plan(pods=[going], prev=prev)
+    assert decided.counters == Counters(1, 1) and decided.create == [] and decided.delete == []
+    assert decided.status["phase"] == "Restarting"
+    waiting = run_plan(pods=[going], counters=decided.counters, prev=decided.status)
+    assert waiting.create == [] and waiting.counters is None and "sdxl-style-t0 to stop" in waiting.status["message"]
+    gone = run_plan(pods=[], counters=decided.counters, prev=waiting.status)
+    assert names(gone.create) == ["sdxl-style-t1"] and gone.counters is None and gone.status["restarts"] == 1
+    assert gone.create[0]["spec"]["containers"][0]["args"][-2:] == ["--resume_from_checkpoint", "latest"]
+    # A pod deleted before it ever ran is recreated as the same attempt, nothing counted.
+    pending = pod(0, phase="Pending")
+    pending["metadata"]["deletionTimestamp"] = "2026-03-01T12:00:00Z"
+    assert run_plan(pods=[pending], prev=run_plan().status).counters is None

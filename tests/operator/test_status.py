@@ -45,7 +45,7 @@ def test_no_churn_when_nothing_changes() -> None:
 def test_conditions_shape_and_transitions() -> None:
     first = derive()
     by_type = {c["type"]: c for c in first["conditions"]}
-    assert list(by_type) == ["Ready", "Running", "Succeeded", "Failed", "Suspended"]
+    assert list(by_type) == ["Ready", "Running", "Succeeded", "Failed", "Suspended", "Stalled"]
     for cond in first["conditions"]:
         assert set(cond) == {"type", "status", "observedGeneration", "lastTransitionTime", "reason", "message"}
         assert cond["observedGeneration"] == 3 and cond["lastTransitionTime"] == "2026-03-01T12:00:00Z"
@@ -64,7 +64,8 @@ def test_conditions_shape_and_transitions() -> None:
 
     failed = derive(Outcome(Phase.FAILED, "ConfigError", "bad"), previous=first, now=later)
     assert {c["type"]: c["status"] for c in failed["conditions"]} == {
-        "Ready": "False", "Running": "False", "Succeeded": "False", "Failed": "True", "Suspended": "False"}
+        "Ready": "False", "Running": "False", "Succeeded": "False", "Failed": "True", "Suspended": "False",
+        "Stalled": "False"}
 
 
 def test_progress_and_checkpoints_from_trainer() -> None:

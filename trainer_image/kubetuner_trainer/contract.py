@@ -17,7 +17,7 @@ Exit codes (the pod's container exit code):
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from enum import IntEnum, StrEnum
 from typing import Any
 
@@ -101,20 +101,66 @@ class TrainerStatus:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainerStatus:
-        """Parse a status document; unknown fields are ignored, a newer major version is refused."""
-        version = int(data.get("version", CONTRACT_VERSION))
+    def from_dict(cls, data: Any) -> TrainerStatus:
+        """Parse a status document; unknown fields are ignored, a newer major version is refused.
+
+        Raises ``ValueError`` for anything that is not a status document of this contract (not
+        an object, a field of the wrong JSON type, an unknown state), so a reader never gets
+        a half-typed object: the caller treats the document as "no status".
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"a trainer status must be a JSON object, not {type(data).__name__}")
+        version = _typed(data, "version", int, CONTRACT_VERSION)
         if version > CONTRACT_VERSION:
             raise ValueError(f"trainer status version {version} is newer than supported {CONTRACT_VERSION}")
-        known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in data.items() if k in known}
-        kwargs["state"] = TrainerState(kwargs.get("state", TrainerState.STARTING))
-        cp_known = {f.name for f in fields(CheckpointInfo)}
-        kwargs["checkpoints"] = tuple(
-            CheckpointInfo(**{k: v for k, v in c.items() if k in cp_known}) for c in data.get("checkpoints", ())
-        )
+        kwargs: dict[str, Any] = {name: _typed(data, name, kind, None if nullable else getattr(cls(), name))
+                                  for name, (kind, nullable) in _STATUS_FIELDS.items() if name in data}
+        try:
+            kwargs["state"] = TrainerState(_typed(data, "state", str, str(TrainerState.STARTING)))
+        except ValueError as exc:
+            raise ValueError(f"unknown trainer state {data.get('state')!r}") from exc
+        losses = _typed(data, "last_losses", dict, {})
+        if not all(isinstance(k, str) and _is(v, float) for k, v in losses.items()):
+            raise ValueError("last_losses must map names to numbers")
+        kwargs["last_losses"] = {k: float(v) for k, v in losses.items()}
+        checkpoints = _typed(data, "checkpoints", list, [])
+        kwargs["checkpoints"] = tuple(_checkpoint(c) for c in checkpoints)
         return cls(**kwargs)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> TrainerStatus:
         return cls.from_dict(json.loads(text))
+
+
+# name -> (JSON type, may be null); ``state``, ``last_losses`` and ``checkpoints`` are parsed apart.
+_STATUS_FIELDS: dict[str, tuple[type, bool]] = {
+    "step": (int, False), "max_steps": (int, True), "epoch": (int, False), "max_epochs": (int, True),
+    "percent": (float, True), "eta_seconds": (float, True), "loss": (float, True),
+    "samples_per_second": (float, True), "learning_rate": (float, True), "message": (str, False),
+    "job_id": (str, True), "updated_at": (str, True), "version": (int, False),
+}
+
+
+def _is(value: Any, kind: type) -> bool:
+    """JSON typing: bools are not numbers; an integer is a valid float."""
+    if isinstance(value, bool):
+        return kind is bool
+    return isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
+
+
+def _typed(data: dict[str, Any], name: str, kind: type, default: Any) -> Any:
+    value = data.get(name, default)
+    if value is None and default is None:
+        return None
+    if not _is(value, kind):
+        raise ValueError(f"trainer status field {name!r} must be {kind.__name__}, got {value!r:.60}")
+    return float(value) if kind is float else value
+
+
+def _checkpoint(data: Any) -> CheckpointInfo:
+    if not isinstance(data, dict):
+        raise ValueError(f"a checkpoint must be a JSON object, not {type(data).__name__}")
+    if "step" not in data or "path" not in data:
+        raise ValueError("a checkpoint needs its step and path")
+    return CheckpointInfo(step=_typed(data, "step", int, 0), path=_typed(data, "path", str, ""),
+                          time=_typed(data, "time", str, ""), complete=_typed(data, "complete", bool, True))
