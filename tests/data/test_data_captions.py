@@ -34,7 +34,7 @@ def _captions(folder, **fields):
 def test_textfile_reports_missing_caption_files(folder):
     captions, missing = _captions(folder, caption_strategy="textfile")
     assert captions == {"a_red_fox.png": "a red fox in the snow", "deep/b-blue_bird.jpg": "a blue bird, watermark, photo"}
-    assert missing == [("c.png", "caption file c.txt is missing or unreadable")]
+    assert missing == [("c.png", "caption file c.txt is missing")]
 
 
 def test_filename_and_instance_prompt(folder):
@@ -80,3 +80,46 @@ def test_parquet_with_unknown_column_is_a_config_error(folder, tmp_path):
                                  settings).entries[0]
     with pytest.raises(DatasetConfigError, match=r"datasets\[pq\].parquet.*no column 'text'; columns: caption, id"):
         prepare_dataset(entry, settings)
+
+
+def test_caption_encodings_and_empty_files(tmp_path, caplog):
+    root = tmp_path / "enc"
+    names = ["bom", "utf16", "utf16le_nobom", "cp1252", "empty", "blank", "plain"]
+    for name in names:
+        write_image(root / f"{name}.png", 64, 64)
+    (root / "bom.txt").write_bytes("\ufeffcafé au lait".encode())
+    (root / "utf16.txt").write_text("a red fox", encoding="utf-16")
+    (root / "utf16le_nobom.txt").write_bytes("a blue bird".encode("utf-16-le"))
+    (root / "cp1252.txt").write_bytes("naïve “quoted” café".encode("cp1252"))
+    (root / "empty.txt").write_bytes(b"")
+    (root / "blank.txt").write_text("  \n\t \n")
+    (root / "plain.txt").write_text("plain caption")
+    entry = parse_dataset_config([{"id": "d", "instance_data_dir": str(root), "caption_strategy": "textfile"}],
+                                 DataSettings()).entries[0]
+    with caplog.at_level("WARNING", logger="kubetuner_trainer.data.captions"):
+        captions, missing = Captioner(entry, LocalStorage(root)).captions([f"{n}.png" for n in names])
+    assert not missing  # SimpleTuner trains images with empty caption files, with an empty caption
+    assert captions == {"bom.png": "café au lait", "utf16.png": "a red fox", "utf16le_nobom.png": "a blue bird",
+                        "cp1252.png": "naïve “quoted” café", "empty.png": "", "blank.png": "",
+                        "plain.png": "plain caption"}
+    messages = {r.getMessage() for r in caplog.records}
+    assert f"caption file {root}/empty.txt: empty caption file; the image trains with an empty caption" in messages
+    assert f"caption file {root}/blank.txt: empty caption file; the image trains with an empty caption" in messages
+    assert any(m.startswith(f"caption file {root}/cp1252.txt: not valid UTF-8") for m in messages)
+    assert not any(f"{root}/{n}.txt:" in m for m in messages for n in ("plain", "bom", "utf16"))
+    prefixed, _ = _captions_of(root, ["empty.png"], instance_prompt="sks", prepend_instance_prompt=True)
+    assert prefixed == {"empty.png": "sks"}
+
+
+def _captions_of(root, keys, **fields):
+    entry = parse_dataset_config([{"id": "d", "instance_data_dir": str(root), "caption_strategy": "textfile",
+                                   **fields}], DataSettings()).entries[0]
+    return Captioner(entry, LocalStorage(root)).captions(keys)
+
+
+def test_files_without_captions_are_named_in_the_training_log(folder, tmp_path, caplog):
+    entry = parse_dataset_config([{"id": "d", "instance_data_dir": str(folder), "caption_strategy": "textfile"}],
+                                 DataSettings()).entries[0]
+    with caplog.at_level("WARNING", logger="kubetuner_trainer.data.prepare"):
+        prepare_dataset(entry, DataSettings(cache_dir=str(tmp_path / "cache")))
+    assert "dataset d: leaving out c.png: caption file c.txt is missing" in {r.getMessage() for r in caplog.records}

@@ -85,7 +85,7 @@ def test_no_usable_images_is_a_clear_error(tmp_path, encoders):
 def test_preflight_reports_dataset_problems_without_reading_data(tmp_path):
     from kubetuner_trainer.data import preflight_problems
 
-    good = _cfg(tmp_path, [{"id": "ok", "instance_data_dir": str(tmp_path / "does-not-matter-yet")}])
+    good = _cfg(tmp_path, [{"id": "ok", "instance_data_dir": str(tmp_path)}])
     assert preflight_problems(good) == []
     bad = _cfg(tmp_path / "bad", [{"id": "x", "type": "csv"}], resolution_type="pixel")
     (problem,) = preflight_problems(bad)

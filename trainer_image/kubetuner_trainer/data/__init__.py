@@ -17,17 +17,22 @@ __all__ = ["Batch", "Encoders", "TrainingData", "build_training_data", "prefligh
 
 
 def preflight_problems(cfg: Any) -> list:
-    """Problems with the data options and the dataset list, found without touching any data."""
+    """Problems with the data options and the dataset list, and dataset locations that do not exist.
+
+    Reads no image: the dataset list, then one stat (local) or one listing request (S3) per dataset.
+    """
     from kubetuner_trainer.config.errors import ConfigError
 
     from .dataset_config import load_dataset_config
     from .evaluation import split_eval_problems
+    from .locations import location_problems
     from .settings import settings_from_config
 
     try:
         settings = settings_from_config(cfg)
         if settings.data_backend_config:
-            return split_eval_problems(cfg, load_dataset_config(settings.data_backend_config, settings))
+            config = load_dataset_config(settings.data_backend_config, settings)
+            return split_eval_problems(cfg, config) or location_problems(config, settings)
     except ConfigError as error:
         return list(error.problems)
     return []

@@ -7,7 +7,9 @@ one filter per line, are both accepted.
 
 from __future__ import annotations
 
+import codecs
 import io
+import logging
 import posixpath
 import re
 from collections.abc import Iterable
@@ -17,6 +19,9 @@ from pathlib import Path
 
 from .dataset_config import DatasetEntry, ParquetSpec
 from .storage import Storage
+
+log = logging.getLogger(__name__)
+EMPTY_CAPTION_FILE = "empty caption file"
 
 
 class CaptionError(ValueError):
@@ -49,6 +54,31 @@ def apply_filters(caption: str, filters: list[CaptionFilter]) -> str:
     for f in filters:
         caption = f.pattern.sub(f.replacement, caption)
     return " ".join(caption.split())
+
+
+def decode_caption(data: bytes) -> tuple[str, str | None]:
+    """(text, note) for the bytes of a caption file; ``note`` says what was not plain UTF-8.
+
+    A UTF-8 byte-order mark is dropped; UTF-16 is recognised by its byte-order mark, or without one by
+    NUL bytes in every other position; bytes that are not valid UTF-8 are read as Windows-1252 (the usual
+    origin of such files) and reported.
+    """
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return data.decode("utf-16", errors="replace"), None
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    if len(data) >= 2 and b"\x00" in data:
+        odd, even = data[1::2], data[0::2]
+        if odd.count(0) >= len(odd) // 2 and even.count(0) == 0:
+            return data.decode("utf-16-le", errors="replace"), "UTF-16 without a byte-order mark"
+        if even.count(0) >= len(even) // 2 and odd.count(0) == 0:
+            return data.decode("utf-16-be", errors="replace"), "UTF-16 without a byte-order mark"
+    try:
+        return data.decode("utf-8"), None
+    except UnicodeDecodeError as error:
+        return (data.decode("cp1252", errors="replace"),
+                f"not valid UTF-8 (byte {data[error.start]:#04x} at offset {error.start}); read as Windows-1252, "
+                "save the file as UTF-8")
 
 
 def caption_from_filename(key: str) -> str:
@@ -110,6 +140,7 @@ class Captioner:
         self.storage = storage
         self.workers = workers
         self.filters = load_filters(entry.caption_filter_list)
+        self._unreadable: dict[str, str] = {}  # key -> why its caption file could not be read
         self.parquet_captions: dict[str, str] = {}
         self.parquet_sizes: dict[str, tuple[int, int]] = {}
         if entry.caption_strategy == "parquet" and entry.parquet is not None:
@@ -150,17 +181,29 @@ class Captioner:
 
     def _missing_reason(self, key: str) -> str:
         if self.entry.caption_strategy == "textfile":
-            return f"caption file {sidecar_key(key)} is missing or unreadable"
+            return self._unreadable.get(key, f"caption file {sidecar_key(key)} is missing")
         return f"no caption for {parquet_identifier(key, self.entry.parquet)!r} in the parquet file"  # type: ignore[arg-type]
 
     def _textfiles(self, keys: list[str]) -> dict[str, str | None]:
+        where = self.storage.describe().rstrip("/")
+
         def read(key: str) -> str | None:
             try:
                 data = self.storage.read(sidecar_key(key))
-            except (FileNotFoundError, OSError):
+            except FileNotFoundError:
                 return None
-            text = data.decode("utf-8", errors="replace").strip()
-            return " ".join(line.strip() for line in text.splitlines() if line.strip()) or None
+            except OSError as error:
+                self._unreadable[key] = f"caption file {sidecar_key(key)} cannot be read ({error})"
+                return None
+            text, note = decode_caption(data)
+            if note:
+                log.warning("caption file %s/%s: %s", where, sidecar_key(key), note)
+            text = " ".join(line.strip() for line in text.splitlines() if line.strip())
+            if not text:
+                # SimpleTuner trains such an image with an empty caption (the instance prompt when prepended)
+                log.warning("caption file %s/%s: %s; the image trains with an empty caption", where,
+                            sidecar_key(key), EMPTY_CAPTION_FILE)
+            return text
 
         with ThreadPoolExecutor(max_workers=max(1, min(self.workers, len(keys) or 1))) as pool:
             return dict(zip(keys, pool.map(read, keys), strict=True))

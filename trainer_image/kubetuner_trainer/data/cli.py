@@ -41,8 +41,11 @@ def register(parser: argparse.ArgumentParser) -> None:
     inspect.add_argument("dataset_config", metavar="CONFIG.json", help="the dataset list")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     inspect.add_argument("--config", metavar="FILE", help="trainer options (JSON) to take defaults from")
+    inspect.add_argument("--headers-only", action="store_true",
+                         help="read image headers only (fast); files damaged after their header then count as "
+                         "usable although training will leave them out")
     inspect.add_argument("--verify", action="store_true",
-                         help="also decode every usable image, to find files damaged after their header")
+                         help="decode every usable image as training does (the default; kept for old scripts)")
     group = inspect.add_argument_group("trainer options that shape the data")
     hints = typing.get_type_hints(DataSettings)
     for f in fields(DataSettings):
@@ -75,7 +78,7 @@ def main(args: argparse.Namespace) -> int:
         settings = settings_from_config(values)
         # With an explicit --cache_dir the metadata cache is read and updated, as the trainer would.
         report = inspect_datasets(settings, use_metadata_cache=bool(values.get("cache_dir")),
-                                  verify=args.verify)
+                                  verify=not args.headers_only)
     except ConfigError as error:
         print(f"kubetuner data inspect: {error}", file=sys.stderr)
         return 2

@@ -2,38 +2,21 @@
 
 from __future__ import annotations
 
-import io
-import warnings
-
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from .buckets import SamplePlan
-from .metadata import UnreadableImage
+from .decode import decode_rgb
 from .storage import Storage
 
 
 def pixels_from_bytes(data: bytes, plan: SamplePlan) -> torch.Tensor:
-    """[3, H, W] float32 in [-1, 1] for ``plan``; ``UnreadableImage`` when the file cannot be decoded."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            image = Image.open(io.BytesIO(data))
-            if image.format == "JPEG":
-                # Let libjpeg decode at a reduced scale when the image is much larger than needed.
-                want = plan.intermediate_size
-                stored = image.size
-                if plan.original_size != stored:  # rotated by EXIF: draft works in stored orientation
-                    want = (want[1], want[0])
-                image.draft("RGB", want)
-            image.load()
-            image = ImageOps.exif_transpose(image)
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
-        raise UnreadableImage(f"cannot decode image ({error.__class__.__name__}: {error})") from None
-    if image.mode != "RGB":
-        image = image.convert("RGBA").convert("RGB") if "A" in image.getbands() or image.mode == "P" \
-            else image.convert("RGB")
+    """[3, H, W] float32 in [-1, 1] for ``plan``; ``UnreadableImage`` when the file cannot be used.
+
+    Decoding (every Pillow mode to 8-bit RGB) is ``decode.decode_rgb``, shared with discovery and inspect.
+    """
+    image = decode_rgb(data, draft_size=plan.intermediate_size)
     if image.size != plan.intermediate_size:
         image = image.resize(plan.intermediate_size, Image.Resampling.LANCZOS)
     left, top = plan.crop_left, plan.crop_top

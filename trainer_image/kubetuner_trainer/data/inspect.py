@@ -9,19 +9,20 @@ from typing import Any
 
 from .buckets import SamplePlan
 from .dataset_config import load_dataset_config
-from .metadata import UnreadableImage
-from .prepare import PreparedDataset, prepare_all
+from .decode import UnreadableImage
+from .prepare import PreparedDataset, drop_unusable, prepare_all
 from .settings import DataSettings
 
 SAMPLE_CAPTIONS = 3
 
 
 def inspect_datasets(settings: DataSettings, *, environ: Mapping[str, str] | None = None,
-                     use_metadata_cache: bool = False, verify: bool = False) -> dict[str, Any]:
+                     use_metadata_cache: bool = False, verify: bool = True) -> dict[str, Any]:
     """A JSON-ready report of every enabled image dataset (discovery, skips, buckets, captions).
 
-    Discovery reads headers only; ``verify`` also decodes every usable image so that files damaged
-    after their header are reported now rather than when the latent cache is built.
+    Every usable image is decoded as the trainer's latent cache decodes it, and left out by the same rule
+    (``prepare.drop_unusable``), so "usable" means what training will use. ``verify=False`` reads headers
+    only (fast on large datasets); the report then says its counts are unverified.
     """
     if not settings.data_backend_config:
         raise ValueError("no dataset list given")
@@ -29,11 +30,12 @@ def inspect_datasets(settings: DataSettings, *, environ: Mapping[str, str] | Non
     prepared = prepare_all(config, settings, environ=environ, write_metadata=use_metadata_cache)
     if verify:
         for item in prepared:
-            _verify(item, settings.max_workers)
+            _verify(item, settings)
     effective = settings.effective_batch_size
     datasets = [_dataset_report(p, effective) for p in prepared]
     disabled = [e.id for e in config.entries if e.disabled]
     return {
+        "decoded": verify,
         "effective_batch": {
             "train_batch_size": settings.train_batch_size,
             "num_processes": settings.num_processes,
@@ -46,8 +48,8 @@ def inspect_datasets(settings: DataSettings, *, environ: Mapping[str, str] | Non
     }
 
 
-def _verify(item: PreparedDataset, workers: int) -> None:
-    from .images import pixels_from_bytes  # torch is needed only for --verify
+def _verify(item: PreparedDataset, settings: DataSettings) -> None:
+    from .images import pixels_from_bytes  # torch is needed only to decode
 
     plans = [p for ps in item.buckets.buckets.values() for p in ps]
 
@@ -58,14 +60,9 @@ def _verify(item: PreparedDataset, workers: int) -> None:
             return str(error)
         return None
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        failures = {p.key: why for p, why in zip(plans, pool.map(check, plans), strict=True) if why}
-    if failures:
-        for size in list(item.buckets.buckets):
-            item.buckets.buckets[size] = [p for p in item.buckets.buckets[size] if p.key not in failures]
-            if not item.buckets.buckets[size]:
-                del item.buckets.buckets[size]
-        item.buckets.skipped.extend(sorted(failures.items()))
+    with ThreadPoolExecutor(max_workers=max(1, settings.max_workers)) as pool:
+        failures = [(p.key, why) for p, why in zip(plans, pool.map(check, plans), strict=True) if why]
+    drop_unusable(item, sorted(failures), settings)
 
 
 def _dataset_report(p: PreparedDataset, effective: int) -> dict[str, Any]:
@@ -103,6 +100,9 @@ def format_report(report: dict[str, Any]) -> str:
     eb = report["effective_batch"]
     lines = [f"effective batch: {eb['size']} = train_batch_size {eb['train_batch_size']} x processes "
              f"{eb['num_processes']} x gradient_accumulation_steps {eb['gradient_accumulation_steps']}"]
+    if not report["decoded"]:
+        lines.append("headers only: images were not decoded, so files damaged after their header still count "
+                     "as usable (drop --headers-only to check them as training will)")
     for d in report["datasets"]:
         lines += ["", f"dataset {d['id']} ({d['type']}: {d['location']})",
                   f"  resolution {d['resolution']:g} ({d['resolution_type']})",

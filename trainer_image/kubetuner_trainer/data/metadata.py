@@ -7,27 +7,19 @@ EXIF orientation: a portrait photo stored landscape with orientation 6 is report
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
-
+from .decode import UnreadableImage, exif_orientation, open_image
 from .storage import Storage
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
-EXIF_ORIENTATION = 0x0112
 HEAD_BYTES = 64 * 1024
 METADATA_FORMAT = 1
-
-
-class UnreadableImage(ValueError):
-    """The file is not a readable image (the message says why)."""
 
 
 @dataclass(frozen=True)
@@ -53,31 +45,17 @@ def is_image_key(key: str) -> bool:
 def probe_bytes(data: bytes) -> tuple[int, int, int]:
     """(width, height, orientation) from the start of an image file; widths are after EXIF rotation.
 
-    Raises ``UnreadableImage`` when the bytes do not start a known image format or the header is cut off.
+    Raises ``UnreadableImage`` when the bytes do not start a known image format, the header is cut off,
+    or the pixel mode is one training cannot use (``decode.open_image`` decides, for training too).
     """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data)) as image:
-                width, height = image.size
-                orientation = _orientation(image)
-    except UnidentifiedImageError:
-        raise UnreadableImage("not a readable image (unknown or damaged format)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
-        raise UnreadableImage(f"not a readable image ({error.__class__.__name__}: {error})") from None
+    with open_image(data) as image:
+        width, height = image.size
+        orientation = exif_orientation(image)
     if width <= 0 or height <= 0:
         raise UnreadableImage(f"image header reports an empty size {width}x{height}")
     if orientation in (5, 6, 7, 8):
         width, height = height, width
     return width, height, orientation
-
-
-def _orientation(image: Image.Image) -> int:
-    try:
-        value = image.getexif().get(EXIF_ORIENTATION, 1)
-    except Exception:  # broken EXIF must not make the image unusable
-        return 1
-    return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
 def probe(storage: Storage, key: str, size: int) -> tuple[int, int, int]:

@@ -21,12 +21,12 @@ import torch
 from kubetuner_trainer.config.errors import MISSING, Problem
 
 from .batch import Batch
-from .buckets import SamplePlan, prune_buckets
+from .buckets import SamplePlan
 from .cache import MISSING_FILE, Encoders, LatentCache, TextEmbedCache
 from .dataset_config import DatasetConfig, DatasetConfigError, DatasetEntry, load_dataset_config
 from .evaluation import EvalDataset, EvalSource, eval_dataset_ids, held_out_ids
 from .prefetch import Prefetcher
-from .prepare import DataError, PreparedDataset, open_dataset_storage, prepare_all
+from .prepare import DataError, PreparedDataset, drop_unusable, open_dataset_storage, prepare_all
 from .sampler import DatasetSamples, Sampler, ScheduledBatch
 from .settings import DataSettings, settings_from_config
 from .storage import LocalStorage, Storage
@@ -331,16 +331,7 @@ def _build_latents(dataset: _Dataset, settings: DataSettings, encoders: Encoders
     # With several ranks every rank must keep the same schedule, so bad samples stay in the buckets
     # and are replaced when their batch comes; a single process simply leaves them out.
     if report.failed and world_size == 1:
-        failed = {k for k, _ in report.failed}
-        result = dataset.prepared.buckets
-        for size in list(result.buckets):
-            result.buckets[size] = [p for p in result.buckets[size] if p.key not in failed]
-            if not result.buckets[size]:
-                del result.buckets[size]
-        result.skipped.extend(report.failed)
-        prune_buckets(result, dataset.entry, effective_batch=settings.effective_batch_size,
-                      disable_pruning=settings.disable_bucket_pruning,
-                      allow_oversubscription=settings.allow_dataset_oversubscription)
+        drop_unusable(dataset.prepared, list(report.failed), settings)
 
 
 def _empty_message(empty: list[str], prepared: list[PreparedDataset], settings: DataSettings) -> str:

@@ -17,6 +17,7 @@ from .captions import Captioner, CaptionError
 from .credentials import resolve_credentials
 from .dataset_config import DatasetConfig, DatasetConfigError, DatasetEntry
 from .discovery import Discovery, discover
+from .locations import entry_location_problem
 from .metadata import MetadataCache
 from .settings import DataSettings
 from .storage import LocalStorage, Storage, StorageError
@@ -69,6 +70,12 @@ def prepare_dataset(entry: DatasetEntry, settings: DataSettings, *, environ: Map
     """Discover, caption and bucket one image dataset (pruning included)."""
     storage = storage or open_dataset_storage(entry, settings, environ)
     try:
+        missing = entry_location_problem(entry, storage)
+    except StorageError as error:
+        raise DataError(f"dataset {entry.id}: cannot reach {storage.describe()}: {error}") from error
+    if missing:
+        raise DatasetConfigError([missing])
+    try:
         captioner = Captioner(entry, storage, workers=settings.max_workers)
     except CaptionError as error:
         raise DatasetConfigError([Problem(f"datasets[{entry.id}].parquet", entry.parquet.path if entry.parquet
@@ -93,7 +100,37 @@ def prepare_dataset(entry: DatasetEntry, settings: DataSettings, *, environ: Map
                   allow_oversubscription=settings.allow_dataset_oversubscription)
     for message in buckets.warnings:
         log.warning(message)
+    log_skipped(entry.id, [*caption_problems, *buckets.skipped])
     return PreparedDataset(entry, storage, found, captions, buckets, caption_problems)
+
+
+def drop_unusable(item: PreparedDataset, failed: list[tuple[str, str]], settings: DataSettings) -> None:
+    """Leave out files that could not be decoded and prune the buckets again.
+
+    The one verdict on a file for the trainer (latent caching) and ``kubetuner data inspect``: both decode
+    with ``decode.decode_rgb`` and then call this, so bucket counts and the batch check agree.
+    """
+    if not failed:
+        return
+    bad = {key for key, _ in failed}
+    result = item.buckets
+    for size in list(result.buckets):
+        result.buckets[size] = [p for p in result.buckets[size] if p.key not in bad]
+        if not result.buckets[size]:
+            del result.buckets[size]
+    result.skipped.extend(failed)
+    prune_buckets(result, item.entry, effective_batch=settings.effective_batch_size,
+                  disable_pruning=settings.disable_bucket_pruning or item.entry.dataset_type == "eval",
+                  allow_oversubscription=settings.allow_dataset_oversubscription)
+
+
+def log_skipped(dataset_id: str, skipped: list[tuple[str, str]], *, limit: int = 20) -> None:
+    """Name each file left out (the first ``limit``), so the training log says what inspect would."""
+    for key, reason in skipped[:limit]:
+        log.warning("dataset %s: leaving out %s: %s", dataset_id, key, reason)
+    if len(skipped) > limit:
+        log.warning("dataset %s: %d more files left out; `kubetuner data inspect` lists them all", dataset_id,
+                    len(skipped) - limit)
 
 
 def prepare_all(config: DatasetConfig, settings: DataSettings, *, environ: Mapping[str, str] | None = None,

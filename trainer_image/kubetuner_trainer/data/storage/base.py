@@ -60,6 +60,14 @@ class Storage(ABC):
     def exists(self, key: str) -> bool:
         return self.stat(key) is not None
 
+    def location_problem(self) -> str | None:
+        """Why this location cannot hold a dataset (e.g. "/data/shapez does not exist"), or None.
+
+        Cheap (one stat or one listing request). Raises ``StorageError`` when the answer is unknown
+        because the store cannot be reached right now (a transient fault, not a configuration error).
+        """
+        return None
+
     def read_many(self, keys: Iterable[str]) -> Iterator[tuple[str, bytes | Exception]]:
         """Read several objects concurrently, yielding ``(key, data or the error)`` in input order."""
         keys = list(keys)

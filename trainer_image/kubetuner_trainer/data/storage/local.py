@@ -49,6 +49,15 @@ class LocalStorage(Storage):
                     key = entry.path[root_len:].replace(os.sep, "/")
                     yield ObjectInfo(key, st.st_size, f"{st.st_size}:{st.st_mtime_ns}")
 
+    def location_problem(self) -> str | None:
+        if not self.root.exists():
+            return f"{self.root} does not exist"
+        if not self.root.is_dir():
+            return f"{self.root} is not a folder"
+        if not os.access(self.root, os.R_OK | os.X_OK):
+            return f"{self.root} is not readable by this user (uid {os.getuid()})"
+        return None
+
     def stat(self, key: str) -> ObjectInfo | None:
         try:
             st = self._path(key).stat()

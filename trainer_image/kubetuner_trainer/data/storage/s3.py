@@ -109,6 +109,26 @@ class S3Storage(Storage):
                 return
             token = page.get("NextContinuationToken")
 
+    def location_problem(self) -> str | None:
+        where = self.describe()
+        try:
+            page = with_retries(lambda: self.client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix,
+                                                                    MaxKeys=1), what="S3 listing")
+        except ClientError as error:
+            if is_transient(error):
+                raise self._error("listing", self.prefix, error) from error
+            code = str(error.response.get("Error", {}).get("Code", ""))
+            if code == "NoSuchBucket":
+                return f"{where}: bucket {self.bucket!r} does not exist"
+            if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
+                return f"{where}: access denied ({code}); check the dataset's credentials and the bucket policy"
+            return f"{where}: cannot be listed ({code or error})"
+        except BotoCoreError as error:
+            raise StorageError(f"S3 listing of {where} failed: {error}") from error
+        if not page.get("Contents"):
+            return f"{where} does not exist (no object under this prefix)"
+        return None
+
     def stat(self, key: str) -> ObjectInfo | None:
         try:
             head = with_retries(lambda: self.client.head_object(Bucket=self.bucket, Key=self._key(key)),
