@@ -1,7 +1,8 @@
 """``kubetuner crd``: print the TrainingJob CustomResourceDefinition, or check manifests against it.
 
 Regenerate the checked-in copy with ``kubetuner crd > crds/trainingjobs.kubetuner.dev.yaml``;
-``kubetuner crd --validate job.yaml`` checks TrainingJob manifests offline, as the API server would.
+``kubetuner crd --validate job.yaml`` checks TrainingJob manifests offline, as the API server with kubetuner's
+admission webhook would (``admission.validate_all``).
 """
 
 from __future__ import annotations
@@ -36,22 +37,26 @@ def render(output: str = "yaml") -> str:
 
 def validate_files(paths: list[Path]) -> tuple[list[str], bool]:
     """One report line per document (or problem) and whether every document was accepted."""
+    from .admission import validate_all
     from .crd.manifests import load_manifest_file
-    from .crd.validation import validate_trainingjob
 
     lines: list[str] = []
     accepted = True
     for path in paths:
         try:
             documents = load_manifest_file(path)
-        except (OSError, yaml.YAMLError) as error:
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
             lines.append(f"{path}: cannot read: {error}")
+            accepted = False
+            continue
+        except RecursionError:
+            lines.append(f"{path}: cannot read: YAML nested too deeply")
             accepted = False
             continue
         for index, document in enumerate(documents):
             name = document.get("metadata", {}).get("name", "?") if isinstance(document, dict) else "?"
             where = f"{path} [{index}] {name}"
-            problems = validate_trainingjob(document)
+            problems = validate_all(document)
             if problems:
                 accepted = False
                 lines.extend(f"{where}: {problem}" for problem in problems)

@@ -20,6 +20,7 @@ from typing import Any
 
 import kopf
 
+from .admission import TenancyPolicy, policy_problems
 from .builders.common import LABEL_COMPONENT, LABEL_JOB
 from .kube_api import ApiError, KubeApi
 from .metrics import OperatorMetrics, start_metrics_server
@@ -43,6 +44,7 @@ class OperatorSettings:
     trainer_timeout: float = 2.0  # seconds per trainer /status request (a fetch makes up to 3)
     api_backoff: float = 0.2  # seconds before the first retry of a transient API error (then doubling)
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    tenancy: TenancyPolicy = field(default_factory=TenancyPolicy)  # allowed images / ServiceAccounts
 
 
 class Reconciler:
@@ -59,6 +61,7 @@ class Reconciler:
         self.metrics_port: int | None = None
         self._seen: dict[tuple[str, str], tuple[Any, ...]] = {}
         self.events = EventRecorder()
+        self._checked: dict[tuple[str, str], tuple[Any, list[str]]] = {}
 
     @staticmethod
     def _fingerprint(body: Any) -> tuple[Any, ...]:
@@ -138,6 +141,10 @@ class Reconciler:
         except SpecError as exc:
             await self._invalid_spec(api, body, previous, str(exc), now)
             return
+        invalid = await self._config_problems(body)
+        if invalid:
+            await self._invalid_spec(api, body, previous, "; ".join(invalid), now, reason="InvalidConfig")
+            return
         counters = Counters.from_annotations(body["metadata"].get("annotations"))
         observed = await self._observe(api, namespace, name)
         endpoint = status_endpoint(job, counters, observed)
@@ -197,21 +204,36 @@ class Reconciler:
                 return created, Refusal(permanent, f"The API server refused {what}: {exc}")
         return created, None
 
+    async def _config_problems(self, body: dict[str, Any]) -> list[str]:
+        """The admission webhook's checks (admission.policy_problems), once per spec generation.
+
+        Where the webhook is not installed (or failed open) this keeps an invalid spec from ever
+        creating a child: the TrainingJob fails with reason InvalidConfig instead.
+        """
+        meta = body["metadata"]
+        key, generation = (meta["namespace"], meta["name"]), (meta.get("uid"), meta.get("generation"))
+        cached = self._checked.get(key)
+        if cached is None or cached[0] != generation:
+            problems = await asyncio.to_thread(policy_problems, body, self.settings.tenancy)
+            self._checked[key] = cached = (generation, problems)
+        return cached[1]
+
     async def _invalid_spec(self, api: KubeApi, body: dict[str, Any], previous: dict[str, Any], message: str,
-                            now: datetime) -> None:
+                            now: datetime, *, reason: str = "InvalidSpec") -> None:
         """A spec the operator cannot act on is a permanent failure until the spec changes."""
         meta = body["metadata"]
-        outcome = Outcome(Phase.FAILED, "InvalidSpec", message)
+        outcome = Outcome(Phase.FAILED, reason, message)
         generation = int(meta.get("generation", 1) or 1)
         status = derive_status(outcome=outcome, generation=generation, trainer=None, previous=previous, now=now,
                                restarts=int(previous.get("restarts", 0)), hooks=previous.get("hooks") or ())
         if status_changed(previous, status):
             await api.patch(KIND, meta["namespace"], meta["name"], {"status": status}, subresource="status")
-            await self.events.post(api, body, "Warning", "InvalidSpec", message, now)
+            await self.events.post(api, body, "Warning", reason, message, now)
         self.metrics.set_phase((meta["namespace"], meta["name"]), str(Phase.FAILED))
 
     def forget(self, namespace: str, name: str) -> None:
         self.polled.discard((namespace, name))
+        self._checked.pop((namespace, name), None)
         self._locks.pop((namespace, name), None)
         self._seen.pop((namespace, name), None)
         self.events.forget(namespace, name)

@@ -103,11 +103,12 @@ def pick_job(docs: list[dict[str, Any]], name: str | None) -> dict[str, Any]:
 
 
 def validate_manifest(obj: dict[str, Any]) -> dict[str, Any]:
-    """Validate like the API server would (schema + CEL) and return the object with defaults applied."""
+    """Validate like the API server with kubetuner's admission webhook would (schema, CEL, the trainer's own
+    config checks) and return the object with defaults applied."""
+    from .admission import validate_all
     from .crd.defaults import apply_defaults
-    from .crd.validation import validate_trainingjob
 
-    problems = validate_trainingjob(obj)
+    problems = validate_all(obj)
     if problems:
         raise RunError("the TrainingJob is invalid:\n" + "\n".join(f"  - {p}" for p in problems))
     return apply_defaults(obj)

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 
+from .admission import TenancyPolicy
 from .handlers import OperatorSettings, run_operator
 
 
@@ -40,7 +41,8 @@ def main(args: argparse.Namespace) -> int:
     if args.poll_interval <= 0:
         raise SystemExit("kubetuner operator: --poll-interval must be > 0")
     settings = OperatorSettings(poll_interval=args.poll_interval,
-                                metrics_port=args.metrics_port or None)
+                                metrics_port=args.metrics_port or None,
+                                tenancy=TenancyPolicy.from_env(os.environ))
     liveness = f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None
     try:
         asyncio.run(run_operator(settings, namespaces=list(args.namespace), liveness_endpoint=liveness,

@@ -50,7 +50,7 @@ from .status import ACTIVE, TERMINAL, Outcome, Phase, derive_status, parse_time
 ANNOTATION_ATTEMPT = "kubetuner.dev/attempt"
 ANNOTATION_RESTARTS = "kubetuner.dev/restarts"
 # Ready reasons that are final for the spec generation they were reported for (a new spec retries).
-SPEC_FAILURES = frozenset({"InvalidSpec", "CreateRejected"})
+SPEC_FAILURES = frozenset({"InvalidSpec", "InvalidConfig", "CreateRejected"})
 DISRUPTION_REASONS = frozenset({"Evicted", "Preempting", "Preempted", "Shutdown", "NodeShutdown", "Terminated",
                                 "DeletionByTaintManager", "TerminationByKubelet"})
 MESSAGE_LIMIT = 512
@@ -351,8 +351,8 @@ def _lingering(job: TrainingJobSpec, observed: Observed, attempt: int) -> list[s
 
 
 def _hooks(job: TrainingJobSpec, observed: Observed, checkpoints: Sequence[CheckpointInfo],
-           previous: Sequence[Mapping[str, Any]], latest: Mapping[str, Any]
-           ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+           previous: Sequence[Mapping[str, Any]], latest: Mapping[str, Any],
+           compacted: Mapping[str, Any] | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(hook status entries, hook Jobs to create): one Job per (checkpoint, hook), bounded concurrency."""
     entries: dict[tuple[int, str], dict[str, Any]] = {
         (int(h["checkpointStep"]), str(h["hook"])): dict(h) for h in previous or ()}
@@ -360,7 +360,10 @@ def _hooks(job: TrainingJobSpec, observed: Observed, checkpoints: Sequence[Check
     paths.update({c.step: c.path for c in checkpoints if c.complete})
     if latest.get("latestStep"):
         paths.setdefault(int(latest["latestStep"]), str(latest.get("latestPath") or ""))
+    folded_through = int((compacted or {}).get("throughStep", -1))
     for step in sorted(paths):
+        if step <= folded_through:
+            continue  # its hooks ran and were folded into status.hooksCompacted (or are still listed)
         for hook in job.hooks:
             entries.setdefault((step, hook.name), {"checkpointStep": step, "hook": hook.name,
                                                    "job": hook_job_name(job.name, hook.name, step),
@@ -470,7 +473,7 @@ def plan(job: TrainingJobSpec, *, counters: Counters, observed: Observed, traine
                 delete.append(("Job", current))  # free the old attempt's hostnames and pods
 
     hooks, hook_jobs = _hooks(job, observed, reported_checkpoints(trainer, observed), prev.get("hooks") or (),
-                              latest)
+                              latest, prev.get("hooksCompacted"))
     create += hook_jobs
     status = derive_status(outcome=outcome, generation=job.generation, trainer=trainer, previous=prev, now=now,
                            restarts=new_counters.restarts, hooks=hooks, started_at=run.started_at)

@@ -28,6 +28,10 @@ class Phase(StrEnum):
 TERMINAL = frozenset({Phase.SUCCEEDED, Phase.FAILED})
 ACTIVE = frozenset({Phase.CACHING, Phase.RUNNING})
 CONDITION_TYPES = ("Ready", "Running", "Succeeded", "Failed", "Suspended", "Stalled")
+# status.hooks keeps at most this many entries (the CRD's maxItems): 10,000 checkpoints with two hooks
+# each would otherwise grow the object past what the API server stores.
+HOOK_STATUS_LIMIT = 50
+FINISHED_HOOK_RESULTS = ("Succeeded", "Failed", "Unknown")
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,32 @@ def conditions_for(outcome: Outcome, generation: int, previous: Sequence[Mapping
     ]
 
 
+def compact_hooks(hooks: Sequence[Mapping[str, Any]], previous: Mapping[str, Any]
+                  ) -> tuple[list[dict[str, Any]], dict[str, int] | None]:
+    """(hook entries to keep, counts of the entries folded away), at most HOOK_STATUS_LIMIT entries kept.
+
+    The oldest entries that were already finished in ``previous`` status are folded into
+    ``hooksCompacted`` (counts by result and ``throughStep``, the newest folded checkpoint step);
+    the reconciler creates no hook for a checkpoint at or below ``throughStep``. Pending and running
+    entries are never folded, so the list may exceed the limit only while that many hooks are open.
+    """
+    entries = sorted((dict(h) for h in hooks), key=lambda h: (h["checkpointStep"], h["hook"]))
+    done_before = {(h.get("checkpointStep"), h.get("hook")) for h in previous.get("hooks") or ()
+                   if h.get("result") in FINISHED_HOOK_RESULTS}
+    folded = dict(previous.get("hooksCompacted") or {})
+    excess = len(entries) - HOOK_STATUS_LIMIT
+    kept = []
+    for entry in entries:
+        if excess > 0 and (entry["checkpointStep"], entry["hook"]) in done_before:
+            key = str(entry["result"]).lower()
+            folded[key] = int(folded.get(key, 0)) + 1
+            folded["throughStep"] = max(int(folded.get("throughStep", 0)), int(entry["checkpointStep"]))
+            excess -= 1
+        else:
+            kept.append(entry)
+    return kept, folded or None
+
+
 def derive_status(*, outcome: Outcome, generation: int, trainer: TrainerStatus | None,
                   previous: Mapping[str, Any] | None, now: datetime, restarts: int,
                   hooks: Sequence[Mapping[str, Any]], started_at: str | None = None,
@@ -157,13 +187,15 @@ def derive_status(*, outcome: Outcome, generation: int, trainer: TrainerStatus |
     completion = prev.get("completionTime") if prev.get("phase") in TERMINAL else None
     if phase in TERMINAL and completion is None:
         completion = rfc3339(now)
+    kept_hooks, compacted = compact_hooks(hooks, prev)
     return {
         "phase": str(phase),
         "observedGeneration": generation,
         "conditions": conditions_for(outcome, generation, prev.get("conditions") or (), now, stalled),
         "progress": progress_from(trainer, prev.get("progress"), phase),
         "checkpoints": checkpoints_from(trainer, prev.get("checkpoints")),
-        "hooks": sorted((dict(h) for h in hooks), key=lambda h: (h["checkpointStep"], h["hook"])),
+        "hooks": kept_hooks,
+        "hooksCompacted": compacted,
         "restarts": restarts,
         "startTime": start,
         "completionTime": completion if phase in TERMINAL else None,

@@ -322,6 +322,17 @@ async def test_deadline_and_ttl(cluster: Cluster) -> None:
     await eventually(lambda: cluster.server.get(TJ, NS, "sdxl-style") is None, "deleted after TTL")
 
 
+async def test_config_the_trainer_refuses_fails_before_any_pod(cluster: Cluster) -> None:
+    # Without the admission webhook, the reconciler runs the same checks before creating children.
+    await cluster.start_operator()
+    await create(cluster, make_trainingjob(config={"optimizer": "bnb-adamw8bit", "max_train_steps": 10}))
+    await eventually(lambda: status(cluster).get("phase") == "Failed", "Failed")
+    assert condition(cluster, "Failed")["reason"] == "InvalidConfig"
+    assert "spec.config.optimizer" in status(cluster)["message"]
+    await eventually(lambda: "InvalidConfig" in {e["reason"] for e in events(cluster)}, "InvalidConfig event")
+    assert not pods(cluster) and not cluster.server.get("v1/configmaps", NS, "sdxl-style-config")
+
+
 async def test_invalid_spec_is_reported(cluster: Cluster) -> None:
     await cluster.start_operator()
     await create(cluster, make_trainingjob(config={"output_dir": "/elsewhere"}))
@@ -331,7 +342,8 @@ async def test_invalid_spec_is_reported(cluster: Cluster) -> None:
     await eventually(lambda: "InvalidSpec" in {e["reason"] for e in events(cluster)}, "InvalidSpec event")
     assert not pods(cluster)
     # Fixing the spec (a new generation) lets the job start.
-    await patch_spec(cluster, "sdxl-style", {"config": {"output_dir": None, "learning_rate": 1e-4}})
+    await patch_spec(cluster, "sdxl-style", {"config": {"output_dir": None, "learning_rate": 1e-4,
+                                                        "optimizer": "adamw_bf16", "max_train_steps": 100}})
     await eventually(lambda: "sdxl-style-t0" in pods(cluster), "trainer pod after the fix")
     await eventually(lambda: status(cluster).get("phase") == "Pending", "Pending")
     assert condition(cluster, "Failed")["status"] == "False" and status(cluster)["observedGeneration"] == 2

@@ -152,3 +152,15 @@ def test_training_preflight_includes_the_runtime_checks(cfg_factory):
     cfg = cfg_factory(model_family="sd1x", webhook_config={"webhook_type": "pager", "callback_url": "http://x"})
     problems = [p for p in all_problems(cfg) if p.option == "webhook_config"]
     assert len(problems) == 1 and "allowed: raw, discord" in problems[0].message
+
+
+def test_api_key_can_come_from_an_environment_variable(monkeypatch):
+    entry = {"webhook_type": "raw", "callback_url": "https://x.test/h", "api_key_env": "HOOK_KEY"}
+    monkeypatch.setenv("HOOK_KEY", "from-secret")
+    (target,) = parse_webhook_config(entry)
+    assert target.api_key == "from-secret"
+    monkeypatch.delenv("HOOK_KEY")
+    with pytest.raises(WebhookConfigError, match="HOOK_KEY"):
+        parse_webhook_config(entry)
+    with pytest.raises(WebhookConfigError, match="not both"):
+        parse_webhook_config({**entry, "api_key": "inline"})

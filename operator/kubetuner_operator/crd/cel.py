@@ -64,9 +64,12 @@ def evaluate(expression: str, value: Any, schema: dict[str, Any], *, old: Any = 
     """Evaluate ``expression`` with ``self`` bound to ``value`` (and ``oldSelf`` to ``old`` for a
     transition rule); RuleError on evaluation errors."""
     program = compile_rule(expression)
-    context = {"self": to_cel(value, schema)}
-    if old is not None:
-        context["oldSelf"] = to_cel(old, schema)
+    try:
+        context = {"self": to_cel(value, schema)}
+        if old is not None:
+            context["oldSelf"] = to_cel(old, schema)
+    except (ValueError, OverflowError, RecursionError) as error:  # e.g. an integer beyond int64
+        raise RuleError(f"value cannot be given to rule {expression!r}: {error}") from None
     try:
         result = program.evaluate(context)
     except celpy.CELEvalError as error:

@@ -12,8 +12,8 @@ Schema = dict[str, Any]
 DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 ENV_VAR_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
-# resource.Quantity as accepted by the API server (non-negative forms only).
-QUANTITY = r"^(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+# resource.Quantity as accepted by the API server (non-negative forms only; a leading + is allowed).
+QUANTITY = r"^\+?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 # A qualified resource name such as nvidia.com/gpu or amd.com/gpu.
 QUALIFIED_NAME = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
 
@@ -56,7 +56,7 @@ def string_map(description: str, *, label_values: bool = False, reserved_prefixe
     the API server would price a regex over keys beyond its CEL cost budget (startsWith is priced
     by the prefix only). Key syntax is checked by the API server when the operator creates the pod.
     """
-    values: Schema = {"type": "string"}
+    values: Schema = {"type": "string", "maxLength": 4096}
     if label_values:
         values.update(maxLength=63, pattern=LABEL_VALUE)
     node: Schema = {"type": "object", "description": description, "additionalProperties": values,
@@ -138,7 +138,7 @@ def volume(description: str) -> Schema:
                                     pattern=DNS1123_SUBDOMAIN),
             "size": quantity("Create a PersistentVolumeClaim of this size (e.g. 100Gi)."),
             "storageClassName": string("Storage class of the created claim; the cluster default when unset.",
-                                       maxLength=253),
+                                       maxLength=253, pattern=DNS1123_SUBDOMAIN),
             "accessModes": array("Access modes of the created claim (ReadWriteOnce when unset).",
                                  {"type": "string", "enum": ACCESS_MODES},
                                  minItems=1, maxItems=4, **{"x-kubernetes-list-type": "set"}),

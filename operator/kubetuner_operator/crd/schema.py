@@ -10,6 +10,7 @@ from kubetuner_trainer.contract import DEFAULT_METRICS_PORT
 from kubetuner_trainer.options import get_registry
 
 from .. import __version__
+from ..status import FINISHED_HOOK_RESULTS, HOOK_STATUS_LIMIT
 from .config_schema import config_schema
 from .dataset_rules import spec_rules
 from .datasets import datasets_schema
@@ -43,15 +44,16 @@ SHORT_NAMES = ["tj"]
 CATEGORIES = ["kubetuner"]
 CRD_NAME = f"{PLURAL}.{GROUP}"
 DEFAULT_IMAGE = f"ghcr.io/kubetuner/trainer:{__version__}"
+HOOK_RESULTS = ["Pending", "Running", *FINISHED_HOOK_RESULTS]
 PHASES = ["Pending", "Caching", "Running", "Succeeded", "Failed", "Suspended", "Restarting"]
 # Longest TrainingJob name: child names (pods, hook Jobs, Services) append suffixes to it.
 MAX_NAME_LENGTH = 52
+GENERATED_SUFFIX_LENGTH = 5
 
 HF_REPO_ID = r"^([A-Za-z0-9][-_.A-Za-z0-9]*/)?[A-Za-z0-9][-_.A-Za-z0-9]*$"
 S3_URI = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$"
 # Label/annotation prefixes the operator manages on its pods (queue membership comes from spec.queueName).
 RESERVED_PREFIXES = ("kubetuner.dev/", "kueue.x-k8s.io/")
-SECRET_LOOKING_NAME = "(?i)(secret|token|password|passwd|api_?key|access_?key|credential)"
 
 
 def _choices(option_name: str) -> list | None:
@@ -128,8 +130,6 @@ def output_schema() -> Schema:
         },
         rules=[
             rule("has(self.pvc) || has(self.s3)", "output needs pvc, s3 or both"),
-            rule("self == oldSelf", "output cannot change once the TrainingJob exists: resuming needs the "
-                                    "checkpoints where they were written"),
         ],
     )
 
@@ -154,8 +154,6 @@ def env_var_schema() -> Schema:
         required=["name"],
         rules=[
             rule("!(has(self.value) && has(self.valueFrom))", "set value or valueFrom, not both"),
-            rule(f"!has(self.value) || !self.name.matches('{SECRET_LOOKING_NAME}')",
-                 "this variable looks like a credential: do not write it inline, use valueFrom.secretKeyRef"),
         ],
     )
 
@@ -234,8 +232,8 @@ def pod_template_schema() -> Schema:
                              maxItems=64),
         "affinity": {"type": "object", "description": "corev1.Affinity, passed through unchanged.",
                      "x-kubernetes-preserve-unknown-fields": True},
-        "priorityClassName": string("PriorityClass of the pods.", maxLength=253),
-        "serviceAccountName": string("ServiceAccount of the pods.", maxLength=253),
+        "priorityClassName": string("PriorityClass of the pods.", maxLength=253, pattern=DNS1123_SUBDOMAIN),
+        "serviceAccountName": string("ServiceAccount of the pods.", maxLength=253, pattern=DNS1123_SUBDOMAIN),
         "imagePullSecrets": array("Secrets for pulling the image.", obj("A Secret reference.", {
             "name": string("Secret name.", minLength=1, maxLength=253, pattern=DNS1123_SUBDOMAIN)},
             required=["name"]), maxItems=16),
@@ -292,6 +290,11 @@ def spec_schema() -> Schema:
             _rwx_rule("caches.models", "caches.models"),
             _rwx_rule("caches.latents", "caches.latents"),
             _rwx_rule("output.pvc", "output.pvc"),
+            # On spec, not on output: a rule on output runs only while an old output exists, so removing
+            # output and adding another in a later update would pass.
+            rule("has(self.output) == has(oldSelf.output) && (!has(self.output) || self.output == oldSelf.output)",
+                 "output cannot change once the TrainingJob exists: resuming needs the checkpoints where they "
+                 "were written", fieldPath=".output"),
             *spec_rules(),
         ],
     )
@@ -313,32 +316,39 @@ def status_schema() -> Schema:
     return obj("Observed state, written by the operator.", {
         "phase": string("Lifecycle phase.", enum=PHASES),
         "observedGeneration": integer("Spec generation the status describes.", format="int64"),
-        "conditions": array("Ready, Running, Succeeded, Failed, Suspended.", _condition_schema(),
+        "conditions": array("Ready, Running, Succeeded, Failed, Suspended.", _condition_schema(), maxItems=16,
                             **{"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}),
         "progress": obj("Training progress reported by the trainer.", {
             "step": integer("Optimizer steps done."),
             "maxSteps": integer("Optimizer steps planned."),
             "epoch": integer("Current epoch."),
-            "percent": string("step / maxSteps in percent, e.g. \"42.0\"."),
-            "loss": string("Latest (smoothed) loss."),
-            "samplesPerSecond": string("Throughput."),
-            "eta": string("Estimated time left."),
+            "percent": string("step / maxSteps in percent, e.g. \"42.0\".", maxLength=32),
+            "loss": string("Latest (smoothed) loss.", maxLength=32),
+            "samplesPerSecond": string("Throughput.", maxLength=32),
+            "eta": string("Estimated time left.", maxLength=64),
         }),
         "checkpoints": obj("The latest complete checkpoint.", {
             "latestStep": integer("Step of the checkpoint."),
-            "latestPath": string("Path of the checkpoint in the output."),
-            "latestTime": string("When it was written (RFC 3339)."),
+            "latestPath": string("Path of the checkpoint in the output.", maxLength=4096),
+            "latestTime": string("When it was written (RFC 3339).", maxLength=64),
         }),
-        "hooks": array("Hook Jobs by checkpoint.", obj("One hook run.", {
-            "checkpointStep": integer("Checkpoint step."),
-            "hook": string("Hook name."),
-            "job": string("Job name."),
-            "result": string("Pending, Running, Succeeded or Failed."),
-        })),
+        "hooks": array(f"Hook Jobs by checkpoint: the latest {HOOK_STATUS_LIMIT} (older finished ones are "
+                       "counted in hooksCompacted).", obj("One hook run.", {
+                           "checkpointStep": integer("Checkpoint step."),
+                           "hook": string("Hook name.", maxLength=63),
+                           "job": string("Job name.", maxLength=253),
+                           "result": string("Outcome of the hook Job.", enum=HOOK_RESULTS),
+                       }), maxItems=1024),
+        "hooksCompacted": obj("Hook runs folded out of hooks, by result.", {
+            "throughStep": integer("Newest checkpoint step whose hooks were folded."),
+            "succeeded": integer("Folded hook Jobs that succeeded."),
+            "failed": integer("Folded hook Jobs that failed."),
+            "unknown": integer("Folded hook Jobs whose outcome was not seen."),
+        }, nullable=True),
         "restarts": integer("Trainer restarts so far (crashes and preemptions)."),
         "startTime": string("When training first started.", format="date-time", nullable=True),
         "completionTime": string("When the job finished.", format="date-time", nullable=True),
-        "message": string("Human-readable state."),
+        "message": string("Human-readable state.", maxLength=32768),
         "kopf": {"type": "object", "description": "Handler bookkeeping of the operator framework.",
                  "x-kubernetes-preserve-unknown-fields": True},
     })
@@ -350,10 +360,14 @@ def trainingjob_openapi_schema() -> Schema:
         "type": "object",
         "description": "A fine-tuning run of a diffusion model.",
         "properties": {
-            "apiVersion": string("API version of this object."),
-            "kind": string("Kind of this object."),
+            "apiVersion": string("API version of this object.", maxLength=253),
+            "kind": string("Kind of this object.", maxLength=63),
             "metadata": {"type": "object", "properties": {
-                "name": string("TrainingJob name.", maxLength=MAX_NAME_LENGTH, pattern=DNS1123_LABEL)}},
+                "name": string("TrainingJob name.", maxLength=MAX_NAME_LENGTH, pattern=DNS1123_LABEL),
+                # The API server appends 5 random characters to generateName.
+                "generateName": string("Prefix of a generated TrainingJob name.",
+                                       maxLength=MAX_NAME_LENGTH - GENERATED_SUFFIX_LENGTH,
+                                       pattern=r"^[a-z0-9]([-a-z0-9]*)?$")}},
             "spec": spec_schema(),
             "status": status_schema(),
         },

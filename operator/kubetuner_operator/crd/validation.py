@@ -52,6 +52,9 @@ def validate_trainingjob(obj: Any, *, old: dict[str, Any] | None = None, strict:
                         f"\"{expected}\"")
     if obj.get("kind") != KIND:
         problems.append(f"kind: Unsupported value: {_show(obj.get('kind'))}: supported values: \"{KIND}\"")
+    meta = obj.get("metadata")
+    if not isinstance(meta, dict) or not (meta.get("name") or meta.get("generateName")):
+        problems.append("metadata.name: Required value: name or generateName is required")
     schema = _crd_schema()
     checker = _Checker(strict)
     previous = apply_defaults(old, schema) if isinstance(old, dict) else _ABSENT

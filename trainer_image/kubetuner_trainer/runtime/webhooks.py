@@ -9,7 +9,8 @@ Config: one object or a list of objects, inline JSON or a JSON file. Keys:
 
 * ``webhook_type``: ``raw`` or ``discord`` (required).
 * ``callback_url`` (raw) / ``webhook_url`` (discord): where to POST; either key is accepted.
-* ``api_key`` (alias ``auth_token``): sent as the ``X-API-Key`` header (raw only).
+* ``api_key`` (alias ``auth_token``): sent as the ``X-API-Key`` header (raw only); or ``api_key_env``:
+  the name of an environment variable holding it (in Kubernetes, filled from a Secret by spec.secrets.env).
 * ``headers``: extra HTTP headers (raw only).
 * ``log_level``: lowest severity sent (``debug``, ``info``, ``warning``, ``error``; default ``info``).
 * ``message_prefix``: text put before Discord messages.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import queue
 import ssl
 import threading
@@ -31,7 +33,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +51,7 @@ MAX_TIMEOUT = 60.0
 DEFAULT_QUEUE_SIZE = 256
 DISCORD_LIMIT = 2000  # characters per Discord message
 KNOWN_KEYS = {
-    "webhook_type", "callback_url", "webhook_url", "api_key", "auth_token", "headers", "log_level",
+    "webhook_type", "callback_url", "webhook_url", "api_key", "auth_token", "api_key_env", "headers", "log_level",
     "message_prefix", "timeout", "ssl_no_verify", "queue_size",
 }
 
@@ -77,7 +79,7 @@ def parse_webhook_config(value: Any) -> list[WebhookTarget]:
     return [_parse_entry(i, entry) for i, entry in enumerate(entries)]
 
 
-def _parse_entry(index: int, entry: Any) -> WebhookTarget:
+def _parse_entry(index: int, entry: Any, environ: Mapping[str, str] | None = None) -> WebhookTarget:
     where = f"webhook_config[{index}]"
     if not isinstance(entry, dict):
         raise WebhookConfigError(f"{where} must be an object, got {type(entry).__name__}")
@@ -106,6 +108,13 @@ def _parse_entry(index: int, entry: Any) -> WebhookTarget:
     api_key = entry.get("api_key", entry.get("auth_token"))
     if api_key is not None and not isinstance(api_key, str):
         raise WebhookConfigError(f"{where}.api_key must be a string")
+    variable = entry.get("api_key_env")
+    if variable is not None:
+        if api_key is not None:
+            raise WebhookConfigError(f"{where}: give api_key or api_key_env, not both")
+        api_key = (os.environ if environ is None else environ).get(str(variable))
+        if not api_key:
+            raise WebhookConfigError(f"{where}.api_key_env names ${variable}, which is not set")
     return WebhookTarget(
         kind=kind, url=url, api_key=api_key, headers={str(k): v for k, v in headers.items()},
         min_level=LEVELS[level], message_prefix=str(entry.get("message_prefix", "")),
