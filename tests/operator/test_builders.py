@@ -152,6 +152,23 @@ def test_secret_env_references() -> None:
     assert "KUBETUNER_DATASET_LOCAL_SET_AWS_ACCESS_KEY_ID" not in env
 
 
+def test_tracker_keys_reach_the_trainer_only_as_secret_references() -> None:
+    tracker_secrets = {"env": [
+        {"name": "WANDB_API_KEY", "secretKeyRef": {"name": "trackers", "key": "wandb"}},
+        {"name": "COMET_API_KEY", "secretKeyRef": {"name": "trackers", "key": "comet"}}]}
+    job = make_trainingjob(secrets=tracker_secrets,
+                           config={"report_to": "wandb,comet_ml", "tracker_project_name": "styles"})
+    spec = parse_training_job(job)
+    env = {e["name"]: e for e in build_trainer_pod(spec, 0, resume=False)["spec"]["containers"][0]["env"]}
+    assert env["WANDB_API_KEY"] == {"name": "WANDB_API_KEY",
+                                    "valueFrom": {"secretKeyRef": {"name": "trackers", "key": "wandb"}}}
+    assert env["COMET_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "trackers", "key": "comet"}}
+    config_map = build_configmap(spec)
+    config = json.loads(config_map["data"]["config.json"])
+    assert (config["report_to"], config["tracker_project_name"]) == ("wandb,comet_ml", "styles")
+    assert "API_KEY" not in json.dumps(config_map) and "trackers" not in json.dumps(config_map)
+
+
 def test_configmap_holds_trainer_files_with_mounted_paths() -> None:
     cm = build_configmap(parse_training_job(make_trainingjob()))
     config = json.loads(cm["data"]["config.json"])

@@ -171,3 +171,53 @@ class FakeHub:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def wandb_records(run_file: Path) -> list[Any]:
+    """Decode a W&B run file (``run-<id>.wandb``): a LevelDB-style log of ``Record`` protobufs.
+
+    Layout (wandb's datastore): a 7-byte file header, then 32 KiB blocks of chunks, each with a
+    7-byte header (crc32, length, type: 1 full, 2 first, 3 middle, 4 last); block tails under
+    7 bytes are padding.
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = run_file.read_bytes()
+    block, pos, pending, records = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0 and length == 0:
+            break
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def wandb_history(run_file: Path) -> list[dict[str, Any]]:
+    """The logged history rows of a W&B run file, values JSON-decoded, keys joined with ``/``."""
+    rows = []
+    for record in wandb_records(run_file):
+        if record.WhichOneof("record_type") == "history":
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                         for item in record.history.item})
+    return rows
+
+
+def comet_messages(archive: Path) -> tuple[list[dict[str, Any]], dict[str, bytes]]:
+    """The messages of a Comet offline archive and the other files in it (uploaded media)."""
+    import zipfile
+
+    with zipfile.ZipFile(archive) as zf:
+        messages = [json.loads(line) for line in zf.read("messages.json").decode().splitlines() if line.strip()]
+        files = {name: zf.read(name) for name in zf.namelist() if name not in ("messages.json", "experiment.json")}
+    return messages, files

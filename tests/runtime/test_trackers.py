@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
 from PIL import Image
-from runtime_helpers import drive, step_report
+from runtime_helpers import comet_messages, drive, step_report, wandb_history, wandb_records
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from kubetuner_trainer.config import ConfigError
@@ -53,9 +54,86 @@ def test_missing_tracker_package_is_a_clear_problem(report_to, monkeypatch):
     assert "is not installed" in problem.message and "pip install" in problem.message
 
 
-def test_unimplemented_tracker_is_refused_by_the_config(cfg_factory):
-    with pytest.raises(ConfigError, match="report_to"):
-        cfg_factory(report_to="wandb")
+@pytest.fixture
+def offline_trackers(monkeypatch):
+    """W&B and Comet in their offline modes, with no credentials in the environment."""
+    for name in ("WANDB_API_KEY", "COMET_API_KEY", "COMET_OFFLINE_DIRECTORY", "WANDB_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("COMET_START_ONLINE", "false")
+
+
+def _validation_image(tmp_path):
+    image = tmp_path / "portrait-512x512-0.png"
+    Image.new("RGB", (6, 4), (0, 128, 255)).save(image)
+    return image
+
+
+@pytest.mark.parametrize("layout", ["gallery", "table"])
+def test_wandb_offline_run_has_loss_lr_and_validation_images(cfg_factory, tmp_path, offline_trackers, layout):
+    cfg = cfg_factory(report_to="wandb", logging_dir="logs", tracker_project_name="proj",
+                      tracker_run_name="run-1", tracker_image_layout=layout, job_id="team-a/style")
+    with build_runtime(cfg, install_signals=False) as rt:
+        drive(rt, tmp_path / "out", steps=3, checkpoint_every=10)
+        rt.validation(3, [_validation_image(tmp_path)], seconds=0.2)
+    (run_dir,) = (tmp_path / "out" / "logs" / "wandb").glob("offline-run-*")
+    (run_file,) = run_dir.glob("run-*.wandb")
+    rows = wandb_history(run_file)
+    assert [r["_step"] for r in rows] == [1, 2, 3]
+    assert [r["train/loss"] for r in rows] == pytest.approx([1.0, 0.5, 1 / 3])
+    assert rows[0]["train/learning_rate/unet"] == pytest.approx(1e-4)
+    assert rows[0]["train/loss_mse"] == pytest.approx(0.9)
+    records = wandb_records(run_file)
+    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert (run.project, run.display_name, run.run_group) == ("proj", "run-1", "team-a/style")
+    config = {i.key: json.loads(i.value_json) for i in run.config.update}
+    assert config["tracker_run_name"] == "run-1" and config["report_to"] == "wandb"
+    if layout == "table":  # the table's images travel in a W&B artifact, staged outside the run folder
+        assert (rows[-1]["validation/_type"], rows[-1]["validation/nrows"]) == ("table-file", 1)
+    else:
+        assert rows[-1]["validation/portrait-512x512-0/_type"] == "image-file"
+        (media,) = (run_dir / "files" / "media").rglob("*.png")
+        assert Image.open(media).size == (6, 4)
+
+
+def test_comet_offline_archive_has_loss_lr_and_validation_images(cfg_factory, tmp_path, offline_trackers):
+    cfg = cfg_factory(report_to="comet_ml", logging_dir="logs", tracker_project_name="proj",
+                      tracker_run_name="run-1")
+    image = _validation_image(tmp_path)
+    with build_runtime(cfg, install_signals=False) as rt:
+        drive(rt, tmp_path / "out", steps=3, checkpoint_every=10)
+        rt.validation(3, [image], seconds=0.2)
+    (archive,) = (tmp_path / "out" / "logs" / "comet").glob("*.zip")
+    messages, files = comet_messages(archive)
+    metrics = [m["payload"]["metric"] for m in messages if m["type"] == "metric_msg"]
+    loss = [(m["step"], m["metricValue"]) for m in metrics if m["metricName"] == "train/loss"]
+    assert loss == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
+    assert [m["metricValue"] for m in metrics if m["metricName"] == "train/learning_rate/unet"] == [1e-4] * 3
+    (upload,) = [m["payload"] for m in messages if m["type"] == "file_upload"]
+    assert upload["additional_params"]["figName"] == "validation/portrait-512x512-0"
+    assert upload["additional_params"]["step"] == 3
+    assert files[upload["file_path"]] == image.read_bytes()
+    names = {m["payload"]["key"]: m["payload"]["value"] for m in messages if m["type"] == "log_other"}
+    assert names["Name"] == "run-1"
+
+
+@pytest.mark.parametrize(("report_to", "variable"), [("wandb", "WANDB_API_KEY"), ("comet_ml", "COMET_API_KEY"),
+                                                      ("all", "WANDB_API_KEY")])
+def test_online_tracker_without_credentials_is_a_config_problem(report_to, variable, monkeypatch):
+    for name in ("WANDB_API_KEY", "COMET_API_KEY", "WANDB_MODE", "COMET_START_ONLINE"):
+        monkeypatch.delenv(name, raising=False)
+    (problem,) = check_runtime_config({"report_to": report_to, "output_dir": "."})
+    assert problem.option == "report_to"
+    assert variable in problem.message and "secretKeyRef" in problem.message and "offline" in problem.message
+    monkeypatch.setenv(variable, "k")
+    monkeypatch.setenv("COMET_API_KEY", "k")
+    assert check_runtime_config({"report_to": report_to, "output_dir": "."}) == []
+
+
+def test_every_tracker_choice_is_accepted_by_the_config(cfg_factory):
+    for value in ("wandb", "comet_ml", "all", "tensorboard,wandb"):
+        assert cfg_factory(report_to=value, tracker_image_layout="table").report_to == value
 
 
 def test_report_to_expansion():

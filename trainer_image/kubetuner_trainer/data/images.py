@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from .buckets import SamplePlan
+from .debug_logging import log_file
 from .decode import decode_rgb
 from .storage import Storage
 
@@ -29,4 +30,5 @@ def pixels_from_bytes(data: bytes, plan: SamplePlan) -> torch.Tensor:
 
 
 def load_pixels(storage: Storage, plan: SamplePlan) -> torch.Tensor:
+    log_file(storage.describe(), plan.key)  # --print_filenames
     return pixels_from_bytes(storage.read(plan.key), plan)

@@ -24,6 +24,7 @@ from .batch import Batch
 from .buckets import SamplePlan
 from .cache import MISSING_FILE, Encoders, LatentCache, TextEmbedCache
 from .dataset_config import DatasetConfig, DatasetConfigError, DatasetEntry, load_dataset_config
+from .debug_logging import apply_debug_logging, log_batch, log_bucket_decisions, log_sampler_statistics
 from .evaluation import EvalDataset, EvalSource, eval_dataset_ids, held_out_ids
 from .prefetch import Prefetcher
 from .prepare import DataError, PreparedDataset, drop_unusable, open_dataset_storage, prepare_all
@@ -216,6 +217,7 @@ class TrainingData:
         embeds = [dataset.text.get(c, self.encoders) for c in captions]
         text = {key: torch.stack([e[key] for e in embeds]) for key in embeds[0]}
         location = dataset.prepared.storage.describe().rstrip("/")
+        log_batch(dataset.entry.id, scheduled.epoch, scheduled.position, [p.key for p in plans], plans[0].target_size)
         return Batch(
             latents=torch.stack(latents),
             text=text,
@@ -237,6 +239,7 @@ def build_training_data(cfg: Any, encoders: Encoders, *, rank: int = 0, world_si
     environ = os.environ if environ is None else environ
     settings = settings_from_config(cfg)
     settings = replace(settings, num_processes=world_size)
+    apply_debug_logging(settings)
     if not settings.data_backend_config:
         raise DatasetConfigError([Problem("data_backend_config", MISSING,
                                           "is not set: point it at the dataset list (multidatabackend.json)")])
@@ -247,6 +250,7 @@ def build_training_data(cfg: Any, encoders: Encoders, *, rank: int = 0, world_si
     held_out = held_out_ids(config, eval_ids)
     prepared = prepare_all(config, settings, environ=environ,
                            progress=(lambda i, d, t: progress(f"discover:{i}", d, t)) if progress else None)
+    log_bucket_decisions(prepared)
     empty = [p.entry.id for p in prepared if not p.buckets.buckets]
     if empty:  # permanent: retrying cannot produce images, so it is a configuration error (exit 78)
         raise DatasetConfigError([Problem("data_backend_config", settings.data_backend_config,
@@ -283,6 +287,8 @@ def build_training_data(cfg: Any, encoders: Encoders, *, rank: int = 0, world_si
     if eval_ids:
         data.eval_source = EvalSource([_eval_dataset(d) for d in datasets if d.entry.id in eval_ids], encoders,
                                       batch_size=settings.train_batch_size, rank=rank, world_size=world_size)
+    if settings.print_sampler_statistics:
+        log_sampler_statistics(data.sampler, data.epoch)
     if data.steps_per_epoch == 0:
         raise DatasetConfigError([Problem(
             "train_batch_size", settings.train_batch_size,

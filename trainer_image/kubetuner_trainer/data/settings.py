@@ -58,6 +58,10 @@ class DataSettings:
     max_workers: int = 32
     write_batch_size: int = 64
     metadata_update_interval: float = 60.0
+    debug_aspect_buckets: bool = False  # the four logging options: see debug_logging.py
+    debug_dataset_loader: bool = False
+    print_filenames: bool = False
+    print_sampler_statistics: bool = False
 
     @property
     def effective_batch_size(self) -> int:

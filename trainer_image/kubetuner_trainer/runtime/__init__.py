@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from ..config import MISSING, ConfigError, Problem
+from ..config.trainer_config import redact
 from ..contract import CheckpointInfo, ExitCode, TrainerState
 from ..events import StepReport
 from ..termination import write_termination_message
 from . import webhooks as wh
-from ._options import env_value, option
+from ._options import all_options, env_value, option
 from .metrics import TrainerMetrics
 from .publishing import (
     HubUploader,
@@ -153,8 +154,10 @@ class Runtime:
         logging_dir = Path(str(option(cfg, "logging_dir", "logs")))
         if not logging_dir.is_absolute():
             logging_dir = self.output_dir / logging_dir
-        self.trackers = build_trackers(selected_trackers(option(cfg, "report_to", "none")),
-                                       logging_dir=logging_dir, run_name=option(cfg, "tracker_run_name"))
+        self.trackers = build_trackers(
+            selected_trackers(option(cfg, "report_to", "none")), logging_dir=logging_dir,
+            run_name=option(cfg, "tracker_run_name"), project=option(cfg, "tracker_project_name"),
+            group=self.job_id, config=redact(all_options(cfg)), image_layout=option(cfg, "tracker_image_layout"))
         self.publisher = self._build_publisher()
         if self._install_signals:
             self.stop.install()
