@@ -164,8 +164,8 @@ async def test_refused_trainer_pod_fails_the_job_with_the_servers_message(cluste
     cluster.server.failures.clear()  # the user fixes the spec: a new generation is tried again
     await patch_spec(cluster, "sdxl-style", {"resources": {"gpus": 0, "cpu": "2", "memory": "8Gi"}})
     await eventually(lambda: "sdxl-style-t0" in pods(cluster), "t0 for the fixed spec")
-    await eventually(lambda: condition(cluster, "Stalled").get("status") == "False", "no longer stalled")
-    assert status(cluster)["phase"] == "Pending"
+    await eventually(lambda: status(cluster).get("observedGeneration") == 2 and status(cluster)["phase"] == "Pending"
+                     and condition(cluster, "Stalled").get("status") == "False", "Pending, no longer stalled")
 
 
 async def test_quota_refusal_stalls_with_one_event_and_recovers(cluster: Cluster) -> None:
