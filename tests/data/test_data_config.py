@@ -49,9 +49,9 @@ def test_every_problem_is_reported_with_entry_field_and_allowed_values():
     assert "datasets[one].crop_style='diagonal': 'diagonal' is not one of the allowed values: random, center, corner" \
         in message
     assert "datasets[one].resolutoin" in message and "did you mean 'resolution'" in message
-    assert "datasets[two].type" in message and "not supported yet; supported types: local, aws" in message
+    assert "datasets[two].type" in message and "not supported yet by this trainer; supported: local, aws" in message
     assert "datasets[three].instance_data_dir" in message and "is required" in message
-    assert "datasets[four].dataset_type" in message and "supported dataset types: image, text_embeds" in message
+    assert "datasets[four].dataset_type" in message and "supported: image, text_embeds" in message
     assert "datasets[one].id" in message and "unique" in message
     assert message.startswith("6 dataset configuration problems")
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from optim_helpers import make_cfg, regression_data, tiny_model, train_steps
 
-from kubetuner_trainer.optim import EMAModel, build_optimizer, preflight_problems
+from kubetuner_trainer.optim import EMAModel, build_optimizer, preflight_problems, preflight_warnings
 
 
 def _params(*values):
@@ -77,15 +77,18 @@ def test_shadow_placement(device, cpu_only):
     assert all(s.device == expected for s in ema.shadow_params)
 
 
-def test_cpu_only_with_accelerator_device_is_refused():
-    problems = preflight_problems(make_cfg(use_ema=True, ema_device="accelerator", ema_cpu_only=True))
-    assert [p.option for p in problems] == ["ema_cpu_only"]
+def test_cpu_only_with_accelerator_device_only_warns():
+    cfg = make_cfg(use_ema=True, ema_device="accelerator", ema_cpu_only=True)
+    assert preflight_problems(cfg) == []
+    assert [p.option for p in preflight_warnings(cfg)] == ["ema_cpu_only"]
 
 
-def test_ema_options_without_use_ema_are_refused():
-    problems = preflight_problems(make_cfg(ema_decay=0.99, ema_update_interval=5))
-    assert sorted(p.option for p in problems) == ["ema_decay", "ema_update_interval"]
-    assert all("--use_ema" in p.message for p in problems)
+def test_ema_options_without_use_ema_only_warn():
+    cfg = make_cfg(ema_decay=0.99, ema_update_interval=5)
+    assert preflight_problems(cfg) == []
+    warnings = preflight_warnings(cfg)
+    assert sorted(p.option for p in warnings) == ["ema_decay", "ema_update_interval"]
+    assert all("--use_ema" in p.message for p in warnings)
 
 
 def test_decay_of_one_or_more_is_refused():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from optim_helpers import make_any_cfg, make_cfg
 
-from kubetuner_trainer.optim import OPTIMIZERS, preflight_problems
+from kubetuner_trainer.optim import OPTIMIZERS, preflight_problems, preflight_warnings
 from kubetuner_trainer.optim import preflight as preflight_module
 
 BNB = sorted(name for name in OPTIMIZERS if name.startswith("bnb-"))
@@ -62,23 +62,45 @@ def test_missing_optional_package_is_named(monkeypatch):
     assert "'prodigyopt'" in problems[0].message
 
 
-def test_prodigy_steps_only_with_prodigy():
-    assert ("prodigy_steps", "only applies to --optimizer=prodigy") in _messages(
-        make_cfg(optimizer="optimi-adamw", prodigy_steps=10))
-    assert preflight_problems(make_cfg(optimizer="prodigy", learning_rate=1.0, prodigy_steps=10)) == []
+def _warned(cfg):
+    return {(p.option, p.message) for p in preflight_warnings(cfg)}
 
 
-def test_lr_scale_sqrt_needs_lr_scale():
-    problems = preflight_problems(make_cfg(optimizer="optimi-adamw", lr_scale_sqrt=True))
-    assert [p.option for p in problems] == ["lr_scale_sqrt"]
-    assert preflight_problems(make_cfg(optimizer="optimi-adamw", lr_scale=True, lr_scale_sqrt=True)) == []
+def test_prodigy_steps_without_prodigy_only_warns():
+    cfg = make_cfg(optimizer="optimi-adamw", prodigy_steps=10)
+    assert preflight_problems(cfg) == []
+    assert _warned(cfg) == {("prodigy_steps", "has no effect: it only applies to --optimizer=prodigy")}
+    assert preflight_warnings(make_cfg(optimizer="prodigy", learning_rate=1.0, prodigy_steps=10)) == []
+
+
+def test_lr_scale_sqrt_without_lr_scale_only_warns():
+    cfg = make_cfg(optimizer="optimi-adamw", lr_scale_sqrt=True)
+    assert preflight_problems(cfg) == []
+    assert [p.option for p in preflight_warnings(cfg)] == ["lr_scale_sqrt"]
+    assert preflight_warnings(make_cfg(optimizer="optimi-adamw", lr_scale=True, lr_scale_sqrt=True)) == []
+
+
+def test_warmup_with_constant_schedule_only_warns_unless_schedule_free():
+    cfg = make_cfg(optimizer="optimi-adamw", lr_scheduler="constant", lr_warmup_steps=10)
+    assert preflight_problems(cfg) == []
+    assert [p.option for p in preflight_warnings(cfg)] == ["lr_warmup_steps"]
+    schedule_free = make_cfg(optimizer="adamw_schedulefree", lr_scheduler="constant", lr_warmup_steps=10)
+    assert preflight_warnings(schedule_free) == []
+
+
+def test_ema_options_without_ema_only_warn():
+    cfg = make_cfg(optimizer="optimi-adamw", ema_decay=0.99, ema_update_interval=2, ema_device="accelerator")
+    assert preflight_problems(cfg) == []
+    assert sorted(p.option for p in preflight_warnings(cfg)) == ["ema_decay", "ema_device", "ema_update_interval"]
+    assert all("without --use_ema" in p.message for p in preflight_warnings(cfg))
 
 
 def test_all_problems_are_reported_together():
     cfg = make_cfg(optimizer="adamw_schedulefree", lr_scheduler="linear", optimizer_config="bogus=1",
-                   lr_scale_sqrt=True, ema_decay=0.9)
+                   lr_scale_sqrt=True, ema_decay=1.0)
     options = sorted(p.option for p in preflight_problems(cfg))
-    assert options == ["ema_decay", "lr_scale_sqrt", "lr_scheduler", "optimizer_config"]
+    assert options == ["ema_decay", "optimizer_config"]
+    assert sorted(p.option for p in preflight_warnings(cfg)) == ["ema_decay", "lr_scale_sqrt", "lr_scheduler"]
 
 
 def test_broken_install_is_a_problem_not_a_crash(monkeypatch):

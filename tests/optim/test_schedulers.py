@@ -9,7 +9,13 @@ import torch
 from optim_helpers import make_cfg
 
 from kubetuner_trainer.config import ConfigError
-from kubetuner_trainer.optim import SCHEDULERS, build_lr_scheduler, build_optimizer, preflight_problems
+from kubetuner_trainer.optim import (
+    SCHEDULERS,
+    build_lr_scheduler,
+    build_optimizer,
+    preflight_problems,
+    preflight_warnings,
+)
 from kubetuner_trainer.options import get_registry
 
 LR = 1e-3
@@ -41,9 +47,11 @@ def test_every_catalog_schedule_is_implemented():
 
 def test_constant_has_no_warmup():
     assert set(_main(_lrs(lr_scheduler="constant"))) == {LR}
-    problems = preflight_problems(make_cfg(optimizer="optimi-adamw", lr_scheduler="constant", lr_warmup_steps=5))
-    assert [p.option for p in problems] == ["lr_warmup_steps"]
-    assert "constant_with_warmup" in problems[0].message
+    cfg = make_cfg(optimizer="optimi-adamw", lr_scheduler="constant", lr_warmup_steps=5)
+    assert preflight_problems(cfg) == []
+    warnings = preflight_warnings(cfg)
+    assert [p.option for p in warnings] == ["lr_warmup_steps"]
+    assert "constant_with_warmup" in warnings[0].message
 
 
 @pytest.mark.parametrize("name", ["constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"])
@@ -119,12 +127,13 @@ def test_schedule_free_optimizers_keep_a_constant_rate():
     assert set(history) == {LR}  # warmup happens inside the optimizer
 
 
-def test_schedule_free_with_an_explicit_decay_is_refused():
+def test_schedule_free_with_an_explicit_decay_only_warns():
     cfg = make_cfg(optimizer="adamw_schedulefree", lr_scheduler="cosine")
-    problems = preflight_problems(cfg)
-    assert [p.option for p in problems] == ["lr_scheduler"]
-    assert "schedule-free" in problems[0].message
-    assert preflight_problems(make_cfg(optimizer="adamw_schedulefree", lr_scheduler="constant")) == []
+    assert preflight_problems(cfg) == []
+    warnings = preflight_warnings(cfg)
+    assert [p.option for p in warnings] == ["lr_scheduler"]
+    assert "schedule-free" in warnings[0].message
+    assert preflight_warnings(make_cfg(optimizer="adamw_schedulefree", lr_scheduler="constant")) == []
 
 
 def test_polynomial_lr_end_above_learning_rate_is_refused():

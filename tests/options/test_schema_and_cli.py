@@ -79,6 +79,12 @@ def test_print_config_shows_sources_and_redacts(tmp_path, monkeypatch, capsys):
     for option in required:
         values[option.name] = sorted(option.implemented_choices, key=str)[0] if option.implemented_choices else "/tmp/x"
     values["max_train_steps"] = 10
+    # --print-config runs the start-up checks: the dataset list must exist and make sense
+    images = tmp_path / "images"
+    images.mkdir()
+    datasets = tmp_path / "multidatabackend.json"
+    datasets.write_text(json.dumps([{"id": "pics", "type": "local", "instance_data_dir": str(images)}]))
+    values.update(data_backend_config=str(datasets), output_dir=str(tmp_path / "out"))
     secret_hook = [{"webhook_type": "raw", "callback_url": "http://127.0.0.1:9/x", "api_key": "hunter2"}]
     redactable = registry.get("webhook_config").implemented
     if redactable:

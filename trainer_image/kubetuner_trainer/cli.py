@@ -64,7 +64,8 @@ def render_help(registry: Registry) -> str:
         "",
         "  --config FILE          config.json or config.toml (also $KUBETUNER_CONFIG)",
         "  --env-file FILE        config.env to read (default: config.env beside --config)",
-        "  --print-config[=json]  show the resolved configuration and where each value came from, then exit",
+        "  --print-config[=json]  run the start-up checks, show the resolved configuration and where each "
+        "value came from, then exit",
     ]
     for group in order:
         parts += ["", f"{titles.get(group, group)}:"]
@@ -99,14 +100,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"kubetuner-train: {error}\n")
         record_config_error(str(error))
         return ExitCode.CONFIG_ERROR
-    if command.print_config:
-        sys.stdout.write(render_config(config, command.print_config))
-        return 0
     logging.basicConfig(
         level=config.env.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    from .train import run  # torch is imported only when training really starts
+    from .train import preflight, run  # torch is imported only past the option checks
 
+    if command.print_config:
+        # the same checks a start runs, so that both accept and refuse the same configs
+        if preflight(config) is None:
+            record_config_error(_preflight_problems(config))
+            return ExitCode.CONFIG_ERROR
+        sys.stdout.write(render_config(config, command.print_config))
+        return 0
     code = int(run(config))
     if code == ExitCode.CONFIG_ERROR:
         record_config_error(_preflight_problems(config))

@@ -28,6 +28,11 @@ def placeholders_in(command: str | Sequence[str]) -> set[str]:
     return {m.group(1) for arg in split_command(command) for m in PLACEHOLDER.finditer(arg)}
 
 
+def substitute_text(text: str, values: Mapping[str, Any]) -> str:
+    """Replace the ``{name}`` placeholders of one string whose name is in ``values``; others stay."""
+    return PLACEHOLDER.sub(lambda m: str(values[m.group(1)]) if m.group(1) in values else m.group(0), text)
+
+
 def substitute_argv(command: str | Sequence[str], values: Mapping[str, Any]) -> list[str]:
     """Split, then substitute ``{name}`` in each argument; ``None`` becomes an empty string."""
 

@@ -120,11 +120,25 @@ def node_placement(total: int, environ: dict[str, str] | None = None) -> NodePla
     return NodePlacement(nodes, node_rank, per_node, master_addr, port)
 
 
-def run(cfg: TrainerConfig, events: TrainingEvents | None = None) -> ExitCode:
-    """Train as configured. Returns SUCCESS, INTERRUPTED (checkpoint written) or CONFIG_ERROR."""
-    try:
-        from .training.preflight import check
+@dataclass(frozen=True)
+class StartPlan:
+    """What the start-up checks decided: how many processes, and this node's place."""
 
+    world: int
+    placement: NodePlacement | None
+
+
+def preflight(cfg: TrainerConfig, events: TrainingEvents | None = None) -> StartPlan | None:
+    """Every check a start runs before loading anything; ``--print-config`` runs exactly this.
+
+    Logs a warning for each option that has no effect as configured. On a configuration error
+    logs the problems (and reports them to ``events``) and returns None: the caller exits 78.
+    """
+    from .training.preflight import all_warnings, check
+
+    for warning in all_warnings(cfg):
+        log.warning("%s", warning)
+    try:
         check(cfg)
         world = requested_processes(cfg)
         placement = node_placement(world)
@@ -132,7 +146,16 @@ def run(cfg: TrainerConfig, events: TrainingEvents | None = None) -> ExitCode:
         log.error("configuration rejected:\n%s", exc)
         if events is not None:
             events.error(str(exc))
+        return None
+    return StartPlan(world, placement)
+
+
+def run(cfg: TrainerConfig, events: TrainingEvents | None = None) -> ExitCode:
+    """Train as configured. Returns SUCCESS, INTERRUPTED (checkpoint written) or CONFIG_ERROR."""
+    plan = preflight(cfg, events)
+    if plan is None:
         return ExitCode.CONFIG_ERROR
+    world, placement = plan.world, plan.placement
     if events is None:
         external_rank = in_distributed_env() and int(os.environ.get("RANK", "0") or 0) != 0
         if external_rank or (placement is not None and placement.node_rank != 0):

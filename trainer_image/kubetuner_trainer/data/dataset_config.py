@@ -17,6 +17,7 @@ from typing import Any
 from kubetuner_trainer.config.errors import MISSING as MISSING_VALUE
 from kubetuner_trainer.config.errors import ConfigError, Problem
 from kubetuner_trainer.options import ValueProblem, parse_bool
+from kubetuner_trainer.placeholders import substitute_text
 
 from .settings import DataSettings
 
@@ -30,13 +31,24 @@ RESOLUTION_TYPES = ("pixel", "pixel_area", "area")
 CROP_STYLES = ("random", "center", "corner")
 CROP_ASPECTS = ("square", "preserve", "closest", "random")
 CAPTION_STRATEGIES = ("textfile", "filename", "instanceprompt", "parquet")
+# SimpleTuner's metadata backends: "discovery" (and its older name "json") is what this trainer does.
+METADATA_BACKENDS = ("discovery", "json")
+# Values SimpleTuner accepts for a field that this trainer has not built yet ("not supported yet").
+PLANNED_VALUES: dict[str, tuple[str, ...]] = {
+    "type": PLANNED_BACKEND_TYPES,
+    "dataset_type": PLANNED_DATASET_TYPES,
+    "caption_strategy": ("huggingface", "csv"),
+    "metadata_backend": ("parquet", "huggingface"),
+}
+# Placeholders SimpleTuner fills in every text value of a dataset entry (e.g. cache_dir_vae).
+DATASET_PLACEHOLDERS = ("model_family",)
 DISCOVERY_STAGES = ("aspect", "vae", "text", "metadata")
 # Fields the operator adds to entries of a TrainingJob; they do not concern the trainer.
 OPERATOR_FIELDS = frozenset({"credentialsSecret", "pvc"})
 # SimpleTuner fields that users may paste but this trainer does not honour yet.
 PLANNED_FIELDS = frozenset({
     "vae_cache_clear_each_epoch", "hash_filenames", "conditioning_data", "conditioning", "cache_file_suffix",
-    "metadata_backend", "huggingface", "csv_file", "csv_caption_column", "csv_cache_dir", "video",
+    "huggingface", "dataset_name", "csv_file", "csv_caption_column", "csv_cache_dir", "csv_url_column", "video",
     "audio", "disable_validation", "source_dataset_id", "conditioning_type", "write_batch_size",
     "caption_filter_list_regex", "prepend_instance_prompt_to_filename", "image_file_extensions",
 })
@@ -193,6 +205,7 @@ _FIELDS: dict[str, tuple[str, tuple[Any, ...] | None]] = {
     "crop_aspect": ("str", CROP_ASPECTS),
     "crop_aspect_buckets": ("floats", None),
     "caption_strategy": ("str", CAPTION_STRATEGIES),
+    "metadata_backend": ("str", METADATA_BACKENDS),
     "instance_prompt": ("str", None),
     "prepend_instance_prompt": ("bool", None),
     "only_instance_prompt": ("bool", None),
@@ -248,6 +261,7 @@ def parse_dataset_config(raw: Any, settings: DataSettings) -> DatasetConfig:
                                           "must be a non-empty JSON list of dataset entries")])
     entries: list[DatasetEntry] = []
     seen: set[str] = set()
+    raw = fill_placeholders(raw, settings)
     for index, item in enumerate(raw):
         entry = _parse_entry(index, item, settings, problems)
         if entry is None:
@@ -263,6 +277,22 @@ def parse_dataset_config(raw: Any, settings: DataSettings) -> DatasetConfig:
     if problems:
         raise DatasetConfigError(problems)
     return DatasetConfig(tuple(entries))
+
+
+def fill_placeholders(raw: Any, settings: DataSettings) -> Any:
+    """Substitute ``{model_family}`` (``DATASET_PLACEHOLDERS``) in every text value, as SimpleTuner does.
+
+    SimpleTuner's example dataset lists write ``cache_dir_vae: cache/vae/{model_family}/...``.
+    A placeholder whose option is unset stays as written.
+    """
+    known = {name: getattr(settings, name) for name in DATASET_PLACEHOLDERS if getattr(settings, name) is not None}
+    if isinstance(raw, str):
+        return substitute_text(raw, known)
+    if isinstance(raw, Mapping):
+        return {key: fill_placeholders(value, settings) for key, value in raw.items()}
+    if isinstance(raw, list):
+        return [fill_placeholders(item, settings) for item in raw]
+    return raw
 
 
 def _parse_entry(index: int, item: Any, settings: DataSettings, problems: list[Problem]) -> DatasetEntry | None:
@@ -314,11 +344,9 @@ def _convert(key: str, value: Any) -> Any:
             raise ValueProblem(f"must be a string, got {type(value).__name__}")
         if key == "caption_strategy" and value == "instance_prompt":
             value = "instanceprompt"
-        if key == "type" and value in PLANNED_BACKEND_TYPES:
-            raise ValueProblem(f"type {value!r} is not supported yet; supported types: {', '.join(BACKEND_TYPES)}")
-        if key == "dataset_type" and value in PLANNED_DATASET_TYPES:
-            raise ValueProblem(f"dataset_type {value!r} is not supported yet; supported dataset types: "
-                               f"{', '.join(DATASET_TYPES)}")
+        if value in PLANNED_VALUES.get(key, ()):
+            raise ValueProblem(f"{key} {value!r} is valid in SimpleTuner but not supported yet by this trainer; "
+                               f"supported: {', '.join(choices)}")
         if choices and value not in choices:
             raise ValueProblem(f"{value!r} is not one of the allowed values: {', '.join(choices)}")
         return value
@@ -376,6 +404,7 @@ def _build_entry(ident: str, where: str, values: dict[str, Any], settings: DataS
         return default if value is None else value
 
     values.pop("id", None)
+    values.pop("metadata_backend", None)  # only the values meaning "discovery" get here: what this trainer does
     disabled = take("disabled", False) or take("disable", False)
     regularisation = take("is_regularisation_data", False) or take("is_regularization_data", False)
     repeats_set = values.get("repeats") is not None

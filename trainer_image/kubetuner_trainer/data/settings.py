@@ -18,6 +18,7 @@ class DataSettings:
     """Trainer-wide data options with the trainer's defaults."""
 
     data_backend_config: str | None = None
+    model_family: str | None = None  # fills {model_family} in dataset entries
     resolution: float = 1024
     resolution_type: str = "pixel_area"
     caption_strategy: str = "filename"

@@ -27,7 +27,7 @@ from ._settings import setting
 from .ema import EMAModel
 from .optimizer_config import OptimizerConfigError, parse_optimizer_config
 from .optimizers import OPTIMIZERS, OptimizerSpec, optimizer_kwargs, optimizer_spec
-from .preflight import optimizer_problems, preflight_problems, scheduler_problems
+from .preflight import optimizer_problems, preflight_problems, preflight_warnings, scheduler_problems
 from .schedulers import SCHEDULERS, lr_scale_factor
 from .schedulers import build_lr_scheduler as _build_lr_scheduler
 
@@ -45,6 +45,7 @@ __all__ = [
     "optimizer_train_mode",
     "parse_optimizer_config",
     "preflight_problems",
+    "preflight_warnings",
 ]
 
 

@@ -79,14 +79,6 @@ def optimizer_problems(cfg: Any) -> list[Problem]:
                 optimizer_kwargs(cfg, spec)
             except OptimizerConfigError as error:
                 problems.append(Problem("optimizer_config", setting(cfg, "optimizer_config"), str(error)))
-    if explicitly_set(cfg, "prodigy_steps") and name != "prodigy":
-        problems.append(Problem("prodigy_steps", setting(cfg, "prodigy_steps"), "only applies to --optimizer=prodigy"))
-    if spec.schedule_free and explicitly_set(cfg, "lr_scheduler") and setting(cfg, "lr_scheduler") != "constant":
-        problems.append(Problem(
-            "lr_scheduler", setting(cfg, "lr_scheduler"),
-            f"--optimizer={name} is schedule-free and replaces the learning-rate schedule; use constant "
-            "(or leave it unset). Its warmup comes from --lr_warmup_steps",
-        ))
     return problems
 
 
@@ -103,15 +95,6 @@ def scheduler_problems(cfg: Any) -> list[Problem]:
             ))
     if int(setting(cfg, "lr_num_cycles")) < 1:
         problems.append(Problem("lr_num_cycles", setting(cfg, "lr_num_cycles"), "must be at least 1"))
-    if name == "constant" and explicitly_set(cfg, "lr_warmup_steps") and setting(cfg, "lr_warmup_steps"):
-        spec = OPTIMIZERS.get(setting(cfg, "optimizer") or "")
-        if not (spec and spec.schedule_free):
-            problems.append(Problem(
-                "lr_warmup_steps", setting(cfg, "lr_warmup_steps"),
-                "has no effect with --lr_scheduler=constant; use constant_with_warmup for a warmup",
-            ))
-    if setting(cfg, "lr_scale_sqrt") and not setting(cfg, "lr_scale"):
-        problems.append(Problem("lr_scale_sqrt", True, "only has an effect together with --lr_scale"))
     return problems
 
 
@@ -122,15 +105,42 @@ def ema_problems(cfg: Any) -> list[Problem]:
         problems.append(Problem("ema_decay", decay, "must be at least 0 and below 1 (e.g. 0.999)"))
     if int(setting(cfg, "ema_update_interval")) < 1:
         problems.append(Problem("ema_update_interval", setting(cfg, "ema_update_interval"), "must be at least 1"))
-    if setting(cfg, "ema_cpu_only") and setting(cfg, "ema_device") != "cpu":
-        problems.append(Problem("ema_cpu_only", True, "only applies with --ema_device=cpu"))
-    if not setting(cfg, "use_ema"):
-        for option in _EMA_OPTIONS:
-            if explicitly_set(cfg, option):
-                problems.append(Problem(option, setting(cfg, option), "has no effect without --use_ema"))
     return problems
 
 
 def preflight_problems(cfg: Any) -> list[Problem]:
     """Every optimizer/schedule/EMA problem of ``cfg`` on this machine (empty list: all fine)."""
     return optimizer_problems(cfg) + scheduler_problems(cfg) + ema_problems(cfg)
+
+
+def preflight_warnings(cfg: Any) -> list[Problem]:
+    """Options the user set that have no effect in this combination (SimpleTuner ignores them too).
+
+    Each names the option and says why; training goes ahead.
+    """
+    warnings = []
+    name = setting(cfg, "optimizer")
+    spec = OPTIMIZERS.get(name or "")
+    schedule_free = bool(spec and spec.schedule_free)
+    if explicitly_set(cfg, "prodigy_steps") and name != "prodigy":
+        warnings.append(Problem("prodigy_steps", setting(cfg, "prodigy_steps"),
+                                "has no effect: it only applies to --optimizer=prodigy"))
+    scheduler = setting(cfg, "lr_scheduler")
+    if schedule_free and explicitly_set(cfg, "lr_scheduler") and scheduler != "constant":
+        warnings.append(Problem(
+            "lr_scheduler", scheduler,
+            f"has no effect: --optimizer={name} is schedule-free and replaces the learning-rate schedule "
+            "(its warmup comes from --lr_warmup_steps)",
+        ))
+    if scheduler == "constant" and not schedule_free and explicitly_set(cfg, "lr_warmup_steps") \
+            and setting(cfg, "lr_warmup_steps"):
+        warnings.append(Problem("lr_warmup_steps", setting(cfg, "lr_warmup_steps"),
+                                "has no effect with --lr_scheduler=constant; use constant_with_warmup for a warmup"))
+    if explicitly_set(cfg, "lr_scale_sqrt") and setting(cfg, "lr_scale_sqrt") and not setting(cfg, "lr_scale"):
+        warnings.append(Problem("lr_scale_sqrt", True, "has no effect without --lr_scale"))
+    if not setting(cfg, "use_ema"):
+        warnings += [Problem(option, setting(cfg, option), "has no effect without --use_ema")
+                     for option in _EMA_OPTIONS if explicitly_set(cfg, option)]
+    elif setting(cfg, "ema_cpu_only") and setting(cfg, "ema_device") != "cpu":
+        warnings.append(Problem("ema_cpu_only", True, "has no effect unless --ema_device=cpu"))
+    return warnings

@@ -2,7 +2,8 @@
 
 ``check(cfg)`` gathers the core problems below plus every area's ``preflight_problems(cfg)``
 (``kubetuner_trainer.optim``, ``.data``, ``.runtime`` where they define one) and raises one
-:class:`ConfigError` listing them all.
+:class:`ConfigError` listing them all. ``all_warnings(cfg)`` gathers the areas'
+``preflight_warnings(cfg)``: options that have no effect, which do not stop a start.
 """
 
 from __future__ import annotations
@@ -115,6 +116,20 @@ def all_problems(cfg: Any) -> list[Problem]:
         if callable(check):
             problems += list(check(cfg))
     return problems
+
+
+def all_warnings(cfg: Any) -> list[Problem]:
+    """Options that have no effect as configured: every area's ``preflight_warnings(cfg)``."""
+    warnings: list[Problem] = []
+    for module_name in AREAS:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        found = getattr(module, "preflight_warnings", None)
+        if callable(found):
+            warnings += list(found(cfg))
+    return warnings
 
 
 def check(cfg: Any) -> None:
