@@ -79,10 +79,13 @@ def test_trainingjob_trains_checkpoints_and_runs_its_hook(tmp_path, volumes):
     path = manifest(tmp_path, hooks=hooks)
     workdir = tmp_path / "work"
     assert main(args(path, volumes, workdir, run_hooks=True)) == 0
-    status = json.loads((workdir / "status.json").read_text())
-    assert status["phase"] == "Succeeded" and status["restarts"] == 0
-    assert (workdir / "output" / "pytorch_lora_weights.safetensors").is_file()
+    status = yaml.safe_load((workdir / "status.yaml").read_text())
+    assert status["phase"] == "Succeeded" and status["restarts"] == 0 and status["step"] == 4
+    weights = workdir / "output" / "pytorch_lora_weights.safetensors"
+    assert weights.is_file() and status["weights"] == [str(weights)]
+    assert status["loss"] > 0 and status["durationSeconds"] > 0
     assert status["checkpoints"] and all(h["result"] == "Succeeded" for h in status["hooks"])
+    assert "state: finished" in (workdir / "trainer.log").read_text()
     recorded = json.loads(record.read_text())
     assert Path(recorded[1]).name.startswith("checkpoint-") and recorded[2].isdigit()
     config = json.loads((workdir / "config" / "config.json").read_text())
@@ -94,8 +97,10 @@ def test_a_config_error_fails_once_without_restarts(tmp_path, volumes):
     path = manifest(tmp_path, config={"fuse_qkv_projections": True})
     workdir = tmp_path / "work"
     assert main(args(path, volumes, workdir)) == 78
-    status = json.loads((workdir / "status.json").read_text())
+    status = yaml.safe_load((workdir / "status.yaml").read_text())
     assert status["phase"] == "Failed" and status["restarts"] == 0
+    # the trainer's own reason (its termination message), on one line
+    assert "fuse_qkv_projections" in status["reason"] and "\n" not in status["reason"]
 
 
 def test_schema_errors_are_reported_before_anything_runs(tmp_path, volumes, capsys):

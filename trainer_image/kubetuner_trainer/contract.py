@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum, StrEnum
+from pathlib import Path
 from typing import Any
 
 CONTRACT_VERSION = 1
@@ -28,6 +29,24 @@ DEFAULT_METRICS_PORT = 9400
 # A checkpoint folder ``checkpoint-<step>`` is complete once this file exists in it (written last).
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_COMPLETE_MARKER = "COMPLETE"
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every complete ``checkpoint-<step>`` under ``output_dir``, by step.
+
+    The one checkpoint discovery of the trainer's scripts, the local runner and anything else that
+    reads an output folder: a folder counts only once its ``COMPLETE`` marker exists.
+    """
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        suffix = child.name.removeprefix(CHECKPOINT_PREFIX)
+        if child.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() and \
+                (child / CHECKPOINT_COMPLETE_MARKER).is_file():
+            found.append((int(suffix), child))
+    return sorted(found)
 
 
 class ExitCode(IntEnum):

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..contract import CHECKPOINT_COMPLETE_MARKER, CHECKPOINT_PREFIX
+from ..contract import complete_checkpoints
 from ..placeholders import split_command, substitute_argv
 from ._options import all_options, option
 
@@ -28,17 +28,8 @@ VALIDATION = "validation"
 
 def latest_checkpoint_dir(output_dir: str | Path) -> Path | None:
     """The complete ``checkpoint-<step>`` folder under ``output_dir`` with the highest step."""
-    root = Path(output_dir)
-    best: tuple[int, Path] | None = None
-    if not root.is_dir():
-        return None
-    for child in root.iterdir():
-        if child.is_dir() and child.name.startswith(CHECKPOINT_PREFIX):
-            suffix = child.name.removeprefix(CHECKPOINT_PREFIX)
-            complete = (child / CHECKPOINT_COMPLETE_MARKER).is_file()
-            if suffix.isdigit() and complete and (best is None or int(suffix) > best[0]):
-                best = (int(suffix), child)
-    return best[1] if best else None
+    found = complete_checkpoints(output_dir)
+    return found[-1][1] if found else None
 
 
 def placeholder_values(
