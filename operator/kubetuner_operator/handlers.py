@@ -28,6 +28,8 @@ from .reconcile import Counters, Observed, Plan, plan, status_endpoint
 from .spec import GROUP, KIND, PLURAL, VERSION, SpecError, parse_training_job
 from .status import ACTIVE, Outcome, Phase, derive_status, rfc3339, status_changed
 from .trainer_client import TrainerClient
+from .webhook import WebhookSettings, build_server, fill_ca_bundle
+from .webhook import register as register_webhook
 
 log = logging.getLogger("kubetuner.operator")
 
@@ -45,6 +47,8 @@ class OperatorSettings:
     api_backoff: float = 0.2  # seconds before the first retry of a transient API error (then doubling)
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     tenancy: TenancyPolicy = field(default_factory=TenancyPolicy)  # allowed images / ServiceAccounts
+    webhook: WebhookSettings | None = None  # None: no admission webhook (the reconciler still checks)
+    webhook_fail_closed: bool = True  # failurePolicy Fail (else Ignore)
 
 
 class Reconciler:
@@ -273,9 +277,18 @@ def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
     settings = reconciler.settings
     tasks: list[asyncio.Task[None]] = []
 
+    webhook = settings.webhook
+    if webhook is not None:
+        register_webhook(registry, settings.tenancy, fail_closed=settings.webhook_fail_closed)
+        server, ca = build_server(webhook)
+
     @kopf.on.startup(registry=registry)
     async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.scanning.disabled = True
+        if webhook is not None:
+            settings.admission.server = server
+            if webhook.configuration:
+                tasks.append(asyncio.create_task(_publish_ca(reconciler, webhook.configuration, ca)))
         settings.posting.level = logging.WARNING  # our own events cover transitions
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
@@ -396,6 +409,19 @@ async def post_event(api: KubeApi, body: dict[str, Any], etype: str, reason: str
         await api.create(event)
     except ApiError as exc:
         log.warning("could not post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], exc)
+
+
+async def _publish_ca(reconciler: Reconciler, configuration: str, ca: bytes) -> None:
+    """Fill the webhook configuration's caBundle with the self-signed CA, retrying until it works."""
+    delay = 1.0
+    while True:
+        try:
+            await fill_ca_bundle(reconciler._api(), configuration, ca)
+            return
+        except (ApiError, kopf.TemporaryError) as exc:
+            log.warning("cannot write the webhook CA into %s yet: %s", configuration, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 60.0)
 
 
 async def _hold(runner: Any) -> None:

@@ -25,6 +25,10 @@ RESOURCES: dict[str, tuple[str, str]] = {  # kind -> (API prefix, plural)
     "Job": ("/apis/batch/v1", "jobs"),
     "TrainingJob": (f"/apis/{GROUP}/{VERSION}", PLURAL),
 }
+# Cluster-scoped kinds the operator touches: kind -> collection path.
+CLUSTER_RESOURCES: dict[str, str] = {
+    "ValidatingWebhookConfiguration": "/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations",
+}
 MERGE_PATCH = "application/merge-patch+json"
 
 
@@ -127,6 +131,14 @@ class KubeApi:
                     subresource: str | None = None) -> dict[str, Any]:
         path = object_path(kind, namespace, name) + (f"/{subresource}" if subresource else "")
         return await self._request("PATCH", path, body=patch, content_type=MERGE_PATCH)
+
+    async def get_cluster(self, kind: str, name: str) -> dict[str, Any]:
+        """A cluster-scoped object (CLUSTER_RESOURCES); ApiError when missing."""
+        return await self._request("GET", f"{CLUSTER_RESOURCES[kind]}/{name}")
+
+    async def patch_cluster(self, kind: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
+        return await self._request("PATCH", f"{CLUSTER_RESOURCES[kind]}/{name}", body=patch,
+                                   content_type=MERGE_PATCH)
 
     async def delete(self, kind: str, namespace: str, name: str) -> bool:
         """Delete (background propagation); False when it was gone already."""

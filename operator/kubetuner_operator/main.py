@@ -13,6 +13,7 @@ import os
 
 from .admission import TenancyPolicy
 from .handlers import OperatorSettings, run_operator
+from .webhook import WebhookSettings
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +31,17 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="Port of the Prometheus endpoint /metrics (0 disables it; default 8081).")
     parser.add_argument("--poll-interval", type=float, default=15.0, metavar="SECONDS",
                         help="How often every TrainingJob's trainer progress is polled (default 15).")
+    parser.add_argument("--webhook-port", type=int, default=0, metavar="PORT",
+                        help="Serve the validating admission webhook (HTTPS) on this port (0: no webhook; the chart "
+                             "uses 9443).")
+    parser.add_argument("--webhook-host", action="append", default=[], metavar="NAME",
+                        help="DNS name of the webhook Service, put into a self-signed certificate (repeatable).")
+    parser.add_argument("--webhook-cert-dir", metavar="DIR",
+                        help="Folder with tls.crt and tls.key (e.g. a cert-manager Secret); default: self-signed.")
+    parser.add_argument("--webhook-configuration", metavar="NAME",
+                        help="ValidatingWebhookConfiguration whose caBundle gets the self-signed CA.")
+    parser.add_argument("--webhook-failure-policy", choices=["Fail", "Ignore"], default="Fail",
+                        help="What the API server does when the webhook cannot answer (default Fail).")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="Log verbosity (default INFO).")
 
@@ -42,7 +54,9 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit("kubetuner operator: --poll-interval must be > 0")
     settings = OperatorSettings(poll_interval=args.poll_interval,
                                 metrics_port=args.metrics_port or None,
-                                tenancy=TenancyPolicy.from_env(os.environ))
+                                tenancy=TenancyPolicy.from_env(os.environ),
+                                webhook=_webhook(args),
+                                webhook_fail_closed=args.webhook_failure_policy == "Fail")
     liveness = f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None
     try:
         asyncio.run(run_operator(settings, namespaces=list(args.namespace), liveness_endpoint=liveness,
@@ -50,3 +64,10 @@ def main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _webhook(args: argparse.Namespace) -> WebhookSettings | None:
+    if not args.webhook_port:
+        return None
+    return WebhookSettings(port=args.webhook_port, hostnames=tuple(args.webhook_host) or ("localhost",),
+                           cert_dir=args.webhook_cert_dir, configuration=args.webhook_configuration)
