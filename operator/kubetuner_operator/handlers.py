@@ -2,8 +2,8 @@
 
 Level-triggered: every watch event of a TrainingJob, of one of its trainer pods or Jobs, and a
 periodic poll (trainer progress, deadlines, TTLs) all lead to the same :meth:`Reconciler.reconcile`,
-which re-reads the TrainingJob and its children, asks :func:`reconcile.plan` what to do, and applies
-that idempotently. Reconciles of one job are serialised by a per-job lock. The operator patches
+which reads the TrainingJob and its children from kopf's indexes (:mod:`.cache`; no API reads),
+asks :func:`reconcile.plan` what to do, and applies that idempotently. Reconciles of one job are serialised by a per-job lock. The operator patches
 only ``status`` (and its own counter annotations), never ``spec``.
 """
 
@@ -22,6 +22,7 @@ import kopf
 
 from .admission import TenancyPolicy, policy_problems
 from .builders.common import LABEL_COMPONENT, LABEL_JOB
+from .cache import ClusterCache, register_indexes
 from .kube_api import ApiError, KubeApi
 from .metrics import OperatorMetrics, start_metrics_server
 from .reconcile import Counters, Observed, Plan, plan, status_endpoint
@@ -66,6 +67,7 @@ class Reconciler:
         self._seen: dict[tuple[str, str], tuple[Any, ...]] = {}
         self.events = EventRecorder()
         self._checked: dict[tuple[str, str], tuple[Any, list[str]]] = {}
+        self.cache = ClusterCache()
 
     @staticmethod
     def _fingerprint(body: Any) -> tuple[Any, ...]:
@@ -74,9 +76,15 @@ class Reconciler:
                 tuple(sorted((meta.get("annotations") or {}).items())), repr(body.get("spec")))
 
     def changed_since_reconcile(self, body: Any) -> bool:
-        """False when only the status moved since the last reconcile of this object."""
+        """False when only the status moved since the last event of this object (our own status echo).
+
+        Remembers the event's fingerprint: each change other than status leads to one reconcile.
+        """
         key = (body["metadata"].get("namespace", ""), body["metadata"]["name"])
-        return self._seen.get(key) != self._fingerprint(body)
+        fingerprint = self._fingerprint(body)
+        changed = self._seen.get(key) != fingerprint
+        self._seen[key] = fingerprint
+        return changed
 
     async def use_connection(self, info: Any) -> None:
         """Switch the reconciler's API client to new credentials (first login and re-logins)."""
@@ -99,6 +107,8 @@ class Reconciler:
     # ------------------------------------------------------------ observe
 
     async def _observe(self, api: KubeApi, ns: str, name: str) -> Observed:
+        if self.cache.ready:
+            return self.cache.observed((ns, name))
         selector = {LABEL_JOB: name}
         pods, jobs, cms, pvcs, svcs = await asyncio.gather(
             api.list("Pod", ns, selector), api.list("Job", ns, selector), api.list("ConfigMap", ns, selector),
@@ -133,11 +143,10 @@ class Reconciler:
 
     async def _reconcile(self, namespace: str, name: str) -> None:
         api = self._api()
-        body = await api.get(KIND, namespace, name)
+        body = self.cache.trainingjob((namespace, name)) if self.cache.ready else await api.get(KIND, namespace, name)
         if body is None or body.get("metadata", {}).get("deletionTimestamp"):
             self.forget(namespace, name)
             return
-        self._seen[(namespace, name)] = self._fingerprint(body)
         now = self.settings.clock()
         previous = body.get("status") or {}
         try:
@@ -162,22 +171,25 @@ class Reconciler:
         if result.counters is not None:
             # Persist the attempt before creating the child it names: a restart mid-way re-plans the same.
             await api.patch(KIND, ns, name, {"metadata": {"annotations": result.counters.to_annotations()}})
+            self.cache.wrote((ns, name), meta.get("uid", ""), counters=result.counters)
             if result.counters.restarts > Counters.from_annotations(meta.get("annotations")).restarts:
                 self.metrics.restarts.inc()
         for kind, child in result.delete:
             if await api.delete(kind, ns, child):
                 await self.events.post(api, body, "Normal", "Deleted", f"Deleted {kind} {child}.",
                                        self.settings.clock())
-        created, refusal = await self._create(api, result.create)
-        notes: list[tuple[str, str, str]] = []
-        if created:  # one event per reconcile, not one per child: events are API writes too
-            notes.append(("Normal", "Created", f"Created {', '.join(created)}."))
+        created, refusal = await self._create(api, (ns, name), result.create)
         status = result.status
         events = [(e.type, e.reason, e.message) for e in result.events]
         if refusal is not None and result.restatus is not None and result.outcome is not None:
             status, events = _refused_status(result, refusal, previous)
+        if created:  # said in the reconcile's first event, not one per child: events are API writes too
+            note = f"Created {', '.join(created)}."
+            events = ([(events[0][0], events[0][1], f"{events[0][2]} {note}"), *events[1:]] if events
+                      else [("Normal", "Created", note)])
         if status_changed(previous, status):
             await api.patch(KIND, ns, name, {"status": status}, subresource="status")
+            self.cache.wrote((ns, name), meta.get("uid", ""), status=status)
         self.metrics.hooks_finished(previous.get("hooks") or (), status["hooks"])
         self.metrics.set_phase((ns, name), status["phase"])
         if status["phase"] in ACTIVE or result.requeue_after is not None or refusal is not None:
@@ -185,13 +197,14 @@ class Reconciler:
         else:
             self.polled.discard((ns, name))
         now = self.settings.clock()
-        for etype, reason, message in notes + events:
+        for etype, reason, message in events:
             await self.events.post(api, body, etype, reason, message, now)
         if result.delete_trainingjob:
             await api.delete(KIND, ns, name)
             self.forget(ns, name)
 
-    async def _create(self, api: KubeApi, objs: list[dict[str, Any]]) -> tuple[list[str], Refusal | None]:
+    async def _create(self, api: KubeApi, key: tuple[str, str], objs: list[dict[str, Any]]
+                      ) -> tuple[list[str], Refusal | None]:
         """Create-or-get each object; (what was created, the first refusal by the API server)."""
         created: list[str] = []
         for obj in objs:
@@ -199,6 +212,7 @@ class Reconciler:
             try:
                 if await api.create(obj):
                     created.append(what)
+                self.cache.created(key, obj["kind"], obj["metadata"]["name"])
             except ApiError as exc:
                 if exc.transient:
                     raise
@@ -232,6 +246,7 @@ class Reconciler:
                                restarts=int(previous.get("restarts", 0)), hooks=previous.get("hooks") or ())
         if status_changed(previous, status):
             await api.patch(KIND, meta["namespace"], meta["name"], {"status": status}, subresource="status")
+            self.cache.wrote((meta["namespace"], meta["name"]), meta.get("uid", ""), status=status)
             await self.events.post(api, body, "Warning", reason, message, now)
         self.metrics.set_phase((meta["namespace"], meta["name"]), str(Phase.FAILED))
 
@@ -241,6 +256,7 @@ class Reconciler:
         self._locks.pop((namespace, name), None)
         self._seen.pop((namespace, name), None)
         self.events.forget(namespace, name)
+        self.cache.forget((namespace, name))
         self.metrics.set_phase((namespace, name), None)
 
     async def poll_forever(self) -> None:
@@ -276,6 +292,7 @@ def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     settings = reconciler.settings
     tasks: list[asyncio.Task[None]] = []
+    register_indexes(registry)
 
     webhook = settings.webhook
     if webhook is not None:
@@ -320,20 +337,23 @@ def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
         return info
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
-    async def trainingjob_event(type: str, name: str, namespace: str, body: Any, **_: Any) -> None:
+    async def trainingjob_event(type: str, name: str, namespace: str, body: Any, **kwargs: Any) -> None:
+        reconciler.cache.capture(kwargs)
         if type == "DELETED":
             reconciler.forget(namespace, name)
             return
-        if type == "MODIFIED" and not reconciler.changed_since_reconcile(body):
+        if not reconciler.changed_since_reconcile(body) and type == "MODIFIED":
             return  # our own status write echoed back: nothing new to act on
         await _reconcile_or_retry(reconciler, namespace, name)
 
     @kopf.on.event("v1", "pods", labels={LABEL_JOB: kopf.PRESENT, LABEL_COMPONENT: "trainer"}, registry=registry)
-    async def pod_event(labels: dict[str, str], namespace: str, **_: Any) -> None:
+    async def pod_event(labels: dict[str, str], namespace: str, **kwargs: Any) -> None:
+        reconciler.cache.capture(kwargs)
         await _reconcile_or_retry(reconciler, namespace, labels[LABEL_JOB])
 
     @kopf.on.event("batch", "v1", "jobs", labels={LABEL_JOB: kopf.PRESENT}, registry=registry)
-    async def job_event(labels: dict[str, str], namespace: str, **_: Any) -> None:
+    async def job_event(labels: dict[str, str], namespace: str, **kwargs: Any) -> None:
+        reconciler.cache.capture(kwargs)
         await _reconcile_or_retry(reconciler, namespace, labels[LABEL_JOB])
 
     return registry

@@ -235,6 +235,10 @@ def classify_run(job: TrainingJobSpec, attempt: int, observed: Observed) -> Run:
     if _true_condition(tjob, "Complete"):
         return Run(RunState.SUCCEEDED, "", started)
     if _true_condition(tjob, "Failed"):
+        # Decide once every node has stopped: watch events of pods and Jobs arrive in no set order,
+        # and the node that failed first may not be seen failed yet (its exit code decides).
+        if any(classify_pod(p).state not in FINISHED_STATES for p in pods):
+            return Run(RunState.TERMINATING, "waiting for the nodes of the failed attempt to stop", started)
         return _classify_failed_pods([p for p in pods if (p.get("status") or {}).get("phase") == "Failed"])
     if (tjob.get("spec") or {}).get("suspend"):
         return Run(RunState.QUEUED, "waiting for Kueue admission", started)
@@ -450,7 +454,9 @@ def plan(job: TrainingJobSpec, *, counters: Counters, observed: Observed, traine
                                f"Waiting for {', '.join(lingering)} to stop before starting {current}.")
         elif run.state == RunState.MISSING:
             create += _trainer_objects(job, counters.attempt, resume=counters.attempt > 0 or has_checkpoint)
-            outcome = _waiting(prev_phase if fresh else Phase.RESTARTING, "Creating", f"Creating trainer {current}.")
+            # Reported as already pending: the pod's own watch event then changes nothing (no second write).
+            outcome = _waiting(prev_phase if fresh else Phase.RESTARTING, "TrainerPending",
+                               f"Trainer {current} is pending.")
         elif run.state == RunState.TERMINATING and run.ran:
             # Lost while running (deleted, drained): a new attempt resumes from the checkpoint the
             # trainer writes on SIGTERM, so it is created once this one is gone.
@@ -475,8 +481,11 @@ def plan(job: TrainingJobSpec, *, counters: Counters, observed: Observed, traine
     hooks, hook_jobs = _hooks(job, observed, reported_checkpoints(trainer, observed), prev.get("hooks") or (),
                               latest, prev.get("hooksCompacted"))
     create += hook_jobs
+    stalled = next(((c.get("reason", ""), c.get("message", "")) for c in prev.get("conditions") or ()
+                    if c.get("type") == "Stalled" and c.get("status") == "True"), None)
     status = derive_status(outcome=outcome, generation=job.generation, trainer=trainer, previous=prev, now=now,
-                           restarts=new_counters.restarts, hooks=hooks, started_at=run.started_at)
+                           restarts=new_counters.restarts, hooks=hooks, started_at=run.started_at,
+                           stalled=stalled if prev_phase in TERMINAL else None)  # a final refusal stays reported
     if outcome.phase != prev_phase or new_counters.restarts != counters.restarts:
         warn = outcome.phase in (Phase.FAILED, Phase.RESTARTING)
         events.append(Event("Warning" if warn else "Normal", outcome.reason, outcome.message))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import copy
 import itertools
@@ -111,6 +112,19 @@ class _CurrentRequestOnly(list):  # type: ignore[type-arg]
         return iter([] if current is None else [current])
 
 
+def _merged(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch of ``patch`` onto ``target`` (a new value; ``target`` is not changed)."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = _merged(out.get(k), v)
+    return out
+
+
 @dataclass
 class Failure:
     """An injected API error (see :meth:`ApiServer.fail`); ``seen`` counts the requests it answered."""
@@ -142,10 +156,13 @@ class ApiServer(kmock.KubernetesEmulator):
         self._requests = _CurrentRequestOnly()
         self.lose_create_responses: dict[str, int] = {}  # plural -> creates whose response is lost
         self.failures: dict[tuple[str, str], Failure] = {}  # (action, plural) -> injected error
+        self.requests: collections.Counter[str] = collections.Counter()  # "create pods" -> count
         self._index: dict[Any, dict[tuple[Any, str | None, str], None]] = {}  # resource -> object keys
 
     async def _handle(self, request):  # type: ignore[no-untyped-def]
         _CURRENT_REQUEST.set(request)
+        if request.resource is not None and request.action is not None:
+            self.requests[f"{str(request.action.name).lower()} {request.resource.plural}"] += 1
         return await self._handle_tracked(request)
 
     def fail(self, action: str, plural: str, status: int, message: str = "injected by the test", *,
@@ -175,8 +192,6 @@ class ApiServer(kmock.KubernetesEmulator):
         injected = self._injected(request)
         if injected is not None:
             return injected
-        spec_before = None
-        key = None
         if request.resource is not None and request.action == kmock.action.CREATE and isinstance(request.data, dict):
             meta = request.data.setdefault("metadata", {})
             meta.setdefault("uid", str(uuid.uuid4()))
@@ -188,8 +203,13 @@ class ApiServer(kmock.KubernetesEmulator):
         if request.resource is not None and request.action == kmock.action.UPDATE and request.name \
                 and not request.subresource:
             key = (request.resource, request.namespace, request.name)
-            if key in self.objects and not self.objects[key].deleted:
-                spec_before = self.objects[key].raw.get("spec")
+            if key in self.objects and not self.objects[key].deleted and isinstance(request.data, dict) \
+                    and "spec" in request.data:
+                # Bump generation in the same write as the spec, so the watch event carries it.
+                raw = self.objects[key].raw
+                if _merged(raw.get("spec"), request.data["spec"]) != raw.get("spec"):
+                    meta = request.data.setdefault("metadata", {})
+                    meta["generation"] = int(raw["metadata"].get("generation", 1)) + 1
         response = await super()._handle(request)
         created_now = (request.resource is not None and request.action == kmock.action.CREATE
                        and response.status < 300)
@@ -205,10 +225,6 @@ class ApiServer(kmock.KubernetesEmulator):
             self.lose_create_responses[request.resource.plural] -= 1
             return web.json_response({"kind": "Status", "apiVersion": "v1", "code": 504, "reason": "Timeout",
                                       "message": "response lost on purpose by the test"}, status=504)
-        if key is not None and key in self.objects and not self.objects[key].deleted:
-            obj = self.objects[key]
-            if obj.raw.get("spec") != spec_before:
-                obj.patch({"metadata": {"generation": int(obj.raw["metadata"].get("generation", 1)) + 1}})
         if request.action == kmock.action.DELETE:
             await self._collect_garbage()
         return response
@@ -357,11 +373,14 @@ class Cluster:
         await asyncio.to_thread(thread.join, 30)
         assert not thread.is_alive(), "the operator did not stop within 30 s"
 
-    async def reconciles(self, count: int = 3) -> None:
-        """Wait until the running operator finished ``count`` more reconciles (no fixed sleeps)."""
-        histogram = self.reconciler.metrics.reconcile_seconds
-        start = _histogram_count(histogram)
-        await eventually(lambda: _histogram_count(histogram) >= start + count, f"{count} reconciles")
+    def reconcile_count(self) -> float:
+        return _histogram_count(self.reconciler.metrics.reconcile_seconds)
+
+    async def reconciles(self, count: int = 3, start: float | None = None) -> None:
+        """Wait until the running operator finished ``count`` more reconciles than ``start``
+        (default: now) (no fixed sleeps)."""
+        start = self.reconcile_count() if start is None else start
+        await eventually(lambda: self.reconcile_count() >= start + count, f"{count} reconciles")
 
 
     async def nudge(self, name: str, times: int = 3, namespace: str = "team-a") -> None:
@@ -369,9 +388,10 @@ class Cluster:
         (a watch event, as any metadata change by a user or another controller would cause)."""
         for _ in range(times):
             self._nudges += 1
+            start = self.reconcile_count()
             await self.client.patch("TrainingJob", namespace, name,
                                     {"metadata": {"annotations": {"test.kubetuner.dev/nudge": str(self._nudges)}}})
-            await self.reconciles(1)
+            await self.reconciles(1, start)
 
 
 def _histogram_count(histogram: Any) -> float:

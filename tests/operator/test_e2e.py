@@ -120,7 +120,7 @@ async def test_lifecycle_progress_hooks_preemption_and_success(cluster: Cluster)
         # A finished job without TTL is not polled any more (only watch events wake it up).
         await eventually(lambda: (NS, "sdxl-style") not in reconciler.polled, "polling stopped")
         # Every transition was announced on the object.
-        await eventually(lambda: {"Creating", "Caching", "Training", "Preempted", "Completed"}
+        await eventually(lambda: {"TrainerPending", "Caching", "Training", "Preempted", "Completed"}
                          <= {e["reason"] for e in events(cluster)}, "an event per transition")
 
         # The operator's metrics endpoint reports what happened.

@@ -160,6 +160,7 @@ async def test_refused_trainer_pod_fails_the_job_with_the_servers_message(cluste
     assert failure.seen == tries  # final for this generation: never retried
     assert [e["reason"] for e in events(cluster) if e["type"] == "Warning"] == ["CreateRejected"]
     assert ("team-a", "sdxl-style") not in cluster.reconciler.polled
+    assert condition(cluster, "Stalled")["status"] == "True"  # still reported after later reconciles
 
     cluster.server.failures.clear()  # the user fixes the spec: a new generation is tried again
     await patch_spec(cluster, "sdxl-style", {"resources": {"gpus": 0, "cpu": "2", "memory": "8Gi"}})
@@ -196,3 +197,20 @@ async def test_hanging_trainer_never_delays_another_jobs_progress(cluster: Clust
             await eventually(lambda step=step: status(cluster, "healthy").get("progress", {}).get("step") == step,
                              f"healthy job at step {step}", timeout=20)
         assert stuck.hits == 1  # one bounded poll in flight, not a pile-up
+
+
+async def test_reconciles_read_the_watch_cache_not_the_api_server(cluster: Cluster) -> None:
+    async with FakeTrainer() as trainer:
+        await cluster.start_operator()
+        await running_job(cluster, trainer)
+        # kopf listed each kind once when it started watching: from here on, only watch streams.
+        reads_at_start = {k: v for k, v in cluster.server.requests.items() if k.split()[0] in ("list", "fetch")}
+        trainer.status = TrainerStatus(state=TrainerState.TRAINING, step=300, max_steps=1000)
+        await eventually(lambda: status(cluster)["progress"]["step"] == 300, "polled progress")
+        await set_pod_status(cluster, "sdxl-style-t0", evicted())
+        await eventually(lambda: "sdxl-style-t1" in pods(cluster), "t1")
+        await cluster.nudge("sdxl-style", 3)
+    reads = {k: v for k, v in cluster.server.requests.items() if k.split()[0] in ("list", "fetch")}
+    assert reads == reads_at_start  # kopf's initial lists only: every reconcile read memory
+    writes = sorted(k for k in cluster.server.requests if k.split()[0] in ("create", "update") and k not in reads)
+    assert "create pods" in writes and "update trainingjobs" in writes
