@@ -93,14 +93,17 @@ def test_trainingjob_trains_checkpoints_and_runs_its_hook(tmp_path, volumes):
 
 
 def test_a_config_error_fails_once_without_restarts(tmp_path, volumes):
-    # Accepted by the CRD schema (a real SimpleTuner option) but not implemented by the trainer.
-    path = manifest(tmp_path, config={"fuse_qkv_projections": True})
+    # Valid for the CRD schema; only the trainer finds (before loading the model) that the folder is missing.
+    path = manifest(tmp_path)
+    job = yaml.safe_load(path.read_text())
+    job["spec"]["datasets"][0]["pvc"]["path"] = "shapez"
+    path.write_text(yaml.safe_dump(job))
     workdir = tmp_path / "work"
     assert main(args(path, volumes, workdir)) == 78
     status = yaml.safe_load((workdir / "status.yaml").read_text())
     assert status["phase"] == "Failed" and status["restarts"] == 0
     # the trainer's own reason (its termination message), on one line
-    assert "fuse_qkv_projections" in status["reason"] and "\n" not in status["reason"]
+    assert f"{volumes['datasets'] / 'shapez'} does not exist" in status["reason"] and "\n" not in status["reason"]
 
 
 def test_schema_errors_are_reported_before_anything_runs(tmp_path, volumes, capsys):
