@@ -245,6 +245,13 @@ def classify_run(job: TrainingJobSpec, attempt: int, observed: Observed) -> Run:
     runs = [classify_pod(p) for p in pods]
     if any(r.state in (RunState.CONFIG_ERROR,) for r in runs):
         return next(r for r in runs if r.state == RunState.CONFIG_ERROR)
+    # One node failed, was evicted or is being deleted while running: its peers would only hang in
+    # collectives, so the whole group ends now (JobSet's failure policy: restart the group).
+    if any(r.state in RETRYABLE for r in runs):
+        return _classify_failed_pods([p for p in pods if classify_pod(p).state in RETRYABLE])
+    lost = next((r for r in runs if r.state == RunState.TERMINATING and r.ran), None)
+    if lost is not None:
+        return Run(RunState.EVICTED, f"a node's {lost.detail}", started)
     if len([r for r in runs if r.state == RunState.RUNNING]) >= 1:
         return Run(RunState.RUNNING, "", started)
     detail = next((r.detail for r in runs if r.detail), "")
@@ -346,12 +353,15 @@ def _active_trainers(job: TrainingJobSpec, observed: Observed, *, keep: int | No
 
 
 def _lingering(job: TrainingJobSpec, observed: Observed, attempt: int) -> list[str]:
-    """Trainers of attempts before ``attempt`` that still exist and have not finished (e.g. terminating)."""
+    """Trainers of attempts before ``attempt`` that still exist and have not finished (e.g. terminating):
+    their pods, and for several nodes also their Jobs (a deleted Job's pods outlive it briefly)."""
+    pods = [_name(p) for p in observed.pods if (_attempt_of(p) or 0) < attempt
+            and classify_pod(p).state not in FINISHED_STATES]
     if job.nodes == 1:
-        return sorted(_name(p) for p in observed.pods if (_attempt_of(p) or 0) < attempt
-                      and classify_pod(p).state not in FINISHED_STATES)
-    return sorted(_name(j) for j in observed.trainer_jobs if (_attempt_of(j) or 0) < attempt
-                  and not (_true_condition(j, "Complete") or _true_condition(j, "Failed")))
+        return sorted(pods)
+    return sorted(pods + [_name(j) for j in observed.trainer_jobs if (_attempt_of(j) or 0) < attempt
+                          and not j.get("metadata", {}).get("deletionTimestamp")
+                          and not (_true_condition(j, "Complete") or _true_condition(j, "Failed"))])
 
 
 def _hooks(job: TrainingJobSpec, observed: Observed, checkpoints: Sequence[CheckpointInfo],
@@ -474,9 +484,10 @@ def plan(job: TrainingJobSpec, *, counters: Counters, observed: Observed, traine
                               _running_message(trainer))
         else:
             outcome, new_counters, extra = _retry(job, counters, run, prev_phase)
-            create += extra
             if job.nodes > 1 and new_counters.attempt != counters.attempt:
-                delete.append(("Job", current))  # free the old attempt's hostnames and pods
+                delete.append(("Job", current))  # stops every node of the old attempt at once
+            # The next attempt starts once every node of this one has stopped (checkpoint on SIGTERM).
+            create += extra if not _lingering(job, observed, new_counters.attempt) else []
 
     hooks, hook_jobs = _hooks(job, observed, reported_checkpoints(trainer, observed), prev.get("hooks") or (),
                               latest, prev.get("hooksCompacted"))

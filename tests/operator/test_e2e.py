@@ -274,12 +274,15 @@ async def test_multinode_indexed_job(cluster: Cluster) -> None:
     assert svc["spec"]["clusterIP"] == "None"
     await cluster.client.patch("Job", NS, "sdxl-style-t0", {"status": {"active": 2, "startTime":
                                                                          "2026-01-01T00:00:00Z"}}, subresource="status")
-    # Simulate the Job controller: node pods (labels from the template) fail, one with exit 78.
+    # Simulate the Job controller: node pods (labels from the template) run; node 1 exits 78, then
+    # the Job controller stops node 0 (143).
     template = indexed["spec"]["template"]
     for index in range(2):
         await cluster.client.create({"apiVersion": "v1", "kind": "Pod", "metadata": {
             "name": f"sdxl-style-t0-{index}-abcde", "namespace": NS, "labels": template["metadata"]["labels"],
             "annotations": {"batch.kubernetes.io/job-completion-index": str(index)}}, "spec": template["spec"]})
+        await set_pod_status(cluster, f"sdxl-style-t0-{index}-abcde", running())
+    for index in (1, 0):
         await set_pod_status(cluster, f"sdxl-style-t0-{index}-abcde", terminated(78 if index else 143))
     await cluster.client.patch("Job", NS, "sdxl-style-t0", {"status": {"conditions": [
         {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}}, subresource="status")

@@ -22,6 +22,7 @@ from operator_helpers import (
     events,
     eventually,
     evicted,
+    jobs,
     make_trainingjob,
     patch_spec,
     pods,
@@ -214,3 +215,35 @@ async def test_reconciles_read_the_watch_cache_not_the_api_server(cluster: Clust
     assert reads == reads_at_start  # kopf's initial lists only: every reconcile read memory
     writes = sorted(k for k in cluster.server.requests if k.split()[0] in ("create", "update") and k not in reads)
     assert "create pods" in writes and "update trainingjobs" in writes
+
+
+async def test_one_evicted_node_restarts_the_whole_group_once(cluster: Cluster) -> None:
+    await cluster.start_operator()
+    await create(cluster, make_trainingjob(nodes=2, hooks=None,
+                                           caches={"latents": {"size": "10Gi", "accessModes": ["ReadWriteMany"]}},
+                                           output={"pvc": {"size": "10Gi", "accessModes": ["ReadWriteMany"]}}))
+    indexed = await eventually(lambda: jobs(cluster).get("sdxl-style-t0"), "indexed job t0")
+    template = indexed["spec"]["template"]
+    nodes = [f"sdxl-style-t0-{index}-x" for index in range(2)]
+    for index, pod in enumerate(nodes):  # the Job controller's pods; a finalizer holds node 0's grace period
+        await cluster.client.create({"apiVersion": "v1", "kind": "Pod", "metadata": {
+            "name": pod, "namespace": NS, "labels": template["metadata"]["labels"], "finalizers": [GRACE],
+            "annotations": {"batch.kubernetes.io/job-completion-index": str(index)}}, "spec": template["spec"]})
+        await set_pod_status(cluster, pod, running())
+    await eventually(lambda: status(cluster).get("phase") == "Running", "Running")
+
+    await set_pod_status(cluster, nodes[1], evicted())  # node 1 lost; node 0 would hang in a collective
+    await eventually(lambda: "sdxl-style-t0" not in jobs(cluster), "the whole attempt stopped (Job deleted)")
+    await eventually(lambda: status(cluster)["phase"] == "Restarting" and status(cluster)["restarts"] == 1,
+                     "Restarting, one restart for the group")
+    await cluster.nudge("sdxl-style", 2)
+    assert "sdxl-style-t1" not in jobs(cluster)  # node 0 may still be writing its SIGTERM checkpoint
+    for pod in nodes:
+        await cluster.client.patch("Pod", NS, pod, {"metadata": {"finalizers": None}})
+        await cluster.client.delete("Pod", NS, pod)
+    t1 = await eventually(lambda: jobs(cluster).get("sdxl-style-t1"), "attempt 1 as a new Indexed Job")
+    args = t1["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[-2:] == ["--resume_from_checkpoint", "latest"]
+    await cluster.nudge("sdxl-style", 2)
+    assert status(cluster)["restarts"] == 1 and set(jobs(cluster)) == {"sdxl-style-t1"}
+    created_once(cluster)

@@ -199,6 +199,7 @@ def run_process(cfg: TrainerConfig, events: TrainingEvents) -> ExitCode:
     from accelerate.state import AcceleratorState
     from accelerate.utils import broadcast_object_list, set_seed
 
+    from .collectives import process_group_kwargs
     from .models import load_adapter
     from .training import checkpoints as ckpt
     from .training.loop import TrainingLoop, weight_dtype_for
@@ -208,7 +209,8 @@ def run_process(cfg: TrainerConfig, events: TrainingEvents) -> ExitCode:
         use_cpu = not torch.cuda.is_available()
         # accelerate keeps its settings process-wide; a second run in this process may use others
         AcceleratorState._reset_state()
-        accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), cpu=use_cpu)
+        accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), cpu=use_cpu,
+                                  kwargs_handlers=process_group_kwargs())
         rank, world = accelerator.process_index, accelerator.num_processes
         seeds = [_seed(cfg)]
         if world > 1:
