@@ -38,30 +38,39 @@ app.kubernetes.io/part-of: kubetuner
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
 
-{{/* Permissions on the namespaced objects the operator reconciles (ClusterRole or Role rules). */}}
+{{/* Permissions on the namespaced objects the operator reconciles (ClusterRole or Role rules): exactly what
+     the code calls (tests/helm/test_rbac.py derives them from the API client's call sites). */}}
 {{- define "kubetuner.namespacedRules" -}}
 - apiGroups: ["kubetuner.dev"]
   resources: ["trainingjobs"]
-  verbs: ["get", "list", "watch", "patch", "update", "delete"]
+  verbs: ["get", "list", "watch", "patch", "delete"]
 - apiGroups: ["kubetuner.dev"]
   resources: ["trainingjobs/status"]
-  verbs: ["get", "patch", "update"]
-- apiGroups: ["kubetuner.dev"]
-  resources: ["trainingjobs/finalizers"]
-  verbs: ["update"]
+  verbs: ["patch"]
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
-- apiGroups: [""]
-  resources: ["pods/log"]
-  verbs: ["get"]
-- apiGroups: [""]
-  resources: ["services", "configmaps", "persistentvolumeclaims"]
-  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+  verbs: ["list", "watch", "create", "delete"]
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
-- apiGroups: ["", "events.k8s.io"]
+  verbs: ["list", "watch", "create", "delete"]
+- apiGroups: [""]
+  resources: ["services", "configmaps", "persistentvolumeclaims"]
+  verbs: ["list", "create"]
+- apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
+{{- end -}}
+
+{{/* Name of the webhook's ValidatingWebhookConfiguration, Service and certificate. */}}
+{{- define "kubetuner.webhookName" -}}
+{{- printf "%s-webhook" (include "kubetuner.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* "certManager" or "selfSigned": cert-manager when asked or (auto) when its API is present. */}}
+{{- define "kubetuner.webhookTls" -}}
+{{- if eq .Values.webhook.tls "auto" -}}
+{{- if .Capabilities.APIVersions.Has "cert-manager.io/v1" -}}certManager{{- else -}}selfSigned{{- end -}}
+{{- else -}}
+{{- .Values.webhook.tls -}}
+{{- end -}}
 {{- end -}}

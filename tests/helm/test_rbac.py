@@ -1,0 +1,191 @@
+"""The chart grants exactly what the operator calls: verbs derived from the API client's call sites
+(and kopf's watches) compared with the rendered Role/ClusterRole; plus the webhook and NetworkPolicy."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_chart import by_kind, render
+
+from kubetuner_operator.kube_api import CLUSTER_RESOURCES, RESOURCES
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = ROOT / "operator" / "kubetuner_operator"
+METHOD_VERBS = {"get": "get", "list": "list", "create": "create", "patch": "patch", "delete": "delete",
+                "get_cluster": "get", "patch_cluster": "patch"}
+Grant = tuple[str, str, str]  # (apiGroup, resource, verb)
+
+
+def _group_and_plural(kind: str) -> tuple[str, str]:
+    if kind in CLUSTER_RESOURCES:
+        parts = CLUSTER_RESOURCES[kind].split("/")
+        return parts[2], parts[-1]
+    prefix, plural = RESOURCES[kind]
+    return ("" if prefix == "/api/v1" else prefix.split("/")[2]), plural
+
+
+def _kind_literals(path: Path, pattern: str) -> set[str]:
+    return {k for k in re.findall(pattern, path.read_text(encoding="utf-8")) if k in RESOURCES}
+
+
+def _dynamic_kinds(method: str) -> set[str]:
+    """Kinds reaching ``create(obj)`` / ``delete(kind, ...)`` through variables."""
+    if method == "create":  # objects built by the builders, plus core Events
+        kinds = set()
+        for path in [*(PACKAGE / "builders").glob("*.py"), PACKAGE / "handlers.py"]:
+            kinds |= _kind_literals(path, r'"kind":\s*"(\w+)"')
+        return kinds
+    # delete: the (kind, name) pairs the planner schedules
+    return _kind_literals(PACKAGE / "reconcile.py", r'\("(\w+)",') | \
+        _kind_literals(PACKAGE / "reconcile.py", r'current_kind = "(\w+)" if .* else "(\w+)"') | \
+        set(re.findall(r'"(Pod|Job)"', (PACKAGE / "reconcile.py").read_text(encoding="utf-8")))
+
+
+def used_by_the_client() -> set[Grant]:
+    """Every (group, resource, verb) of a KubeApi call in the operator package."""
+    grants: set[Grant] = set()
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "kube_api.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in METHOD_VERBS and ast.unparse(node.func.value).endswith("api")):
+                continue
+            method, first = node.func.attr, node.args[0] if node.args else None
+            if isinstance(first, ast.Constant) and isinstance(first.value, str):
+                kinds = {first.value}
+            elif isinstance(first, ast.Name) and first.id == "KIND":
+                kinds = {"TrainingJob"}
+            else:
+                kinds = _dynamic_kinds(method)
+            subresource = next((k.value.value for k in node.keywords
+                                if k.arg == "subresource" and isinstance(k.value, ast.Constant)), None)
+            for kind in kinds:
+                group, plural = _group_and_plural(kind)
+                grants.add((group, f"{plural}/{subresource}" if subresource else plural, METHOD_VERBS[method]))
+    return grants
+
+
+def watched_by_kopf() -> set[Grant]:
+    """kopf lists and watches the resources of every ``kopf.on.event`` handler."""
+    source = (PACKAGE / "handlers.py").read_text(encoding="utf-8")
+    grants: set[Grant] = set()
+    for args in re.findall(r"@kopf\.on\.event\(([^)]*)\)", source):
+        positional = [a.strip() for a in args.split(",") if "=" not in a]
+        if positional[:3] == ["GROUP", "VERSION", "PLURAL"]:
+            group, plural = "kubetuner.dev", "trainingjobs"
+        else:
+            literal = [p.strip('"') for p in positional]
+            group, plural = ("", literal[1]) if literal[0] == "v1" else (literal[0], literal[2])
+        grants |= {(group, plural, "list"), (group, plural, "watch")}
+    return grants
+
+
+def granted(rules: list[dict[str, Any]]) -> set[Grant]:
+    return {(group, resource, verb) for rule in rules for group in rule["apiGroups"]
+            for resource in rule["resources"] for verb in rule["verbs"]}
+
+
+def test_the_derivation_finds_the_calls_it_must():
+    used = used_by_the_client()
+    assert ("kubetuner.dev", "trainingjobs/status", "patch") in used
+    assert ("", "pods", "create") in used and ("batch", "jobs", "delete") in used
+    assert ("", "events", "create") in used and ("", "configmaps", "list") in used
+    assert ("admissionregistration.k8s.io", "validatingwebhookconfigurations", "patch") in used
+    assert ("kubetuner.dev", "trainingjobs", "watch") in watched_by_kopf()
+
+
+WEBHOOK = {("admissionregistration.k8s.io", "validatingwebhookconfigurations", verb) for verb in ("get", "patch")}
+
+
+def test_cluster_role_grants_exactly_what_the_code_calls():
+    needed = used_by_the_client() | watched_by_kopf()
+    (role,) = by_kind(render(), "ClusterRole")
+    assert granted(role["rules"]) == needed
+    webhook_rules = [r for r in role["rules"] if "validatingwebhookconfigurations" in r["resources"]]
+    assert [r["resourceNames"] for r in webhook_rules] == [["kt-kubetuner-webhook"]]
+
+
+def test_namespaced_roles_grant_exactly_the_namespaced_calls():
+    manifests = render({"watchNamespaces": ["team-a", "team-b"]})
+    needed = (used_by_the_client() | watched_by_kopf()) - WEBHOOK
+    for role in by_kind(manifests, "Role"):
+        assert granted(role["rules"]) == needed
+    (cluster_role,) = by_kind(manifests, "ClusterRole")
+    assert granted(cluster_role["rules"]) == WEBHOOK
+
+
+def test_no_cluster_role_without_a_need_for_one():
+    manifests = render({"watchNamespaces": ["team-a"], "webhook": {"tls": "certManager"}})
+    assert by_kind(manifests, "ClusterRole") == [] and by_kind(manifests, "ClusterRoleBinding") == []
+
+
+@pytest.mark.parametrize("tls", ["selfSigned", "certManager"])
+def test_webhook_is_wired_to_the_operator(tls):
+    manifests = render({"webhook": {"tls": tls, "failurePolicy": "Ignore"}, "watchNamespaces": ["team-a"]})
+    (config,) = by_kind(manifests, "ValidatingWebhookConfiguration")
+    (hook,) = config["webhooks"]
+    service = next(s for s in by_kind(manifests, "Service") if s["metadata"]["name"] == "kt-kubetuner-webhook")
+    deployment = by_kind(manifests, "Deployment")[0]["spec"]["template"]["spec"]
+    container = deployment["containers"][0]
+    assert hook["failurePolicy"] == "Ignore" and "--webhook-failure-policy=Ignore" in container["args"]
+    assert hook["clientConfig"]["service"] == {"name": service["metadata"]["name"], "namespace": "kubetuner-system",
+                                               "path": "/validate.trainingjobs.kubetuner.dev", "port": 443}
+    from kubetuner_operator.webhook import WEBHOOK_ID
+
+    assert hook["clientConfig"]["service"]["path"] == f"/{WEBHOOK_ID}"
+    assert hook["rules"][0]["resources"] == ["trainingjobs"]  # not trainingjobs/status
+    assert hook["namespaceSelector"]["matchExpressions"][0]["values"] == ["team-a"]
+    target = service["spec"]["ports"][0]["targetPort"]
+    assert {p["name"]: p["containerPort"] for p in container["ports"]}[target] == 9443
+    assert "--webhook-port=9443" in container["args"]
+    assert "--webhook-host=kt-kubetuner-webhook.kubetuner-system.svc" in container["args"]
+    if tls == "certManager":
+        (certificate,) = by_kind(manifests, "Certificate")
+        assert config["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == \
+            f"kubetuner-system/{certificate['metadata']['name']}"
+        assert "--webhook-cert-dir=/certs" in container["args"]
+        volume = next(v for v in deployment["volumes"] if v["name"] == "webhook-tls")
+        assert volume["secret"]["secretName"] == certificate["spec"]["secretName"]
+    else:
+        assert by_kind(manifests, "Certificate") == []
+        assert f"--webhook-configuration={config['metadata']['name']}" in container["args"]
+
+
+def test_webhook_can_be_turned_off():
+    manifests = render({"webhook": {"enabled": False}})
+    assert by_kind(manifests, "ValidatingWebhookConfiguration") == []
+    container = by_kind(manifests, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
+    assert not any(a.startswith("--webhook") for a in container["args"])
+
+
+def test_tenancy_values_reach_the_operator():
+    manifests = render({"tenancy": {"allowedImages": ["ghcr.io/kubetuner/", "registry.internal/"],
+                                    "allowedServiceAccounts": ["trainer"]}})
+    env = {e["name"]: e.get("value") for e in
+           by_kind(manifests, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    from kubetuner_operator.admission import TenancyPolicy
+
+    assert TenancyPolicy.from_env(env) == TenancyPolicy(("ghcr.io/kubetuner/", "registry.internal/"), ("trainer",))
+
+
+def test_network_policy_admits_only_trainers_and_the_operator():
+    manifests = render({"watchNamespaces": ["team-a", "team-b"]}, namespace="ops")
+    policies = by_kind(manifests, "NetworkPolicy")
+    assert sorted(p["metadata"]["namespace"] for p in policies) == ["team-a", "team-b"]
+    from kubetuner_operator.builders.common import LABEL_COMPONENT
+
+    policy = policies[0]["spec"]
+    assert policy["podSelector"]["matchLabels"][LABEL_COMPONENT] == "trainer"
+    assert policy["policyTypes"] == ["Ingress"]
+    (rule,) = policy["ingress"]
+    peers = rule["from"]
+    assert peers[0] == {"podSelector": policy["podSelector"]}
+    operator_labels = by_kind(manifests, "Deployment")[0]["spec"]["template"]["metadata"]["labels"]
+    assert peers[1]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "ops"}
+    assert peers[1]["podSelector"]["matchLabels"].items() <= operator_labels.items()
+    assert by_kind(render({"watchNamespaces": ["a"], "networkPolicy": {"enabled": False}}), "NetworkPolicy") == []
