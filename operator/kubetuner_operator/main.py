@@ -10,6 +10,9 @@ import argparse
 import asyncio
 import logging
 import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
 
 from .admission import TenancyPolicy
 from .handlers import OperatorSettings, run_operator
@@ -52,6 +55,10 @@ def main(args: argparse.Namespace) -> int:
         os.environ["KUBECONFIG"] = args.kubeconfig
     if args.poll_interval <= 0:
         raise SystemExit("kubetuner operator: --poll-interval must be > 0")
+    missing = missing_credentials(os.environ)
+    if missing:
+        print(f"kubetuner operator: {missing}", file=sys.stderr)
+        return 1
     settings = OperatorSettings(poll_interval=args.poll_interval,
                                 metrics_port=args.metrics_port or None,
                                 tenancy=TenancyPolicy.from_env(os.environ),
@@ -64,6 +71,22 @@ def main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     return 0
+
+
+SERVICE_ACCOUNT_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+
+
+def missing_credentials(environ: Mapping[str, str], *, token: Path = SERVICE_ACCOUNT_TOKEN) -> str | None:
+    """One line saying why no cluster can be reached, or None when in-cluster or kubeconfig credentials exist."""
+    if environ.get("KUBERNETES_SERVICE_HOST") and token.is_file():
+        return None
+    configs = [Path(p).expanduser() for p in environ.get("KUBECONFIG", "").split(os.pathsep) if p]
+    configs = configs or [Path(environ.get("HOME", "~")).expanduser() / ".kube" / "config"]
+    if any(p.is_file() for p in configs):
+        return None
+    tried = ", ".join(str(p) for p in configs)
+    return (f"no cluster credentials: not running in a pod with a service account, and no kubeconfig at {tried}; "
+            "pass --kubeconfig FILE or set KUBECONFIG (`kubetuner run job.yaml` trains without a cluster)")
 
 
 def _webhook(args: argparse.Namespace) -> WebhookSettings | None:

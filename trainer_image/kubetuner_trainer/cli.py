@@ -7,7 +7,6 @@ operator never retries them.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import textwrap
@@ -16,6 +15,7 @@ from collections.abc import Sequence
 from .config import ConfigError, TrainerConfig, redact
 from .config.loader import load_from_command_line, parse_command_line
 from .contract import ExitCode
+from .logsetup import setup_logging
 from .options import Registry, get_registry
 from .termination import record_config_error
 
@@ -88,9 +88,35 @@ def render_config(config: TrainerConfig, mode: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def version() -> str:
+    """The installed kubetuner version (package metadata), else the source tree's ``__version__``."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("kubetuner")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """``kubetuner-train``; output piped into a closed reader (``| head``) ends quietly."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["--version"]:
+        sys.stdout.write(f"kubetuner-train {version()}\n")
+        return 0
     registry = get_registry()
-    command = parse_command_line(list(sys.argv[1:] if argv is None else argv), registry)
+    command = parse_command_line(arguments, registry)
     if command.help:
         sys.stdout.write(render_help(registry))
         return 0
@@ -100,9 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"kubetuner-train: {error}\n")
         record_config_error(str(error))
         return ExitCode.CONFIG_ERROR
-    logging.basicConfig(
-        level=config.env.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    setup_logging(config.env.log_level)
     from .train import preflight, run  # torch is imported only past the option checks
 
     if command.print_config:
