@@ -34,6 +34,7 @@ import torch
 from kubetuner_trainer.config import TrainerConfig
 from kubetuner_trainer.data.batch import Batch
 from kubetuner_trainer.events import NullEvents
+from kubetuner_trainer.models import implemented_families
 
 GPU_PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0,
                         "RTX 4090": 165.0}
@@ -41,31 +42,30 @@ GPU_PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362
 
 # ----- model and data -------------------------------------------------------------------------------
 
-def build_adapter(family: str, arch: str, workdir: Path, dtype: torch.dtype, device: torch.device,
-                  cfg: TrainerConfig):
-    """The family adapter around a random-weight UNet of the requested size (tiny encoders/VAE)."""
+def build_family(family: str, arch: str, workdir: Path, dtype: torch.dtype, device: torch.device,
+                 cfg: TrainerConfig):
+    """The model family around a random-weight UNet of the requested size (tiny encoders/VAE)."""
     from diffusers import UNet2DConditionModel
 
-    from kubetuner_trainer.models import adapter_class
+    from kubetuner_trainer.models import family_class
     from kubetuner_trainer.models.loading import load_components
-    from kubetuner_trainer.models.tiny import BUILDERS, tiny_unet_config
+    from kubetuner_trainer.models.tiny import tiny_unet_config
 
-    folder = BUILDERS[family](workdir / f"tiny-{family}")
-    cls = adapter_class(family)
+    cls = family_class(family)
+    cls.build_tiny(workdir / f"tiny-{family}")
     comps = load_components(cls, cfg, weight_dtype=dtype)
     if arch == "sdxl":
         torch.manual_seed(0)
-        comps.unet = UNet2DConditionModel(**tiny_unet_config(size="sdxl")).to(dtype)
-        comps.unet.requires_grad_(False)
-    adapter = cls(cfg, comps, device=device, weight_dtype=dtype)
-    adapter.to(device)
-    del folder
-    return adapter
+        comps.denoiser = UNet2DConditionModel(**tiny_unet_config(size="sdxl")).to(dtype)
+        comps.denoiser.requires_grad_(False)
+    model = cls(cfg, comps, device=device, weight_dtype=dtype)
+    model.to(device)
+    return model
 
 
-def text_shapes(adapter) -> dict[str, tuple[int, ...]]:
-    unet_cfg = adapter.unet.config
-    shapes = {"prompt_embeds": (77 if adapter.family != "kolors" else 256,
+def text_shapes(model) -> dict[str, tuple[int, ...]]:
+    unet_cfg = model.denoiser.config
+    shapes = {"prompt_embeds": (77 if model.family != "kolors" else 256,
                                 unet_cfg.encoder_hid_dim or unet_cfg.cross_attention_dim)}
     if unet_cfg.addition_embed_type == "text_time":
         pooled = unet_cfg.projection_class_embeddings_input_dim - 6 * unet_cfg.addition_time_embed_dim
@@ -76,10 +76,10 @@ def text_shapes(adapter) -> dict[str, tuple[int, ...]]:
 class SyntheticData:
     """Endless random batches of one bucket; counts the time the consumer waits for each batch."""
 
-    def __init__(self, adapter, batch_size: int, resolution: int, pool: int = 4):
+    def __init__(self, model, batch_size: int, resolution: int, pool: int = 4):
         gen = torch.Generator().manual_seed(0)
-        side = resolution // adapter.latent_downscale
-        shapes = text_shapes(adapter)
+        side = resolution // model.latent_downscale
+        shapes = text_shapes(model)
         self.batches = []
         for _ in range(pool):
             self.batches.append(Batch(
@@ -180,17 +180,17 @@ class TimingEvents(NullEvents):
         self._last = now
 
 
-def bench_kubetuner(cfg, adapter, data, steps: int, warmup: int) -> Measurement:
+def bench_kubetuner(cfg, model, data, steps: int, warmup: int) -> Measurement:
     """Our TrainingLoop, timed between consecutive optimizer steps."""
     from accelerate import Accelerator
 
     from kubetuner_trainer.training.loop import TrainingLoop
 
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision or "no", cpu=adapter.device.type == "cpu")
-    events = TimingEvents(adapter.device)
-    loop = TrainingLoop(cfg.replace(max_train_steps=steps + warmup), accelerator, adapter, data, events, seed=0)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision or "no", cpu=model.device.type == "cpu")
+    events = TimingEvents(model.device)
+    loop = TrainingLoop(cfg.replace(max_train_steps=steps + warmup), accelerator, model, data, events, seed=0)
     loop.save_final = lambda: None  # the benchmark keeps no model
-    with PeakMemory(adapter.device) as mem:
+    with PeakMemory(model.device) as mem:
         loop.run()
     flops = count_flops(lambda: _kubetuner_step(loop, data))
     return Measurement("kubetuner", events.times[warmup - 1:], data.data_wait_seconds, mem.peak, flops)
@@ -203,12 +203,12 @@ def _kubetuner_step(loop, data):
     loop.optimizer.zero_grad(set_to_none=True)
 
 
-def bench_reference(adapter, base_unet, data, steps: int, warmup: int, *, rank: int, lr: float,
+def bench_reference(model, base_unet, data, steps: int, warmup: int, *, rank: int, lr: float,
                     autocast_dtype: torch.dtype | None, gradient_checkpointing: bool) -> Measurement:
     """A plain loop as in diffusers' example training scripts: PEFT LoRA, AdamW, MSE on ε."""
     from peft import LoraConfig
 
-    device = adapter.device
+    device = model.device
     unet = base_unet
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                 target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
@@ -220,7 +220,7 @@ def bench_reference(adapter, base_unet, data, steps: int, warmup: int, *, rank: 
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
-    scheduler = adapter.noise_scheduler
+    scheduler = model.noise_scheduler
     sdxl_like = unet.config.addition_embed_type == "text_time"
     times: list[float] = []
 
@@ -232,7 +232,7 @@ def bench_reference(adapter, base_unet, data, steps: int, warmup: int, *, rank: 
         enc = batch.text["prompt_embeds"].to(device)
         kwargs = {}
         if sdxl_like:
-            side = latents.shape[-1] * adapter.latent_downscale
+            side = latents.shape[-1] * model.latent_downscale
             ids = torch.tensor([[side, side, 0, 0, side, side]] * latents.shape[0], device=device, dtype=latents.dtype)
             kwargs["added_cond_kwargs"] = {"text_embeds": batch.text["pooled_prompt_embeds"].to(device), "time_ids": ids}
         ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
@@ -312,33 +312,33 @@ def bench_config(args, workdir: Path) -> TrainerConfig:
     }, require=False)
 
 
-def run_case(args, batch_size: int, cfg: TrainerConfig, adapter, device: torch.device,
+def run_case(args, batch_size: int, cfg: TrainerConfig, model, device: torch.device,
              dtype: torch.dtype) -> list[Measurement]:
     """Alternate our loop and the reference ``--repeats`` times on copies of one UNet; pool the timings."""
-    pristine = adapter.unet
+    pristine = model.denoiser
     ours, ref = [], []
     try:
         for _ in range(args.repeats):
-            adapter.components.unet = copy.deepcopy(pristine)
-            ours.append(bench_kubetuner(cfg, adapter, SyntheticData(adapter, batch_size, args.resolution),
+            model.components.denoiser = copy.deepcopy(pristine)
+            ours.append(bench_kubetuner(cfg, model, SyntheticData(model, batch_size, args.resolution),
                                         args.steps, args.warmup))
-            adapter.components.unet = copy.deepcopy(pristine)
+            model.components.denoiser = copy.deepcopy(pristine)
             _free(device)
-            ref.append(bench_reference(adapter, adapter.unet, SyntheticData(adapter, batch_size, args.resolution),
+            ref.append(bench_reference(model, model.denoiser, SyntheticData(model, batch_size, args.resolution),
                                        args.steps, args.warmup, rank=args.rank, lr=1e-4,
                                        autocast_dtype=dtype if dtype != torch.float32 else None,
                                        gradient_checkpointing=args.gradient_checkpointing))
-            adapter.components.unet = pristine
+            model.components.denoiser = pristine
             _free(device)
     finally:
-        adapter.components.unet = pristine  # the next batch size starts from the untouched UNet
+        model.components.denoiser = pristine  # the next batch size starts from the untouched UNet
         _free(device)
     return [_merge(ours), _merge(ref)]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", default="sdxl", choices=("sd1x", "sd2x", "sdxl", "kolors"))
+    parser.add_argument("--family", default="sdxl", choices=implemented_families())
     parser.add_argument("--arch", default="tiny", choices=("tiny", "sdxl"),
                         help="tiny test UNet, or the real SDXL UNet layout with random weights (sdxl family)")
     parser.add_argument("--resolution", type=int, default=64)
@@ -371,13 +371,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         cfg = bench_config(args, workdir)
-        adapter = build_adapter(args.family, args.arch, workdir, dtype, device, cfg)
+        model = build_family(args.family, args.arch, workdir, dtype, device, cfg)
         for size in sizes:
             candidates = [int(size)] if size != "max" else [2**i for i in range(0, 10)]
             best = None
             for bs in candidates:
                 try:
-                    best = (bs, run_case(args, bs, cfg, adapter, device, dtype))
+                    best = (bs, run_case(args, bs, cfg, model, device, dtype))
                 except torch.OutOfMemoryError:
                     _free(device)
                     break

@@ -28,13 +28,13 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Callable[[str], Path]:
     """``tiny_model("sdxl")`` → a diffusers folder saved with ``save_pretrained`` (built once per session)."""
-    from kubetuner_trainer.models.tiny import BUILDERS
+    from kubetuner_trainer.models import family_class
 
     built: dict[str, Path] = {}
 
     def get(family: str) -> Path:
         if family not in built:
-            built[family] = BUILDERS[family](tmp_path_factory.mktemp(f"tiny-{family}"))
+            built[family] = family_class(family).build_tiny(tmp_path_factory.mktemp(f"tiny-{family}"))
         return built[family]
 
     return get

@@ -54,7 +54,7 @@ def test_trainer_preflight_refuses_before_loading_the_model(tmp_path, monkeypatc
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the datasets were checked")
 
-    monkeypatch.setattr(models, "load_adapter", must_not_load)
+    monkeypatch.setattr(models, "load_family", must_not_load)
     model = tmp_path / "model"
     model.mkdir()
     values = {**_cfg(tmp_path, [{"id": "shapes", "instance_data_dir": str(tmp_path / "shapez")}]),

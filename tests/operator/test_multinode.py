@@ -1,7 +1,7 @@
 """Multi-node builders: every pod runs ``kubetuner-train`` itself with the rendezvous environment.
 
 The environment is checked against the trainer's own reader of it
-(:func:`kubetuner_trainer.train.node_placement`), so operator and trainer agree on ranks.
+(:func:`kubetuner_trainer.launcher.node_placement`), so operator and trainer agree on ranks.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from kubetuner_operator.builders import build_headless_service, build_indexed_jo
 from kubetuner_operator.builders.multinode import COMPLETION_INDEX_ANNOTATION
 from kubetuner_operator.spec import parse_training_job
 from kubetuner_operator.trainer_config import POD_PATHS, render_trainer_files
-from kubetuner_trainer.train import node_placement, rank_environment
+from kubetuner_trainer.launcher import node_placement, rank_environment
 
 K8S_VERSIONS = ["1.28", kubernetes_validate.latest_version()]
 LAYOUTS = {  # name: (nodes, gpus per node)

@@ -8,6 +8,7 @@ import logging
 import pytest
 import torch
 
+from kubetuner_trainer.models import family_class
 from kubetuner_trainer.training import checkpoints as ckpt
 from kubetuner_trainer.training.lora import parse_target_modules, to_comfyui
 
@@ -91,7 +92,7 @@ def test_comfyui_key_conversion():
                    "down_blocks.0.attn.to_q.lora_B.weight": torch.zeros(4, 2)},
           "text_encoder": {"text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(2, 4),
                            "text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.ones(4, 2)}}
-    out = to_comfyui(sd, {"unet": 4.0, "text_encoder": 2.0})
+    out = to_comfyui(family_class("sd1x"), sd, {"unet": 4.0, "text_encoder": 2.0})
     assert set(out) == {
         "lora_unet_down_blocks_0_attn_to_q.lora_down.weight", "lora_unet_down_blocks_0_attn_to_q.lora_up.weight",
         "lora_unet_down_blocks_0_attn_to_q.alpha",
@@ -101,7 +102,7 @@ def test_comfyui_key_conversion():
     }
     assert float(out["lora_unet_down_blocks_0_attn_to_q.alpha"]) == 4.0
     with pytest.raises(ValueError, match="unexpected LoRA key"):
-        to_comfyui({"unet": {"weird.weight": torch.ones(1)}}, {"unet": 1.0})
+        to_comfyui(family_class("sd1x"), {"unet": {"weird.weight": torch.ones(1)}}, {"unet": 1.0})
 
 
 def test_target_module_parsing():

@@ -193,7 +193,7 @@ def test_eval_loss_is_deterministic_for_the_same_weights(eval_cfg, tmp_path):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from kubetuner_trainer.models import load_adapter
+    from kubetuner_trainer.models import load_family
     from kubetuner_trainer.training.loop import TrainingLoop, weight_dtype_for
 
     cfg = eval_cfg(eval_steps_interval=1, eval_dataset_pooling=False)
@@ -201,7 +201,7 @@ def test_eval_loss_is_deterministic_for_the_same_weights(eval_cfg, tmp_path):
     def evaluate_twice() -> list[dict[str, float]]:
         AcceleratorState._reset_state()
         acc = Accelerator(cpu=True)
-        adapter = load_adapter(cfg, weight_dtype=weight_dtype_for(cfg))
+        adapter = load_family(cfg, weight_dtype=weight_dtype_for(cfg))
         loop = TrainingLoop(cfg, acc, adapter, build_training_data(cfg, adapter.encoders()), seed=3)
         loop.setup()
         loop.state.global_step = 1  # due; no optimizer step taken
@@ -250,9 +250,9 @@ def test_eval_typed_datasets_are_held_out_and_reported_each_unless_pooled(eval_c
 
 def test_eval_dataset_id_picks_one_eval_dataset_and_the_others_stay_held_out(eval_cfg, datasets, tmp_path):
     cfg = eval_cfg(data_backend_config=_eval_typed(tmp_path, datasets), eval_dataset_id="held2")
-    from kubetuner_trainer.models import load_adapter
+    from kubetuner_trainer.models import load_family
 
-    data = build_training_data(cfg, load_adapter(cfg).encoders())
+    data = build_training_data(cfg, load_family(cfg).encoders())
     assert data.eval_source.dataset_ids == ["held2"]
     assert {d.entry.id for d in data.datasets} == {"train"}
 
@@ -325,7 +325,7 @@ def test_two_processes_evaluate_their_shards_and_agree_with_one_process(eval_cfg
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from kubetuner_trainer.models import load_adapter
+    from kubetuner_trainer.models import load_family
     from kubetuner_trainer.training import checkpoints as ckpt
     from kubetuner_trainer.training.loop import TrainingLoop, weight_dtype_for
 
@@ -338,7 +338,7 @@ def test_two_processes_evaluate_their_shards_and_agree_with_one_process(eval_cfg
 
     single = cfg.replace(num_processes=1)
     AcceleratorState._reset_state()
-    adapter = load_adapter(single, weight_dtype=weight_dtype_for(single))
+    adapter = load_family(single, weight_dtype=weight_dtype_for(single))
     loop = TrainingLoop(single, Accelerator(cpu=True), adapter, build_training_data(single, adapter.encoders()),
                         seed=3)
     loop.setup()

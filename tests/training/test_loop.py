@@ -23,8 +23,8 @@ def fixed_eval_loss(adapter, data: InMemoryData) -> float:
         noise = torch.randn(batch["latents"].shape, generator=gen)
         steps = torch.full((batch["latents"].shape[0],), t, dtype=torch.long)
         noisy = adapter.noise_scheduler.add_noise(batch["latents"], noise, steps)
-        pred = adapter.predict(adapter.unet, noisy, steps, batch["text"], None)
-        total += float(torch.nn.functional.mse_loss(pred, adapter.target(batch["latents"], noise, steps)))
+        pred = adapter.predict(adapter.denoiser, noisy, steps, batch["text"], None)
+        total += float(torch.nn.functional.mse_loss(pred, adapter.objective.target(batch["latents"], noise, steps)))
     return total / 4
 
 
@@ -51,10 +51,10 @@ def test_training_lowers_the_loss_on_a_tiny_overfit_set(make_cfg, model_type):
 
     from accelerate import Accelerator
 
-    from kubetuner_trainer.models import load_adapter
+    from kubetuner_trainer.models import load_family
     from kubetuner_trainer.training.loop import TrainingLoop
 
-    adapter = load_adapter(cfg)
+    adapter = load_family(cfg)
     data = data_factory(adapter.encoders())
     before_holder["loss"] = fixed_eval_loss(adapter, data)
     result = TrainingLoop(cfg, Accelerator(cpu=True), adapter, data, seed=7).run()

@@ -23,7 +23,7 @@ from training_helpers import tiny_run_values
 
 from kubetuner_trainer.config import ConfigError
 from kubetuner_trainer.contract import ExitCode
-from kubetuner_trainer.train import combined_exit_code, node_placement, rank_environment
+from kubetuner_trainer.launcher import combined_exit_code, node_placement, rank_environment
 from kubetuner_trainer.training import checkpoints as ckpt
 
 # a safety net so that a broken rendezvous fails the test instead of hanging it; never a speed check

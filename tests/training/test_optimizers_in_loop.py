@@ -33,7 +33,7 @@ def test_optimizer_trains_a_step_or_is_refused(make_cfg, name):
     assert result.exit_code == ExitCode.SUCCESS
     assert [r.step for r in events.steps] == [1, 2]
     assert all(torch.isfinite(torch.tensor(r.loss)) for r in events.steps)
-    lora = [p for n, p in adapter.unet.named_parameters() if "lora_B" in n]
+    lora = [p for n, p in adapter.denoiser.named_parameters() if "lora_B" in n]
     assert any(p.abs().sum() > 0 for p in lora)  # lora_B starts at zero: the optimizer moved it
 
 

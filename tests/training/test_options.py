@@ -17,12 +17,12 @@ def test_init_lora_starts_from_an_existing_file(make_cfg, tmp_path):
     first = tmp_path / "first" / "pytorch_lora_weights.safetensors"
     from accelerate import Accelerator
 
-    from kubetuner_trainer.models import load_adapter
+    from kubetuner_trainer.models import load_family
     from kubetuner_trainer.training.lora import attach_lora, lora_state_dicts
 
     cfg = make_cfg(output_dir=str(tmp_path / "second"), init_lora=str(first))
     Accelerator(cpu=True)
-    adapter = load_adapter(cfg)
+    adapter = load_family(cfg)
     trained = attach_lora(adapter, cfg)
     loaded = {f"unet.{k}": v for k, v in lora_state_dicts(trained)["unet"].items()}
     expected = load_file(str(first))
@@ -34,7 +34,7 @@ def test_init_lora_starts_from_an_existing_file(make_cfg, tmp_path):
 def test_lora_init_types_train(make_cfg, init):
     result, adapter, _ = train_in_process(make_cfg(lora_init_type=init, max_train_steps=1))
     assert result.exit_code == ExitCode.SUCCESS
-    cfg = adapter.unet.peft_config["default"]
+    cfg = adapter.denoiser.peft_config["default"]
     assert cfg.init_lora_weights == (init if init != "default" else True)
 
 
@@ -48,7 +48,7 @@ def test_custom_target_modules_limit_where_lora_goes(make_cfg, tmp_path):
     train_in_process(make_cfg(peft_lora_target_modules='["to_q"]', max_train_steps=1))
     keys = load_file(str(tmp_path / "out" / "pytorch_lora_weights.safetensors")).keys()
     assert keys and all(".to_q." in k for k in keys)
-    with pytest.raises(ValueError, match="no module of the UNet matches"):
+    with pytest.raises(ValueError, match="no module of the UNet2DConditionModel matches"):
         train_in_process(make_cfg(peft_lora_target_modules='["not_a_layer"]', max_train_steps=1))
 
 
@@ -73,11 +73,35 @@ def test_bf16_gradient_checkpointing_and_grads_to_none(make_cfg):
     result, adapter, _ = train_in_process(make_cfg(mixed_precision="bf16", gradient_checkpointing=True,
                                                    set_grads_to_none=True, max_train_steps=2))
     assert result.exit_code == ExitCode.SUCCESS
-    assert adapter.unet.is_gradient_checkpointing
-    base = adapter.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    assert adapter.denoiser.is_gradient_checkpointing
+    base = adapter.denoiser.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
     assert base.base_layer.weight.dtype == torch.bfloat16
     assert base.lora_A["default"].weight.dtype == torch.float32
-    assert all(p.grad is None for p in adapter.unet.parameters())
+    assert all(p.grad is None for p in adapter.denoiser.parameters())
+
+
+def test_gradient_checkpointing_interval_recomputes_every_nth_block(make_cfg):
+    from kubetuner_trainer.models import load_family
+
+    family = load_family(make_cfg())
+    unet = family.denoiser.requires_grad_(True).train()
+    latents, t, text = torch.randn(1, 4, 16, 16), torch.tensor([10]), family.encode_text(["a cat"])
+
+    def grads() -> list[torch.Tensor]:
+        unet.zero_grad()
+        family.predict(unet, latents, t, text, None).square().mean().backward()
+        return [p.grad.clone() for p in unet.parameters()]
+
+    plain = grads()
+    every = family.enable_gradient_checkpointing(unet, None)
+    checkpointed_every = grads()
+    calls, all_checkpointed = every.calls, every.checkpointed
+    second = family.enable_gradient_checkpointing(unet, 2)
+    checkpointed_half = grads()
+    assert calls > 2 and all_checkpointed == calls  # every block of the forward pass
+    assert second.calls == calls and second.checkpointed == (calls + 1) // 2
+    for a, b, c in zip(plain, checkpointed_every, checkpointed_half, strict=True):
+        assert torch.allclose(a, b, atol=1e-6) and torch.allclose(a, c, atol=1e-6)
 
 
 def test_loss_and_timestep_options_train(make_cfg):

@@ -85,6 +85,18 @@ def test_bad_configuration_exits_with_config_error(run_cfg):
     assert "ignore_final_epochs" in events.errors[0]
 
 
+def test_a_model_folder_without_its_denoiser_is_a_config_error(run_cfg, tiny_model, tmp_path):
+    import shutil
+
+    broken = tmp_path / "no-unet"
+    shutil.copytree(tiny_model("sd1x"), broken)
+    shutil.rmtree(broken / "unet")
+    events = RecordingEvents()
+    assert run(run_cfg(pretrained_model_name_or_path=str(broken)), events) == ExitCode.CONFIG_ERROR
+    assert f"{broken} has no unet/ folder" in events.errors[0]
+    assert "pretrained_model_name_or_path" in events.errors[0]
+
+
 def test_training_num_processes_overrides_the_option(run_cfg, monkeypatch):
     cfg = run_cfg(num_processes=3)
     assert requested_processes(cfg, {}) == 3
@@ -145,17 +157,14 @@ def test_validation_images_are_rendered_when_due(run_cfg, tmp_path):
     assert TrainerState.VALIDATING in events.states
 
 
-def test_a_failing_worker_fails_the_distributed_run_with_its_traceback(run_cfg, tiny_model, tmp_path):
-    import shutil
-
-    broken = tmp_path / "no-unet"
-    shutil.copytree(tiny_model("sd1x"), broken)
-    shutil.rmtree(broken / "unet")
+def test_a_failing_worker_fails_the_distributed_run_with_its_traceback(run_cfg, tmp_path):
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the output folder should go")
     events = RecordingEvents()
     with pytest.raises(RuntimeError, match="distributed training failed") as info:
-        run(run_cfg(num_processes=2, pretrained_model_name_or_path=str(broken)), events)
+        run(run_cfg(num_processes=2, output_dir=str(blocked / "out")), events)
     message = str(info.value)
-    assert "has no unet/ folder" in message
+    assert "NotADirectoryError" in message or "FileExistsError" in message
     assert "process 0 failed" in message and "process 1 failed" in message and "Traceback" in message
     assert events.errors
 

@@ -98,13 +98,13 @@ def train_in_process(cfg: TrainerConfig, *, data_factory: Callable[[Any], Any] |
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from kubetuner_trainer.models import load_adapter
+    from kubetuner_trainer.models import load_family
     from kubetuner_trainer.training.loop import TrainingLoop, weight_dtype_for
 
     AcceleratorState._reset_state()  # tests run many configurations in one process
     accelerator = Accelerator(cpu=True, mixed_precision=cfg.mixed_precision or "no")
     torch.manual_seed(cfg.seed or 0)
-    adapter = load_adapter(cfg, weight_dtype=weight_dtype_for(cfg))
+    adapter = load_family(cfg, weight_dtype=weight_dtype_for(cfg))
     data = (data_factory or (lambda enc: InMemoryData(enc)))(adapter.encoders())
     loop = TrainingLoop(cfg, accelerator, adapter, data, events, seed=cfg.seed or 0)
     return loop.run(resume), adapter, data

@@ -14,15 +14,16 @@ import argparse
 import random
 from pathlib import Path
 
-MODEL_FAMILIES = ("sd1x", "sd2x", "sdxl", "kolors")
+from .models.registry import implemented_families
+
 _WORDS = ("red", "blue", "green", "yellow", "circle", "square", "stripes", "dots", "sky", "grass")
 
 
 def build_tiny_model(family: str, out: Path, *, seed: int = 0) -> Path:
-    """A random-weight model folder of ``family`` in diffusers layout."""
-    from .models.tiny import BUILDERS
+    """A random-weight model folder of ``family`` in diffusers layout (the family's ``build_tiny``)."""
+    from .models import family_class
 
-    return BUILDERS[family](Path(out), seed=seed)
+    return family_class(family).build_tiny(Path(out), seed=seed)
 
 
 def build_tiny_sd1x(out: Path, *, seed: int = 0) -> Path:
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kubetuner_trainer.tiny", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
     model = sub.add_parser("model", help="write a tiny diffusers model folder")
-    model.add_argument("family", choices=MODEL_FAMILIES)
+    model.add_argument("family", choices=implemented_families())
     model.add_argument("out", type=Path)
     model.add_argument("--seed", type=int, default=0)
     data = sub.add_parser("dataset", help="write a tiny captioned image folder")

@@ -1,6 +1,9 @@
-"""Model-family adapters: one module per family behind :class:`ModelAdapter`."""
+"""Model families: one module per family in ``families/`` behind :class:`~.family.ModelFamily`.
 
-from .base import AdapterEncoders, Components, ModelAdapter
-from .registry import ADAPTERS, adapter_class, load_adapter
+Importing this package needs no torch; the family classes load on first use.
+"""
 
-__all__ = ["ADAPTERS", "AdapterEncoders", "Components", "ModelAdapter", "adapter_class", "load_adapter"]
+from .components import Components, ModelSource
+from .registry import family_class, implemented_families, load_family
+
+__all__ = ["Components", "ModelSource", "family_class", "implemented_families", "load_family"]

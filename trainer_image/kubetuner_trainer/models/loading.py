@@ -5,38 +5,35 @@ Where things come from:
 * ``--pretrained_model_name_or_path`` (else the flavour's default hub id): a local folder in
   diffusers layout, a hub id (with ``--revision`` and ``--variant``), or a single
   ``.safetensors``/``.ckpt`` file (local path or URL) loaded with ``from_single_file``.
-* ``--pretrained_unet_model_name_or_path`` (+ ``--pretrained_unet_subfolder``) and
-  ``--pretrained_vae_model_name_or_path`` replace those two components.
+* The family's denoiser options (``--pretrained_unet_*`` or ``--pretrained_transformer_*``) and
+  ``--pretrained_vae_model_name_or_path`` replace those components; a VAE location may be a VAE
+  folder or a whole pipeline folder (its ``vae/`` subfolder is tried first, then the root).
+* A family may relocate one text encoder (``--pretrained_t5_model_name_or_path``).
+
+Every failure to find or read a component is a :class:`~kubetuner_trainer.config.ConfigError`
+naming the option, the location and what was expected there (exit 78, never retried).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..config import ConfigError, Problem
+from .components import Components, ModelSource
+
 if TYPE_CHECKING:
-    from .base import Components, ModelAdapter
+    from .family import ModelFamily
 
 log = logging.getLogger(__name__)
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin", ".sft")
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where the components were loaded from (part of the cache identity)."""
-
-    model: str
-    revision: str | None = None
-    variant: str | None = None
-    vae: str | None = None
-    unet: str | None = None
-    unet_subfolder: str | None = None
-    single_file: bool = False
+MODEL_OPTION = "pretrained_model_name_or_path"
+VAE_OPTION = "pretrained_vae_model_name_or_path"
+PIPELINE_LAYOUT = "a diffusers model folder (model_index.json plus one subfolder per component)"
 
 
 def is_single_file(location: str) -> bool:
@@ -44,27 +41,39 @@ def is_single_file(location: str) -> bool:
     return location.lower().endswith(SINGLE_FILE_SUFFIXES)
 
 
-def resolve_source(adapter_cls: type[ModelAdapter], cfg: Any) -> ModelSource:
+def denoiser_options(family_cls: type[ModelFamily]) -> tuple[str, str]:
+    """The (location, subfolder) options that relocate this family's denoiser."""
+    from .family import DENOISER_LOCATION_OPTIONS
+
+    return DENOISER_LOCATION_OPTIONS[family_cls.denoiser_name]
+
+
+def resolve_source(family_cls: type[ModelFamily], cfg: Any) -> ModelSource:
     """Pick the model location from the config, defaulting to the flavour's hub id."""
     model = cfg.pretrained_model_name_or_path
     if not model:
-        flavour = cfg.model_flavour or adapter_cls.default_flavour
+        flavour = cfg.model_flavour or family_cls.default_flavour
         try:
-            model = adapter_cls.flavours[flavour]
+            model = family_cls.flavours[flavour]
         except KeyError:
-            allowed = ", ".join(sorted(adapter_cls.flavours))
+            allowed = ", ".join(sorted(family_cls.flavours))
             raise ValueError(
-                f"model_flavour {flavour!r} is not known for model_family {adapter_cls.family}; "
+                f"model_flavour {flavour!r} is not known for model_family {family_cls.family}; "
                 f"allowed: {allowed}"
             ) from None
+    location_option, subfolder_option = denoiser_options(family_cls)
+    text_encoders = tuple((name, str(getattr(cfg, option)))
+                          for option, name in family_cls.text_encoder_location_options.items()
+                          if getattr(cfg, option, None))
     return ModelSource(
         model=str(model),
         revision=cfg.revision or None,
         variant=cfg.variant or None,
         vae=cfg.pretrained_vae_model_name_or_path or None,
-        unet=cfg.pretrained_unet_model_name_or_path or None,
-        unet_subfolder=cfg.pretrained_unet_subfolder or None,
+        denoiser=getattr(cfg, location_option, None) or None,
+        denoiser_subfolder=getattr(cfg, subfolder_option, None) or None,
         single_file=is_single_file(str(model)),
+        text_encoders=text_encoders,
     )
 
 
@@ -79,60 +88,137 @@ def _pretrained_kwargs(src: ModelSource, *, subfolder: str | None) -> dict[str, 
     return kwargs
 
 
-def load_part(cls: Any, location: str, src: ModelSource, *, subfolder: str | None,
-              torch_dtype: torch.dtype | None = None, use_variant: bool = True) -> Any:
-    """``cls.from_pretrained`` with the configured revision/variant; clear error when missing."""
+def _is_local(location: str) -> bool:
+    return Path(location).exists() or location.startswith(("/", "./", "../", "~"))
+
+
+def _load_failure(exc: BaseException, location: str) -> bool:
+    """Whether ``exc`` says the location does not hold what was asked for (permanent), not a network hiccup."""
+    if _is_local(location):
+        return isinstance(exc, (OSError, ValueError, KeyError, TypeError, RuntimeError))
+    try:
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            GatedRepoError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+    except ImportError:  # pragma: no cover - huggingface_hub always ships with diffusers
+        return False
+    if isinstance(exc, LocalEntryNotFoundError):
+        return False  # no connection: transient
+    return isinstance(exc, (EntryNotFoundError, GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError))
+
+
+def load_part(cls: Any, location: str, src: ModelSource, *, subfolder: str | None, option: str,
+              what: str, torch_dtype: torch.dtype | None = None, use_variant: bool = True) -> Any:
+    """``cls.from_pretrained`` with the configured revision/variant.
+
+    A missing subfolder, an unreadable or mismatched component, or an unknown hub id raises
+    :class:`ConfigError` for ``option`` naming ``location`` and ``what`` was expected there.
+    """
     kwargs = _pretrained_kwargs(src, subfolder=subfolder)
     if not use_variant:
         kwargs.pop("variant", None)
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
     local = Path(location)
-    if local.exists() and subfolder and not (local / subfolder).is_dir():
-        raise FileNotFoundError(
-            f"{location} has no {subfolder}/ folder; expected a diffusers model folder "
-            f"(model_index.json plus one subfolder per component)"
-        )
-    return cls.from_pretrained(location, **kwargs)
+    if _is_local(location):
+        if not local.exists():
+            raise ConfigError([Problem(option, location, f"no such folder; expected {what}")])
+        if subfolder and not (local / subfolder).is_dir():
+            raise ConfigError([Problem(option, location, f"{location} has no {subfolder}/ folder; expected {what}")])
+    try:
+        return cls.from_pretrained(location, **kwargs)
+    except Exception as exc:
+        if not _load_failure(exc, location):
+            raise
+        where = f"{location}/{subfolder}" if subfolder else location
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError([Problem(option, location, f"cannot load a {cls.__name__} from {where} "
+                                                     f"(expected {what}): {detail}")]) from exc
 
 
-def load_components(adapter_cls: type[ModelAdapter], cfg: Any, *,
+def load_vae(family_cls: type[ModelFamily], src: ModelSource, model: str) -> Any:
+    """The VAE: from ``--pretrained_vae_model_name_or_path`` (its ``vae/`` subfolder, else its root), or the model's."""
+    from diffusers import AutoencoderKL
+
+    vae_cls = getattr(family_cls, "vae_class", None) or AutoencoderKL
+    expected = "a VAE folder (config.json and weights) or a pipeline folder with a vae/ subfolder"
+    if not src.vae:
+        return load_part(vae_cls, model, src, subfolder="vae", option=MODEL_OPTION, what=PIPELINE_LAYOUT)
+    location = src.vae
+    if _is_local(location):
+        root = Path(location)
+        if not root.exists():
+            raise ConfigError([Problem(VAE_OPTION, location, f"no such folder; expected {expected}")])
+        subfolder = "vae" if (root / "vae" / "config.json").is_file() else None
+        if subfolder is None and not (root / "config.json").is_file():
+            raise ConfigError([Problem(VAE_OPTION, location, f"holds no config.json and no vae/config.json; "
+                                                             f"expected {expected}")])
+        return load_part(vae_cls, location, src, subfolder=subfolder, option=VAE_OPTION, what=expected,
+                         use_variant=False)
+    try:
+        return load_part(vae_cls, location, src, subfolder="vae", option=VAE_OPTION, what=expected,
+                         use_variant=False)
+    except ConfigError:
+        return load_part(vae_cls, location, src, subfolder=None, option=VAE_OPTION, what=expected,
+                         use_variant=False)
+
+
+def load_components(family_cls: type[ModelFamily], cfg: Any, *,
                     weight_dtype: torch.dtype = torch.float32) -> Components:
-    """Load UNet, VAE, text encoders, tokenizers and the training noise scheduler."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-
-    from .base import Components
-
-    src = resolve_source(adapter_cls, cfg)
+    """Load the denoiser, VAE, text encoders, tokenizers and the training noise scheduler."""
+    src = resolve_source(family_cls, cfg)
     if src.single_file:
-        comps = _from_single_file(adapter_cls, src, cfg, weight_dtype)
+        comps = _from_single_file(family_cls, src, cfg, weight_dtype)
     else:
-        model = src.model
-        unet_loc = src.unet or model
-        unet_sub = src.unet_subfolder if src.unet else (src.unet_subfolder or "unet")
-        unet = load_part(UNet2DConditionModel, unet_loc, src, subfolder=unet_sub, torch_dtype=weight_dtype)
-        vae = (load_part(AutoencoderKL, src.vae, src, subfolder=None, use_variant=False)
-               if src.vae else load_part(AutoencoderKL, model, src, subfolder="vae"))
-        text_encoders = [
-            load_part(te_cls, model, src, subfolder=name, torch_dtype=weight_dtype)
-            for te_cls, name in zip(adapter_cls.text_encoder_classes(), adapter_cls.text_encoder_names,
-                                    strict=True)
-        ]
-        tokenizers = [
-            load_part(tok_cls, model, src, subfolder=name, use_variant=False)
-            for tok_cls, name in zip(adapter_cls.tokenizer_classes(), adapter_cls.tokenizer_names, strict=True)
-        ]
-        scheduler = load_part(DDPMScheduler, model, src, subfolder="scheduler", use_variant=False)
-        comps = Components(unet, vae, text_encoders, tokenizers, scheduler, src)
-    comps.noise_scheduler = training_scheduler(comps.noise_scheduler, cfg)
+        comps = _from_folder(family_cls, src, weight_dtype)
+    comps.noise_scheduler = family_cls.training_scheduler(comps.noise_scheduler, cfg)
     comps.vae.requires_grad_(False)
     comps.vae.eval()
     comps.vae.to(dtype=vae_dtype(cfg))
     for te in comps.text_encoders:
         te.requires_grad_(False)
         te.eval()
-    comps.unet.requires_grad_(False)
+    comps.denoiser.requires_grad_(False)
     return comps
+
+
+def _from_folder(family_cls: type[ModelFamily], src: ModelSource, weight_dtype: torch.dtype) -> Components:
+    model = src.model
+    location_option, _ = denoiser_options(family_cls)
+    name = family_cls.denoiser_name
+    if src.denoiser:
+        denoiser = load_part(family_cls.denoiser_class(), src.denoiser, src, subfolder=src.denoiser_subfolder,
+                             option=location_option, torch_dtype=weight_dtype,
+                             what=f"a {family_cls.denoiser_class_name} folder (config.json and weights)")
+    else:
+        denoiser = load_part(family_cls.denoiser_class(), model, src, subfolder=src.denoiser_subfolder or name,
+                             option=MODEL_OPTION, what=PIPELINE_LAYOUT, torch_dtype=weight_dtype)
+    vae = load_vae(family_cls, src, model)
+    relocated = dict(src.text_encoders)
+    options = {te_name: option for option, te_name in family_cls.text_encoder_location_options.items()}
+    text_encoders = []
+    for te_cls, te_name in zip(family_cls.text_encoder_classes(), family_cls.text_encoder_names, strict=True):
+        if te_name in relocated:
+            location = relocated[te_name]
+            subfolder = te_name if _is_local(location) and (Path(location) / te_name).is_dir() else None
+            text_encoders.append(load_part(te_cls, location, src, subfolder=subfolder, option=options[te_name],
+                                           what=f"a {te_cls.__name__} folder or a pipeline folder with "
+                                                f"{te_name}/", torch_dtype=weight_dtype))
+        else:
+            text_encoders.append(load_part(te_cls, model, src, subfolder=te_name, option=MODEL_OPTION,
+                                           what=PIPELINE_LAYOUT, torch_dtype=weight_dtype))
+    tokenizers = [
+        load_part(tok_cls, model, src, subfolder=tok_name, option=MODEL_OPTION, what=PIPELINE_LAYOUT,
+                  use_variant=False)
+        for tok_cls, tok_name in zip(family_cls.tokenizer_classes(), family_cls.tokenizer_names, strict=True)
+    ]
+    scheduler = load_part(family_cls.scheduler_class(), model, src, subfolder="scheduler", option=MODEL_OPTION,
+                          what=PIPELINE_LAYOUT, use_variant=False)
+    return Components(denoiser, vae, text_encoders, tokenizers, scheduler, src)
 
 
 def vae_dtype(cfg: Any) -> torch.dtype:
@@ -141,52 +227,41 @@ def vae_dtype(cfg: Any) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(choice, torch.float32)
 
 
-def training_scheduler(scheduler: Any, cfg: Any) -> Any:
-    """A DDPM scheduler carrying the model's betas, with the training-time overrides applied."""
-    from diffusers import DDPMScheduler
-
-    overrides: dict[str, Any] = {}
-    if cfg.prediction_type:
-        overrides["prediction_type"] = cfg.prediction_type
-    if cfg.rescale_betas_zero_snr:
-        overrides["rescale_betas_zero_snr"] = True
-        overrides["timestep_spacing"] = "trailing"
-    if cfg.training_scheduler_timestep_spacing:
-        overrides["timestep_spacing"] = cfg.training_scheduler_timestep_spacing
-    return DDPMScheduler.from_config(scheduler.config, **overrides)
-
-
-def _from_single_file(adapter_cls: type[ModelAdapter], src: ModelSource, cfg: Any,
+def _from_single_file(family_cls: type[ModelFamily], src: ModelSource, cfg: Any,
                       weight_dtype: torch.dtype) -> Components:
     """Load an original-format checkpoint through the family pipeline's ``from_single_file``."""
     import diffusers
 
-    from .base import Components
-
-    pipeline_cls = getattr(diffusers, adapter_cls.pipeline_class)
+    pipeline_cls = getattr(diffusers, family_cls.pipeline_class)
     if not hasattr(pipeline_cls, "from_single_file"):
-        raise ValueError(
-            f"model_family {adapter_cls.family} cannot load a single checkpoint file; "
-            "point pretrained_model_name_or_path at a diffusers folder or hub id"
-        )
-    flavour = cfg.model_flavour or adapter_cls.default_flavour
-    config_source = adapter_cls.flavours.get(flavour)
+        raise ConfigError([Problem(MODEL_OPTION, src.model,
+                                   f"model_family {family_cls.family} cannot load a single checkpoint file; "
+                                   "point pretrained_model_name_or_path at a diffusers folder or hub id")])
+    if _is_local(src.model) and not Path(src.model).is_file():
+        raise ConfigError([Problem(MODEL_OPTION, src.model, "no such checkpoint file")])
+    flavour = cfg.model_flavour or family_cls.default_flavour
+    config_source = family_cls.flavours.get(flavour)
     kwargs: dict[str, Any] = {"torch_dtype": weight_dtype}
     if config_source:
         kwargs["config"] = config_source
     if src.revision:
         kwargs["revision"] = src.revision
-    pipe = pipeline_cls.from_single_file(src.model, **kwargs)
+    try:
+        pipe = pipeline_cls.from_single_file(src.model, **kwargs)
+    except Exception as exc:
+        if not _load_failure(exc, src.model):
+            raise
+        raise ConfigError([Problem(MODEL_OPTION, src.model,
+                                   f"cannot load it as a single {family_cls.family} checkpoint file "
+                                   f"({type(exc).__name__}: {str(exc).strip()[:200]})")]) from exc
     comps = Components(
-        unet=pipe.unet,
+        denoiser=getattr(pipe, family_cls.denoiser_name),
         vae=pipe.vae,
-        text_encoders=[getattr(pipe, n) for n in adapter_cls.text_encoder_names],
-        tokenizers=[getattr(pipe, n) for n in adapter_cls.tokenizer_names],
+        text_encoders=[getattr(pipe, n) for n in family_cls.text_encoder_names],
+        tokenizers=[getattr(pipe, n) for n in family_cls.tokenizer_names],
         noise_scheduler=pipe.scheduler,
         source=src,
     )
     if src.vae:
-        from diffusers import AutoencoderKL
-
-        comps.vae = load_part(AutoencoderKL, src.vae, src, subfolder=None, use_variant=False)
+        comps.vae = load_vae(family_cls, src, src.model)
     return comps

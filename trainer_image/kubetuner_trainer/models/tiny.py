@@ -222,10 +222,3 @@ def _add_index(folder: Path, name: str, library: str, cls: str) -> None:
     index[name] = [library, cls]
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
 
-
-BUILDERS = {
-    "sd1x": build_tiny_sd,
-    "sd2x": lambda folder, **kw: build_tiny_sd(folder, prediction_type="v_prediction", **kw),
-    "sdxl": build_tiny_sdxl,
-    "kolors": build_tiny_kolors,
-}

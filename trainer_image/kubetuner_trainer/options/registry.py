@@ -3,7 +3,8 @@
 The catalog (``catalog.py``) says what each option is; the files in ``implemented/``
 say which of them the trainer honours today. Each feature area owns one such file, so
 flipping a flag never touches the catalog. A line ``name`` marks the whole option as
-implemented, ``name=value`` marks only that choice.
+implemented, ``name=value`` marks only that choice. The implemented ``model_family`` choices
+are the model registry's families (``models/registry.implemented_families``), never listed here.
 """
 
 from __future__ import annotations
@@ -81,6 +82,10 @@ def _implemented_marks() -> tuple[set[str], dict[str, set[str]]]:
                 partial.setdefault(normalize_key(name), set()).add(value)
             else:
                 whole.add(normalize_key(line))
+    # the implemented model families come from the model registry (one module per family)
+    from ..models.registry import implemented_families
+
+    partial.setdefault("model_family", set()).update(implemented_families())
     return whole, partial
 
 

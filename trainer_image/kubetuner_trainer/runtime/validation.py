@@ -2,7 +2,7 @@
 
 The loop asks :meth:`Validator.due` after each step (and at epoch ends) and calls
 :meth:`Validator.run` (or :meth:`Validator.run_and_report`) with a factory that builds the
-pipeline around the current weights — ``lambda: adapter.build_pipeline(unet=unwrapped_unet)``.
+pipeline around the current weights — ``lambda: family.build_pipeline(denoiser=unwrapped_denoiser)``.
 Images land in ``output_dir/validation/step-<n>/`` with an ``index.json`` describing each file
 (prompt, seed, size, variant).
 """
@@ -200,10 +200,10 @@ def check_validation_config(cfg: Any) -> list[tuple[str, str]]:
 class Validator:
     """Decides when to validate and renders the validation images."""
 
-    def __init__(self, cfg: Any, adapter: Any = None, output_dir: str | Path | None = None, *,
+    def __init__(self, cfg: Any, family: Any = None, output_dir: str | Path | None = None, *,
                  scripts: ScriptRunner | None = None) -> None:
         self.cfg = cfg
-        self.adapter = adapter
+        self.family = family  # the model family (``ModelFamily``), whose pipeline renders by default
         self.output_dir = Path(str(output_dir or option(cfg, "output_dir", ".")))
         self.scripts = scripts or ScriptRunner()
         self.disabled = bool(option(cfg, "validation_disable", False))
@@ -272,8 +272,8 @@ class Validator:
         if not self.prompts:
             return []
         factories: list[tuple[str, PipelineFactory]] = []
-        if pipeline_factory is None and self.adapter is not None:
-            pipeline_factory = self.adapter.build_pipeline
+        if pipeline_factory is None and self.family is not None:
+            pipeline_factory = self.family.build_pipeline
         if self.ema_mode in ("ema_only", "comparison") and ema_pipeline_factory is None:
             log.warning("ema_validation=%s but the loop gave no EMA weights; validating the live weights",
                         self.ema_mode)
@@ -282,7 +282,7 @@ class Validator:
         if ema_pipeline_factory is not None and self.ema_mode in ("ema_only", "comparison"):
             factories.append(("ema", ema_pipeline_factory))
         if not factories:
-            raise ValidationConfigError("validation needs a pipeline factory or a model adapter")
+            raise ValidationConfigError("validation needs a pipeline factory or a model family")
         folder = self.output_dir / "validation" / f"step-{step}"
         folder.mkdir(parents=True, exist_ok=True)
         written: list[Path] = []
@@ -373,6 +373,8 @@ class Validator:
                         kwargs["negative_prompt"] = negative
                     if rescale:
                         kwargs["guidance_rescale"] = float(rescale)
+                    if self.family is not None:
+                        kwargs = self.family.pipeline_call_kwargs(kwargs)
                     with torch.no_grad():
                         image = pipeline(**kwargs).images[0]
                     stem = "-".join(p for p in (label, short_name, f"{width}x{height}", str(number)) if p)

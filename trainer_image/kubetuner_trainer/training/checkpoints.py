@@ -2,7 +2,7 @@
 
 Layout of ``<output_dir>/checkpoint-<step>/``::
 
-    pytorch_lora_weights.safetensors   (LoRA)   or   unet/ [+ unet_ema/, text_encoder*/]  (full)
+    pytorch_lora_weights.safetensors   (LoRA)   or   <denoiser>/ [+ <denoiser>_ema/, text_encoder*/]  (full)
     optimizer.pt  scheduler.pt  [ema.pt]  rank-<r>.pt (RNG + data sampler state per process)
     training_state.json  manifest.json  COMPLETE
 
@@ -225,18 +225,13 @@ def expand_env(text: str, environ: Mapping[str, str] | None = None) -> str:
     return _ENV_RE.sub(sub, text)
 
 
-MODELSPEC_ARCH = {
-    "sd1x": "stable-diffusion-v1",
-    "sd2x": "stable-diffusion-v2",
-    "sdxl": "stable-diffusion-xl-v1-base",
-    "kolors": "kolors",
-}
+def modelspec_metadata(cfg: Any, *, architecture: str, title: str, lora: bool,
+                       environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``modelspec.*`` keys for safetensors headers (what model viewers display).
 
-
-def modelspec_metadata(cfg: Any, *, title: str, lora: bool, environ: Mapping[str, str] | None = None
-                       ) -> dict[str, str]:
-    """``modelspec.*`` keys for safetensors headers (what model viewers display)."""
-    arch = MODELSPEC_ARCH.get(cfg.model_family, cfg.model_family)
+    ``architecture`` is the family's ``modelspec_architecture``.
+    """
+    arch = architecture
     meta = {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{arch}/lora" if lora else arch,
@@ -248,7 +243,7 @@ def modelspec_metadata(cfg: Any, *, title: str, lora: bool, environ: Mapping[str
     return meta
 
 
-def save_lora_file(folder: Path, adapter: Any, per_module: dict[str, dict[str, torch.Tensor]],
+def save_lora_file(folder: Path, family: Any, per_module: dict[str, dict[str, torch.Tensor]],
                    adapter_meta: dict[str, dict[str, Any]], *, lora_format: str,
                    metadata: dict[str, str]) -> Path:
     """Write ``pytorch_lora_weights.safetensors`` in diffusers or ComfyUI key format with metadata."""
@@ -262,7 +257,7 @@ def save_lora_file(folder: Path, adapter: Any, per_module: dict[str, dict[str, t
     header = {"format": "pt", **metadata}
     if lora_format == "comfyui":
         alphas = {n: float(m["lora_alpha"]) for n, m in adapter_meta.items()}
-        save_file(to_comfyui(tensors_cpu, alphas), str(target), metadata=header)
+        save_file(to_comfyui(family, tensors_cpu, alphas), str(target), metadata=header)
         return target
     header["lora_adapter_metadata"] = json.dumps(
         {f"{n}.{k}": _jsonable(v) for n, m in adapter_meta.items() for k, v in m.items()},

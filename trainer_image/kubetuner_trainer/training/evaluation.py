@@ -1,8 +1,8 @@
 """Evaluation loss on held-out datasets (``--eval_dataset_id``): when it runs and what it measures.
 
-The loss is the plain mean squared error between the model's prediction and its training target,
-averaged over every evaluation sample and ``--eval_timesteps`` timesteps spread evenly over the
-noise schedule. The noise of each (sample, timestep) pair is drawn from a generator seeded by the
+The loss is the plain mean squared error between the model's prediction and its training target
+(the family's objective), averaged over every evaluation sample and ``--eval_timesteps`` noise
+levels spread evenly over the schedule. The noise of each (sample, timestep) pair is drawn from a generator seeded by the
 run's seed, the sample and the timestep, so the same weights always give the same number — in a
 resumed run, and with any number of processes (each process evaluates its shard; sums and counts
 are all-reduced).
@@ -82,27 +82,25 @@ def sample_noise(shape: tuple[int, ...], *, seed: int, dataset_id: str, key: str
     return torch.randn(shape, generator=generator)
 
 
-# predict(batch, noisy_latents, timesteps) -> model output; target(latents, noise, timesteps) -> target
+# predict(batch, noisy_latents, timesteps) -> model output
 Predict = Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]
-Target = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-AddNoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
 class Evaluator:
     """Computes the evaluation loss over an ``EvalSource`` (see the module docstring)."""
 
-    def __init__(self, source: Any, *, seed: int, timesteps: list[int], pooling: bool, device: torch.device):
+    def __init__(self, source: Any, *, seed: int, objective: Any, count: int, pooling: bool, device: torch.device):
         self.source = source
         self.seed = seed
-        self.timesteps = timesteps
+        self.objective = objective
+        self.timesteps = objective.eval_timesteps(count)
         self.pooling = pooling
         self.device = device
         self.dataset_ids: list[str] = list(source.dataset_ids)
 
     @torch.no_grad()
-    def evaluate(self, predict: Predict, target: Target, add_noise: AddNoise,
-                 reduce_sum: Reduce | None = None) -> dict[str, float]:
+    def evaluate(self, predict: Predict, reduce_sum: Reduce | None = None) -> dict[str, float]:
         """Loss components for this evaluation (every process must call it: sums are all-reduced)."""
         index = {d: i for i, d in enumerate(self.dataset_ids)}
         totals = torch.zeros(len(self.dataset_ids), 2, dtype=torch.float64)  # [sum of losses, count]
@@ -113,9 +111,10 @@ class Evaluator:
                 noise = torch.stack([
                     sample_noise(tuple(latents.shape[1:]), seed=self.seed, dataset_id=batch.dataset_ids[0],
                                  key=path, timestep_index=t_index) for path in batch.paths]).to(self.device)
-                steps = torch.full((latents.shape[0],), t, dtype=torch.long, device=self.device)
-                pred = predict(batch, add_noise(latents, noise, steps), steps)
-                per_sample = F.mse_loss(pred.float(), target(latents, noise, steps).float(),
+                objective = self.objective
+                steps = torch.full((latents.shape[0],), t, dtype=objective.timestep_dtype, device=self.device)
+                pred = predict(batch, objective.noisy_latents(latents, noise, steps), steps)
+                per_sample = F.mse_loss(pred.float(), objective.target(latents, noise, steps).float(),
                                         reduction="none").flatten(1).mean(1)
                 totals[row, 0] += float(per_sample.double().sum())
                 totals[row, 1] += per_sample.shape[0]
@@ -138,12 +137,12 @@ class Evaluator:
         return out
 
 
-def build_evaluator(cfg: Any, data: Any, *, seed: int, num_train_timesteps: int,
+def build_evaluator(cfg: Any, data: Any, *, seed: int, objective: Any,
                     device: torch.device) -> Evaluator | None:
     """An evaluator when the data has evaluation datasets and ``--eval_loss_disable`` is off."""
     source = getattr(data, "eval_source", None)
     if source is None or cfg.eval_loss_disable:
         return None
     count = cfg.eval_timesteps or DEFAULT_EVAL_TIMESTEPS
-    return Evaluator(source, seed=seed, timesteps=eval_timesteps(count, num_train_timesteps),
+    return Evaluator(source, seed=seed, objective=objective, count=count,
                      pooling=bool(cfg.eval_dataset_pooling), device=device)

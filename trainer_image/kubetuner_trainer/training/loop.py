@@ -1,40 +1,34 @@
-"""The training loop on accelerate: forward, loss, accumulation, clipping, EMA, checkpoints, stop.
+"""The training loop on accelerate: forward, loss, accumulation, clipping, EMA, stop.
 
 The data source is injected (anything iterable of batches with ``steps_per_epoch`` and
-``state_dict``/``load_state_dict``), as are the model adapter and the event sink, so the loop
-is the same for the CLI, tests and the benchmark.
+``state_dict``/``load_state_dict``), as are the model family and the event sink, so the loop
+is the same for the CLI, tests and the benchmark. What trains (LoRA or full weights) is a
+:class:`~.trainable.Trainable`; checkpoints are written and loaded by a
+:class:`~.checkpointer.Checkpointer`; noise levels, model inputs, targets and the loss come
+from the family's training objective.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
-import random
-import shutil
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from ..contract import CheckpointInfo, ExitCode, TrainerState
+from ..contract import ExitCode, TrainerState
 from ..events import NullEvents, StepReport, TrainingEvents
 from . import checkpoints as ckpt
+from .checkpointer import Checkpointer, ProcessState
 from .evaluation import build_evaluator, plan_eval_schedule
-from .lora import attach_lora, load_lora_into, lora_adapter_metadata, lora_state_dicts
-from .losses import input_perturbation_scale, offset_noise, training_loss
-from .timesteps import TimestepSampler
+from .losses import input_perturbation_scale, offset_noise
+from .trainable import build_trainable
 
 log = logging.getLogger(__name__)
-
-
-def now_rfc3339() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def weight_dtype_for(cfg: Any) -> torch.dtype:
@@ -76,31 +70,6 @@ def plan_schedule(cfg: Any, batches_per_epoch: int) -> Schedule:
     return Schedule(batches_per_epoch, updates, steps, max_epochs)
 
 
-def capture_rng() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-@torch.no_grad()
-def params_checksum(params: list[torch.Tensor]) -> list[float]:
-    """Sum and sum of squares of the trained weights: equal on every process when DDP kept them in sync."""
-    total = torch.zeros(2, dtype=torch.float64)
-    for p in params:
-        flat = p.detach().double()
-        total += torch.stack([flat.sum(), (flat * flat).sum()]).cpu()
-    return total.tolist()
-
-
 def _optim_api():
     from .. import optim
 
@@ -120,11 +89,12 @@ class LoopResult:
 class TrainingLoop:
     """One training run. ``run()`` returns a :class:`LoopResult`."""
 
-    def __init__(self, cfg: Any, accelerator: Any, adapter: Any, data: Any,
+    def __init__(self, cfg: Any, accelerator: Any, family: Any, data: Any,
                  events: TrainingEvents | None = None, *, validator: Any = None, seed: int = 0):
         self.cfg = cfg
         self.acc = accelerator
-        self.adapter = adapter
+        self.family = family
+        self.objective = family.objective
         self.data = data
         self.events = events or NullEvents()
         self.validator = validator
@@ -137,7 +107,7 @@ class TrainingLoop:
         self.state = ckpt.TrainingState(world_size=self.world, model_type=cfg.model_type,
                                         model_family=cfg.model_family)
         self.generator = torch.Generator().manual_seed(seed + self.rank)
-        self.trained: dict[str, torch.nn.Module] = {}
+        self.trainable = build_trainable(family, cfg)
         self.wrapped: dict[str, torch.nn.Module] = {}
         self.ema = None
         self.result = LoopResult(ExitCode.SUCCESS, self.state)
@@ -145,176 +115,60 @@ class TrainingLoop:
 
     # ----- setup -----------------------------------------------------------------------------
     def setup(self) -> None:
-        cfg, adapter = self.cfg, self.adapter
-        if cfg.model_type == "lora":
-            self.trained = attach_lora(adapter, cfg)
-        else:
-            adapter.unet.requires_grad_(True)
-            self.trained = {"unet": adapter.unet}
-            if cfg.train_text_encoder:
-                for name, te in zip(adapter.text_encoder_names, adapter.text_encoders, strict=True):
-                    te.requires_grad_(True)
-                    self.trained[name] = te
-        for module in self.trained.values():
-            module.train()
-        if cfg.gradient_checkpointing:
-            adapter.unet.enable_gradient_checkpointing()
-            for name, module in self.trained.items():
-                if name != "unet" and hasattr(module, "gradient_checkpointing_enable"):
-                    module.gradient_checkpointing_enable()
-
+        cfg = self.cfg
+        trained = self.trainable.attach()
         optim = _optim_api()
-        groups = []
-        for name, module in self.trained.items():
-            params = [p for p in module.parameters() if p.requires_grad]
-            group: dict[str, Any] = {"params": params, "name": "unet" if name == "unet" else "text_encoder"}
-            lr = cfg.text_encoder_lr if name != "unet" and cfg.text_encoder_lr is not None else cfg.learning_rate
-            if lr is not None:
-                group["lr"] = lr
-            groups.append(group)
+        groups = self.trainable.param_groups()
         self.params = [p for g in groups for p in g["params"]]
         self.schedule = plan_schedule(cfg, self.data.steps_per_epoch)
         optimizer = optim.build_optimizer(cfg, groups)
         self.lr_scheduler = optim.build_lr_scheduler(cfg, optimizer, self.schedule.max_steps)
-        # EMA follows the UNet's trained weights (text encoders train without one)
-        self.ema_params = [p for p in self.trained["unet"].parameters() if p.requires_grad]
+        self.ema_params = self.trainable.ema_parameters()
         if cfg.use_ema:
             self.ema = optim.EMAModel(self.ema_params, cfg)
-        names = list(self.trained)
-        prepared = self.acc.prepare(*[self.trained[n] for n in names], optimizer)
+        names = list(trained)
+        prepared = self.acc.prepare(*[trained[n] for n in names], optimizer)
         *modules, self.optimizer = prepared if isinstance(prepared, (list, tuple)) else (prepared,)
         self.wrapped = dict(zip(names, modules, strict=True))
-        self.timesteps = TimestepSampler(cfg, adapter.noise_scheduler.config.num_train_timesteps)
-        self.alphas_cumprod = adapter.noise_scheduler.alphas_cumprod.to(self.device)
+        self.checkpointer = Checkpointer(
+            cfg, self.acc, trainable=self.trainable, training_state=self.state, events=self.events, ema=self.ema,
+            states={"optimizer": self.optimizer, "scheduler": self.lr_scheduler, "ema": self.ema},
+            process_state=ProcessState(self.generator, self.data, self.params))
         self.evaluator = build_evaluator(cfg, self.data, seed=self.seed, device=self.device,
-                                         num_train_timesteps=adapter.noise_scheduler.config.num_train_timesteps)
+                                         objective=self.objective)
         self.eval_schedule = plan_eval_schedule(cfg, self.schedule.updates_per_epoch) if self.evaluator else None
 
-    # ----- resume ----------------------------------------------------------------------------
     def resume(self, folder: Path) -> None:
         """Load weights, optimizer, scheduler, EMA, RNG and data position from a checkpoint."""
-        state = ckpt.read_state(folder)
-        if state.model_type != self.cfg.model_type:
-            raise ValueError(f"checkpoint {folder} is a {state.model_type} checkpoint but model_type is "
-                             f"{self.cfg.model_type}")
-        self._load_weights(folder)
-        self.optimizer.load_state_dict(ckpt.read_torch(folder / "optimizer.pt"))
-        self.lr_scheduler.load_state_dict(ckpt.read_torch(folder / "scheduler.pt"))
-        if self.ema is not None and (folder / "ema.pt").is_file():
-            self.ema.load_state_dict(ckpt.read_torch(folder / "ema.pt"))
-        rank_file = folder / f"rank-{self.rank}.pt"
-        if not rank_file.is_file():
-            log.warning("%s has no state for process %d (saved with %d processes); using process 0's",
-                        folder.name, self.rank, state.world_size)
-            rank_file = folder / "rank-0.pt"
-        per_rank = ckpt.read_torch(rank_file)
-        restore_rng(per_rank["rng"])
-        self.generator.set_state(per_rank["generator"])
-        if per_rank.get("data") is not None:
-            self.data.load_state_dict(per_rank["data"])
-        self.state.global_step = state.global_step
-        self.state.epoch = state.epoch
-        self.state.batches_in_epoch = state.batches_in_epoch
-        self.state.samples_seen = state.samples_seen
-        log.info("resumed from %s at step %d (epoch %d)", folder.name, state.global_step, state.epoch + 1)
+        self.checkpointer.load(folder)
 
-    def _load_weights(self, folder: Path) -> None:
-        if self.cfg.model_type == "lora":
-            load_lora_into(self.adapter, self.trained, folder / ckpt.LORA_FILE)
-            return
-        for name, module in self.trained.items():
-            result = module.load_state_dict(ckpt.load_safetensors_folder(folder / name), strict=False)
-            params = {n for n, _ in module.named_parameters()}
-            missing = [k for k in result.missing_keys if k in params]  # buffers may be left out on save
-            if missing or result.unexpected_keys:
-                raise ValueError(f"{folder / name} does not fit the {name}: missing {missing[:5]}, "
-                                 f"unexpected {list(result.unexpected_keys)[:5]}")
-
-    # ----- checkpoint writing ------------------------------------------------------------------
     def save_checkpoint(self, kind: str) -> Path:
-        started = time.monotonic()
-        self.events.state(TrainerState.CHECKPOINTING, f"writing checkpoint-{self.state.global_step}")
-        step = self.state.global_step
-        tmp = ckpt.begin_checkpoint(self.output_dir, step)
-        if self.is_main:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        self.acc.wait_for_everyone()
-        self.state.kind = kind
-        if self.is_main:
-            self._write_weights(tmp)
-            ckpt.write_torch(tmp / "optimizer.pt", self.optimizer.state_dict())
-            ckpt.write_torch(tmp / "scheduler.pt", self.lr_scheduler.state_dict())
-            if self.ema is not None:
-                ckpt.write_torch(tmp / "ema.pt", self.ema.state_dict())
-            (tmp / ckpt.STATE_FILE).write_text(self.state.to_json())
-        data_state = self.data.state_dict() if hasattr(self.data, "state_dict") else None
-        ckpt.write_torch(tmp / f"rank-{self.rank}.pt", {
-            "rng": capture_rng(), "generator": self.generator.get_state(), "data": data_state,
-            "params_checksum": params_checksum(self.params),
-        })
-        self.acc.wait_for_everyone()
-        final = ckpt.checkpoint_path(self.output_dir, step)
-        if self.is_main:
-            final = ckpt.finish_checkpoint(self.output_dir, step)
-            ckpt.prune_checkpoints(self.output_dir, total_limit=self.cfg.checkpoints_total_limit,
-                                   rolling_limit=self.cfg.checkpoints_rolling_total_limit, keep=final)
-            self.events.checkpoint(CheckpointInfo(step=step, path=str(final), time=now_rfc3339()),
-                                   seconds=time.monotonic() - started)
-        self.acc.wait_for_everyone()
+        final = self.checkpointer.save(kind)
         self.result.checkpoints.append(final)
-        self.events.state(TrainerState.TRAINING, "")
         return final
 
-    def _write_weights(self, folder: Path) -> None:
-        title = f"{self.cfg.model_family} {self.cfg.model_type} step {self.state.global_step}"
-        if self.cfg.model_type == "lora":
-            self._write_lora(folder, title)
-            return
-        for name, module in self.trained.items():
-            module.save_pretrained(folder / name, safe_serialization=True)
-        if self.ema is not None:
-            ema_unet = self._ema_copy()
-            ema_unet.save_pretrained(folder / "unet_ema", safe_serialization=True)
-
-    def _write_lora(self, folder: Path, title: str) -> None:
-        meta = ckpt.modelspec_metadata(self.cfg, title=title, lora=True)
-        ckpt.save_lora_file(folder, self.adapter, lora_state_dicts(self.trained),
-                            lora_adapter_metadata(self.trained),
-                            lora_format=self.cfg.lora_format or "diffusers", metadata=meta)
-
-    def _ema_copy(self) -> torch.nn.Module:
-        """A CPU copy of the UNet carrying the EMA weights (training weights untouched)."""
-        unet = copy.deepcopy(self.trained["unet"]).to("cpu")
-        unet_params = [p for p in unet.parameters() if p.requires_grad]
-        self.ema.copy_to(unet_params)
-        return unet
-
     # ----- the step ----------------------------------------------------------------------------
-    def _text(self, batch: Any) -> dict[str, torch.Tensor]:
+    def _text(self, batch: Any, modules: dict[str, torch.nn.Module] | None = None) -> dict[str, torch.Tensor]:
         """Conditioning for a batch: cached embeddings, or live encoding when a text encoder trains.
 
         Caption dropout already happened in the data pipeline (dropped captions arrive as "").
         """
         if self.cfg.train_text_encoder:
-            tes = [self.wrapped.get(n, te) for n, te in zip(self.adapter.text_encoder_names,
-                                                              self.adapter.text_encoders, strict=True)]
-            return self.adapter.encode_text(list(batch.captions), text_encoders=tes)
+            tes = self.trainable.text_encoders(self.wrapped if modules is None else modules)
+            return self.family.encode_text(list(batch.captions), text_encoders=tes)
         return {k: v.to(self.device) for k, v in batch.text.items()}
 
     def compute_loss(self, batch: Any) -> torch.Tensor:
-        cfg, adapter = self.cfg, self.adapter
+        cfg, objective = self.cfg, self.objective
         latents = batch.latents.to(self.device, dtype=torch.float32)
-        bsz = latents.shape[0]
         noise = torch.randn(latents.shape, generator=self.generator).to(self.device)
         noise = offset_noise(cfg, noise.cpu(), self.generator).to(self.device) if cfg.noise_offset else noise
-        timesteps = self.timesteps(bsz, self.generator).to(self.device)
+        timesteps = objective.sample_timesteps(latents, self.generator).to(self.device)
         model_noise = noise
         scale = input_perturbation_scale(cfg, self.state.global_step)
         if scale:
             model_noise = noise + scale * torch.randn(latents.shape, generator=self.generator).to(self.device)
-        noisy = adapter.noise_scheduler.add_noise(latents, model_noise, timesteps)
+        noisy = objective.noisy_latents(latents, model_noise, timesteps)
         mask = getattr(batch, "masks", None)
         if mask is not None:
             prob = 1.0 if cfg.masked_loss_probability is None else cfg.masked_loss_probability
@@ -322,11 +176,9 @@ class TrainingLoop:
                 mask = None
         with self.acc.autocast():
             text = self._text(batch)
-            pred = adapter.predict(self.wrapped["unet"], noisy, timesteps, text, batch)
-        target = adapter.target(latents, noise, timesteps)
-        return training_loss(cfg, pred, target, timesteps, alphas_cumprod=self.alphas_cumprod,
-                             num_train_timesteps=adapter.noise_scheduler.config.num_train_timesteps,
-                             prediction_type=adapter.prediction_type, mask=mask)
+            pred = self.family.predict(self.wrapped[self.family.denoiser_name], noisy, timesteps, text, batch)
+        target = objective.target(latents, noise, timesteps)
+        return objective.loss(cfg, pred, target, timesteps, mask)
 
     def _clip(self) -> float | None:
         limit = self.cfg.max_grad_norm
@@ -362,6 +214,20 @@ class TrainingLoop:
             gpu_memory_allocated_bytes=mem, gpu_memory_peak_bytes=peak,
         ))
 
+    @contextlib.contextmanager
+    def _eval_mode(self):
+        """The unwrapped trained modules in eval mode (no dropout, optimizer eval weights), restored after."""
+        unwrapped = {n: self.acc.unwrap_model(m) for n, m in self.wrapped.items()}  # no DDP collectives
+        for module in unwrapped.values():
+            module.eval()
+        _optim_api().optimizer_eval_mode(self.optimizer)
+        try:
+            yield unwrapped
+        finally:
+            _optim_api().optimizer_train_mode(self.optimizer)
+            for module in unwrapped.values():
+                module.train()
+
     def _validate(self, epoch_end: bool, *, startup: bool = False) -> None:
         """Render validation images when due (every process decides alike; the main one renders)."""
         v = self.validator
@@ -375,26 +241,18 @@ class TrainingLoop:
             return
         self._validated_step = self.state.global_step
         if self.is_main:
-            unwrapped = {n: self.acc.unwrap_model(m) for n, m in self.wrapped.items()}
-            tes = [unwrapped.get(n, te) for n, te in zip(self.adapter.text_encoder_names,
-                                                           self.adapter.text_encoders, strict=True)]
-            for module in unwrapped.values():
-                module.eval()
-            _optim_api().optimizer_eval_mode(self.optimizer)
-            ema_factory = None
-            if self.ema is not None:
-                ema_factory = lambda: self.adapter.build_pipeline(  # noqa: E731
-                    unet=self._ema_copy().to(self.device), text_encoders=tes)
-            try:
+            with self._eval_mode() as unwrapped:
+                tes = self.trainable.text_encoders(unwrapped)
+                denoiser = unwrapped[self.family.denoiser_name]
+                ema_factory = None
+                if self.ema is not None:
+                    ema_factory = lambda: self.family.build_pipeline(  # noqa: E731
+                        denoiser=self.trainable.ema_denoiser(self.ema).to(self.device), text_encoders=tes)
                 v.run_and_report(
                     self.state.global_step, self.events,
-                    lambda: self.adapter.build_pipeline(unet=unwrapped["unet"], text_encoders=tes),
+                    lambda: self.family.build_pipeline(denoiser=denoiser, text_encoders=tes),
                     ema_pipeline_factory=ema_factory,
                 )
-            finally:
-                _optim_api().optimizer_train_mode(self.optimizer)
-                for module in unwrapped.values():
-                    module.train()
         self.acc.wait_for_everyone()
 
     def _end_of_epoch(self, batch: Any) -> bool:
@@ -449,8 +307,7 @@ class TrainingLoop:
                     self.save_checkpoint("interrupt")
                     stopped = True
                     break
-                kind = ckpt.due_kind(self.state.global_step, step_interval=cfg.checkpoint_step_interval,
-                                     rolling_interval=cfg.checkpointing_rolling_steps)
+                kind = self.checkpointer.due(self.state.global_step)
                 if kind and not done:
                     self.save_checkpoint(kind)
                 self._validate(epoch_end=False)
@@ -499,29 +356,15 @@ class TrainingLoop:
         """The evaluation loss components when an evaluation is due after this step, else ``{}``."""
         if self.evaluator is None or not self.eval_schedule.due(self.state.global_step):
             return {}
-        unwrapped = {n: self.acc.unwrap_model(m) for n, m in self.wrapped.items()}  # no DDP collectives
-        tes = [unwrapped.get(n, te) for n, te in zip(self.adapter.text_encoder_names, self.adapter.text_encoders,
-                                                       strict=True)]
+        with self._eval_mode() as unwrapped:
+            denoiser = unwrapped[self.family.denoiser_name]
 
-        def predict(batch: Any, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-            with self.acc.autocast():
-                if self.cfg.train_text_encoder:
-                    text = self.adapter.encode_text(list(batch.captions), text_encoders=tes)
-                else:
-                    text = {k: v.to(self.device) for k, v in batch.text.items()}
-                return self.adapter.predict(unwrapped["unet"], noisy, timesteps, text, batch)
+            def predict(batch: Any, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+                with self.acc.autocast():
+                    return self.family.predict(denoiser, noisy, timesteps, self._text(batch, unwrapped), batch)
 
-        for module in unwrapped.values():
-            module.eval()  # no dropout: the same weights give the same loss
-        _optim_api().optimizer_eval_mode(self.optimizer)
-        try:
             reduce = (lambda t: self.acc.reduce(t, reduction="sum")) if self.world > 1 else None
-            components = self.evaluator.evaluate(predict, self.adapter.target,
-                                                 self.adapter.noise_scheduler.add_noise, reduce)
-        finally:
-            _optim_api().optimizer_train_mode(self.optimizer)
-            for module in unwrapped.values():
-                module.train()
+            components = self.evaluator.evaluate(predict, reduce)
         self.result.eval_losses[self.state.global_step] = components
         log.info("step %d: evaluation loss %.6f", self.state.global_step, components["eval_loss"])
         return components
@@ -534,31 +377,6 @@ class TrainingLoop:
         out = self.output_dir
         if self.is_main:
             out.mkdir(parents=True, exist_ok=True)
-            title = f"{self.cfg.model_family} {self.cfg.model_type} final"
-            if self.cfg.model_type == "lora":
-                self._write_lora(out, title)
-            else:
-                unet = self._ema_copy() if self.ema is not None else self.trained["unet"]
-                tes = [self.trained.get(n, te) for n, te in zip(self.adapter.text_encoder_names,
-                                                                 self.adapter.text_encoders, strict=True)]
-                pipe = self.adapter.build_pipeline(unet=unet, text_encoders=tes)
-                pipe.save_pretrained(out, safe_serialization=True)
-                _stamp_metadata(out, ckpt.modelspec_metadata(self.cfg, title=title, lora=False))
-                if self.ema is not None:
-                    self.trained["unet"].save_pretrained(out / "unet_non_ema", safe_serialization=True)
+            self.trainable.export(out, title=f"{self.cfg.model_family} {self.cfg.model_type} final", ema=self.ema)
         self.acc.wait_for_everyone()
         return out
-
-
-def _stamp_metadata(folder: Path, meta: dict[str, str]) -> None:
-    """Add modelspec keys to the header of every saved safetensors file under ``folder``."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    for path in folder.rglob("*.safetensors"):
-        with safe_open(str(path), framework="pt") as f:
-            header = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        header.update(meta)
-        header.setdefault("format", "pt")
-        save_file(tensors, str(path), metadata=header)

@@ -1,8 +1,10 @@
 """LoRA adapters through PEFT: configuration, attaching, exporting and re-loading weights.
 
-Exported LoRA files use the diffusers key layout (``unet.…``, ``text_encoder.…``) so that
-``pipeline.load_lora_weights`` reads them; ``--lora_format comfyui`` rewrites the keys to the
-kohya/ComfyUI style (``lora_unet_…``, ``lora_te…``, ``.lora_down``/``.lora_up``/``.alpha``).
+Exported LoRA files use the diffusers key layout (``<denoiser>.…``, ``text_encoder.…``, where the
+denoiser is the family's ``unet`` or ``transformer``) so that ``pipeline.load_lora_weights`` reads
+them; ``--lora_format comfyui`` rewrites the keys with the family's ComfyUI naming
+(``ModelFamily.comfyui_key``: kohya's ``lora_unet_…``/``lora_te…`` style) and ``.lora_down``/
+``.lora_up``/``.alpha`` suffixes.
 """
 
 from __future__ import annotations
@@ -70,26 +72,26 @@ def _check_targets_exist(module: torch.nn.Module, targets: Sequence[str], owner:
         raise ValueError(f"peft_lora_target_modules: no module of the {owner} matches {missing}")
 
 
-def attach_lora(adapter: Any, cfg: Any) -> dict[str, torch.nn.Module]:
-    """Add LoRA layers to the UNet (and text encoders with ``--train_text_encoder``).
+def attach_lora(family: Any, cfg: Any) -> dict[str, torch.nn.Module]:
+    """Add LoRA layers to the denoiser (and the text encoders with ``--train_text_encoder``).
 
     Returns the modules that now hold trainable parameters, by pipeline name.
     """
-    unet_targets = parse_target_modules(cfg.peft_lora_target_modules, adapter.default_lora_targets)
-    _check_targets_exist(adapter.unet, unet_targets, "UNet")
-    adapter.unet.add_adapter(lora_config(cfg, unet_targets))
-    trained = {"unet": adapter.unet}
+    denoiser_targets = parse_target_modules(cfg.peft_lora_target_modules, family.lora_targets(cfg))
+    _check_targets_exist(family.denoiser, denoiser_targets, family.denoiser_class_name)
+    family.denoiser.add_adapter(lora_config(cfg, denoiser_targets))
+    trained = {family.denoiser_name: family.denoiser}
     if cfg.train_text_encoder:
-        for index, (name, te) in enumerate(zip(adapter.text_encoder_names, adapter.text_encoders, strict=True)):
+        for index, (name, te) in enumerate(zip(family.text_encoder_names, family.text_encoders, strict=True)):
             # peft directly: transformers' add_adapter demands a newer peft than diffusers needs
             from peft import inject_adapter_in_model
 
-            inject_adapter_in_model(lora_config(cfg, adapter.text_lora_targets(index)), te,
+            inject_adapter_in_model(lora_config(cfg, family.text_lora_targets(index)), te,
                                     adapter_name=ADAPTER_NAME)
             trained[name] = te
     _lora_params_fp32(trained.values())
     if cfg.init_lora:
-        load_lora_into(adapter, trained, cfg.init_lora)
+        load_lora_into(family, trained, cfg.init_lora)
     return trained
 
 
@@ -118,7 +120,7 @@ def flatten_with_prefix(per_module: dict[str, dict[str, torch.Tensor]]) -> dict[
     return {f"{name}.{k}": v for name, sd in per_module.items() for k, v in sd.items()}
 
 
-def load_lora_into(adapter: Any, trained: dict[str, torch.nn.Module], path: str | Path) -> None:
+def load_lora_into(family: Any, trained: dict[str, torch.nn.Module], path: str | Path) -> None:
     """Load a LoRA file (diffusers or kohya keys) into already-attached adapters; exact for our own files."""
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
@@ -128,7 +130,7 @@ def load_lora_into(adapter: Any, trained: dict[str, torch.nn.Module], path: str 
         path = path / "pytorch_lora_weights.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"init_lora: no LoRA weights at {path}")
-    loader = adapter.lora_loader_class()
+    loader = family.lora_loader_class()
     state, _alphas = loader.lora_state_dict(str(path))
     for name, module in trained.items():
         prefix = name + "."
@@ -136,7 +138,7 @@ def load_lora_into(adapter: Any, trained: dict[str, torch.nn.Module], path: str 
         if not part:
             log.warning("init_lora: %s has no weights for the %s", path, name)
             continue
-        if name == "unet":
+        if name == family.denoiser_name:
             part = convert_unet_state_dict_to_peft(part)
         else:
             from diffusers.utils import convert_state_dict_to_peft
@@ -150,29 +152,26 @@ def load_lora_into(adapter: Any, trained: dict[str, torch.nn.Module], path: str 
 
 # ----- ComfyUI / kohya key format -----------------------------------------------------------------
 
-_COMFY_PREFIX = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+_KOHYA_SUFFIXES = ((".lora_A.", ".lora_down."), (".lora_B.", ".lora_up."), (".lora.down.", ".lora_down."),
+                   (".lora.up.", ".lora_up."), (".lora_magnitude_vector", ".dora_scale"))
 
 
-def to_comfyui(per_module: dict[str, dict[str, torch.Tensor]], alphas: dict[str, float]) -> dict[str, torch.Tensor]:
-    """Rewrite diffusers LoRA keys to the kohya style ComfyUI loads, adding ``.alpha`` per layer.
+def to_comfyui(family: Any, per_module: dict[str, dict[str, torch.Tensor]],
+               alphas: dict[str, float]) -> dict[str, torch.Tensor]:
+    """Rewrite diffusers LoRA keys to the names ComfyUI loads, adding ``.alpha`` per layer.
 
-    ``unet.down_blocks.0.attentions.0…to_q.lora_A.weight`` → ``lora_unet_down_blocks_0_attentions_0_…_to_q.lora_down.weight``.
-    With a single text encoder its prefix is ``lora_te``.
+    Layer names come from ``family.comfyui_key`` (for the UNet families kohya's:
+    ``unet.down_blocks.0…to_q.lora_A.weight`` → ``lora_unet_down_blocks_0_…_to_q.lora_down.weight``).
     """
     out: dict[str, torch.Tensor] = {}
-    te_count = sum(1 for n in per_module if n.startswith("text_encoder"))
+    trained = list(per_module)
     for name, sd in per_module.items():
-        prefix = _COMFY_PREFIX.get(name, f"lora_{name}")
-        if name == "text_encoder" and te_count == 1 and "text_encoder_2" not in per_module:
-            prefix = "lora_te"
         for key, tensor in sd.items():
-            for peft_part, kohya_part in ((".lora_A.", ".lora_down."), (".lora_B.", ".lora_up."),
-                                          (".lora.down.", ".lora_down."), (".lora.up.", ".lora_up."),
-                                          (".lora_magnitude_vector", ".dora_scale")):
+            for peft_part, kohya_part in _KOHYA_SUFFIXES:
                 if peft_part in key:
                     module_path, rest = key.split(peft_part, 1)
                     suffix = kohya_part + rest if rest else kohya_part.rstrip(".")
-                    base = f"{prefix}_{module_path.replace('.', '_')}"
+                    base = family.comfyui_key(name, module_path, trained)
                     out[base + suffix] = tensor
                     if kohya_part == ".lora_down.":
                         out[base + ".alpha"] = torch.tensor(float(alphas[name]))

@@ -67,26 +67,12 @@ def resize_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def training_loss(cfg: Any, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, *,
-                  alphas_cumprod: torch.Tensor, num_train_timesteps: int, prediction_type: str,
-                  mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The scalar loss for a batch under the configured loss options."""
-    pred, target = pred.float(), target.float()
-    loss_type = cfg.loss_type or "l2"
-    c = None
-    if loss_type != "l2":
-        c = huber_c_for(cfg.huber_schedule or "snr", 0.1 if cfg.huber_c is None else cfg.huber_c,
-                        timesteps, alphas_cumprod, num_train_timesteps)
-    loss = element_loss(pred, target, loss_type, c)
-    if mask is not None:
-        m = resize_mask(mask, loss)
-        loss = (loss * m).flatten(1).sum(1) / (m.expand_as(loss).flatten(1).sum(1)).clamp(min=1.0)
-    else:
-        loss = loss.flatten(1).mean(1)
-    if cfg.snr_gamma:
-        snr = compute_snr(alphas_cumprod, timesteps)
-        loss = loss * snr_weights(snr, cfg.snr_gamma, prediction_type, soft=bool(cfg.use_soft_min_snr))
-    return loss.mean()
+def masked_mean(loss: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Per-sample mean of an element loss ``[B, ...]``; with a mask, the mean over the masked area."""
+    if mask is None:
+        return loss.flatten(1).mean(1)
+    m = resize_mask(mask, loss)
+    return (loss * m).flatten(1).sum(1) / (m.expand_as(loss).flatten(1).sum(1)).clamp(min=1.0)
 
 
 def offset_noise(cfg: Any, noise: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

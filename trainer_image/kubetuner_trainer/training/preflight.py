@@ -18,26 +18,24 @@ from ..config import ConfigError, Problem
 log = logging.getLogger(__name__)
 
 AREAS = ("kubetuner_trainer.optim", "kubetuner_trainer.data", "kubetuner_trainer.runtime")
-SUPPORTED_PREDICTION = ("epsilon", "v_prediction")
 
 
 def core_problems(cfg: Any) -> list[Problem]:
     """Problems with the model, loop and checkpoint options."""
     import torch
 
-    from ..models.registry import ADAPTERS
+    from ..models import family_class, implemented_families
 
     problems: list[Problem] = []
     family = cfg.model_family
-    adapter = ADAPTERS.get(family)
-    if adapter is None:
-        problems.append(Problem("model_family", family, f"is not supported; supported: {', '.join(sorted(ADAPTERS))}"))
-    elif cfg.model_flavour and cfg.model_flavour not in adapter.flavours:
-        problems.append(Problem("model_flavour", cfg.model_flavour,
-                                f"is not a {family} flavour; allowed: {', '.join(sorted(adapter.flavours))}"))
-    if cfg.prediction_type and cfg.prediction_type not in SUPPORTED_PREDICTION:
-        problems.append(Problem("prediction_type", cfg.prediction_type,
-                                f"is not supported for UNet families; allowed: {', '.join(SUPPORTED_PREDICTION)}"))
+    try:
+        cls = family_class(family)
+    except ValueError:
+        cls = None
+        problems.append(Problem("model_family", family, f"is not supported; supported: "
+                                                        f"{', '.join(implemented_families())}"))
+    if cls is not None:
+        problems += _family_problems(cls, cfg)
     location = cfg.pretrained_model_name_or_path
     if location and _looks_local(location) and not Path(location).exists():
         problems.append(Problem("pretrained_model_name_or_path", location, "no such file or folder"))
@@ -58,10 +56,6 @@ def core_problems(cfg: Any) -> list[Problem]:
             problems.append(Problem("lora_format", "comfyui", "applies to model_type=lora only"))
         if cfg.init_lora:
             problems.append(Problem("init_lora", cfg.init_lora, "applies to model_type=lora only"))
-    if family == "kolors" and cfg.model_type == "lora" and cfg.train_text_encoder:
-        problems.append(Problem("train_text_encoder", True,
-                                "a LoRA on Kolors' ChatGLM text encoder cannot be loaded by diffusers' "
-                                "KolorsPipeline; train the UNet LoRA only, or use model_type=full"))
     if cfg.lora_init_type == "loftq":
         problems.append(Problem("lora_init_type", "loftq",
                                 "is not supported (it quantizes the base model); "
@@ -81,6 +75,39 @@ def core_problems(cfg: Any) -> list[Problem]:
         except ValueError as exc:
             problems.append(Problem("peft_lora_target_modules", cfg.peft_lora_target_modules, str(exc)))
     return problems
+
+
+def _family_problems(cls: Any, cfg: Any) -> list[Problem]:
+    """Options that must fit the chosen family: flavour, prediction type, denoiser location, its own rules."""
+    from ..models.family import DENOISER_LOCATION_OPTIONS
+
+    problems: list[Problem] = []
+    family = cls.family
+    if cfg.model_flavour and cfg.model_flavour not in cls.flavours:
+        problems.append(Problem("model_flavour", cfg.model_flavour,
+                                f"is not a {family} flavour; allowed: {', '.join(sorted(cls.flavours))}"))
+    if cfg.prediction_type and cfg.prediction_type not in cls.prediction_types:
+        problems.append(Problem("prediction_type", cfg.prediction_type,
+                                f"is not supported by {family}; allowed: {', '.join(cls.prediction_types)}"))
+    for denoiser, options in DENOISER_LOCATION_OPTIONS.items():
+        if denoiser == cls.denoiser_name:
+            continue
+        for option in options:
+            if getattr(cfg, option, None):
+                problems.append(Problem(option, getattr(cfg, option),
+                                        f"{family} has no {denoiser}; use "
+                                        f"{' / '.join(DENOISER_LOCATION_OPTIONS[cls.denoiser_name])}"))
+    if "flow_matching" not in cls.prediction_types:
+        ignored = [o for o in FLOW_OPTIONS if hasattr(cfg, "is_set") and cfg.is_set(o)]
+        if ignored:  # SimpleTuner ignores them too: a warning, not a refusal
+            log.warning("%s trains with DDPM; ignoring the flow-matching options %s", family, ", ".join(ignored))
+    return problems + list(cls.config_problems(cfg))
+
+
+#: options of the flow-matching timestep schedule (meaningless for the DDPM families)
+FLOW_OPTIONS = ("flow_sigmoid_scale", "flow_use_uniform_schedule", "flow_use_beta_schedule",
+                "flow_beta_schedule_alpha", "flow_beta_schedule_beta", "flow_schedule_shift",
+                "flow_schedule_auto_shift", "flux_fast_schedule")
 
 
 def _timestep_problems(cfg: Any) -> list[Problem]:

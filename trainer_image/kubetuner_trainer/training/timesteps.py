@@ -1,9 +1,16 @@
-"""Which diffusion timesteps a batch trains on: bias weighting and segmented (stratified) sampling."""
+"""Which noise levels a batch trains on.
+
+DDPM families: integer timesteps with ``--timestep_bias_*`` weighting and segmented (stratified)
+sampling. Flow-matching families: sigmas in ``[0, 1]`` from :class:`FlowSchedule`.
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -72,3 +79,92 @@ class TimestepSampler:
 
     def __call__(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         return sample_timesteps(self.weights, batch_size, segmented=self.segmented, generator=generator)
+
+
+# ----- flow matching ---------------------------------------------------------------------------------
+
+#: ``--flux_fast_schedule``: sigmas drawn from this list (7 in 10 draws at pure noise)
+FAST_SCHEDULE_SIGMAS = (1.0,) * 7 + (0.75, 0.5, 0.25)
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """``σ' = shift·σ / (1 + (shift−1)·σ)`` (SD3 paper §5.3.2); shift > 1 moves mass towards noise."""
+    return sigmas * shift / (1 + (shift - 1) * sigmas)
+
+
+def resolution_shift(latent_hw: tuple[int, int], *, base_seq_len: int = 256, max_seq_len: int = 4096,
+                     base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """``--flow_schedule_auto_shift``: ``exp(mu)`` with mu linear in the packed image sequence length.
+
+    The sequence length is ``H·W/4`` for a ``H×W`` latent (2×2 patches); the line through
+    ``(base_seq_len, base_shift)`` and ``(max_seq_len, max_shift)`` is the one Flux inference uses
+    (``FlowMatchEulerDiscreteScheduler``'s config supplies the four numbers).
+    """
+    seq_len = latent_hw[0] * latent_hw[1] // 4
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    mu = base_shift + slope * (seq_len - base_seq_len)
+    return math.exp(mu)
+
+
+@dataclass(frozen=True)
+class FlowSchedule:
+    """How flow-matching sigmas (noise levels in ``[0, 1]``, 1 = pure noise) are drawn.
+
+    ``kind``: ``sigmoid`` (``sigmoid(scale·N(0,1))``, the default), ``uniform``
+    (``--flow_use_uniform_schedule``), ``beta`` (``--flow_use_beta_schedule``, Beta(alpha, beta)) or
+    ``fast`` (``--flux_fast_schedule``, :data:`FAST_SCHEDULE_SIGMAS`). The first three are then
+    shifted by ``--flow_schedule_shift``, or with ``--flow_schedule_auto_shift`` by a
+    resolution-dependent shift. Precedence follows SimpleTuner: uniform, then beta, then fast.
+    """
+
+    kind: str = "sigmoid"
+    sigmoid_scale: float = 1.0
+    beta: tuple[float, float] = (2.0, 2.0)
+    shift: float | None = None
+    auto_shift: bool = False
+    shift_line: tuple[int, int, float, float] = (256, 4096, 0.5, 1.15)
+
+    @classmethod
+    def from_options(cls, cfg: Any, scheduler_config: Any = None) -> FlowSchedule:
+        """The schedule the ``--flow_*``/``--flux_fast_schedule`` options describe."""
+        if cfg.flow_use_uniform_schedule:
+            kind = "uniform"
+        elif cfg.flow_use_beta_schedule:
+            kind = "beta"
+        elif cfg.flux_fast_schedule:
+            kind = "fast"
+        else:
+            kind = "sigmoid"
+        line = cls.shift_line
+        if scheduler_config is not None:
+            line = tuple(getattr(scheduler_config, key, default) for key, default in zip(
+                ("base_image_seq_len", "max_image_seq_len", "base_shift", "max_shift"), cls.shift_line,
+                strict=True))
+        shift = cfg.flow_schedule_shift
+        return cls(kind=kind, sigmoid_scale=float(cfg.flow_sigmoid_scale),
+                   beta=(float(cfg.flow_beta_schedule_alpha), float(cfg.flow_beta_schedule_beta)),
+                   shift=float(shift) if shift else None, auto_shift=bool(cfg.flow_schedule_auto_shift),
+                   shift_line=line)  # type: ignore[arg-type]
+
+    def sample(self, batch_size: int, generator: torch.Generator | None, latent_hw: tuple[int, int]
+               ) -> torch.Tensor:
+        """``batch_size`` sigmas (float32, CPU) for latents of spatial size ``latent_hw``."""
+        if self.kind == "fast":
+            index = torch.randint(len(FAST_SCHEDULE_SIGMAS), (batch_size,), generator=generator)
+            return torch.tensor(FAST_SCHEDULE_SIGMAS, dtype=torch.float32)[index]
+        if self.kind == "uniform":
+            sigmas = torch.rand(batch_size, generator=generator)
+        elif self.kind == "beta":
+            # numpy draws Beta variates from a seed taken off our generator: resumable and per-rank
+            seed = int(torch.randint(2**62, (1,), generator=generator).item())
+            draws = np.random.default_rng(seed).beta(*self.beta, size=batch_size)
+            sigmas = torch.from_numpy(draws).float()
+        else:
+            sigmas = torch.sigmoid(self.sigmoid_scale * torch.randn(batch_size, generator=generator))
+        if self.auto_shift:
+            base_len, max_len, base_shift, max_shift = self.shift_line
+            sigmas = shift_sigmas(sigmas, resolution_shift(latent_hw, base_seq_len=base_len, max_seq_len=max_len,
+                                                           base_shift=base_shift, max_shift=max_shift))
+        elif self.shift:
+            sigmas = shift_sigmas(sigmas, self.shift)
+        return sigmas

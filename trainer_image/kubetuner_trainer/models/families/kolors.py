@@ -3,21 +3,38 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from .sdxl import MicroConditionedAdapter
+from ...config import Problem
+from .sdxl import MicroConditionedFamily
 
 CHATGLM_MAX_LENGTH = 256
 
 
-class KolorsAdapter(MicroConditionedAdapter):
+class KolorsFamily(MicroConditionedFamily):
     family = "kolors"
     pipeline_class = "KolorsPipeline"
     flavours = {"1.0": "Kwai-Kolors/Kolors-diffusers"}
     default_flavour = "1.0"
     text_encoder_lora_targets = ("query_key_value", "dense")
+    modelspec_architecture = "kolors"
+
+    @classmethod
+    def build_tiny(cls, folder: Path, *, seed: int = 0) -> Path:
+        from ..tiny import build_tiny_kolors
+
+        return build_tiny_kolors(folder, seed=seed)
+
+    @classmethod
+    def config_problems(cls, cfg: Any) -> list[Problem]:
+        if cfg.model_type == "lora" and cfg.train_text_encoder:
+            return [Problem("train_text_encoder", True,
+                            "a LoRA on Kolors' ChatGLM text encoder cannot be loaded by diffusers' "
+                            "KolorsPipeline; train the UNet LoRA only, or use model_type=full")]
+        return []
 
     @classmethod
     def text_encoder_classes(cls) -> tuple[type, ...]:
@@ -43,3 +60,6 @@ class KolorsAdapter(MicroConditionedAdapter):
 
     def extra_pipeline_components(self) -> dict[str, Any]:
         return {"force_zeros_for_empty_prompt": False}
+
+
+FAMILY = KolorsFamily

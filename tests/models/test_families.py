@@ -1,4 +1,4 @@
-"""Family adapters on tiny real models: loading, encoders, conditioning, targets, pipelines."""
+"""Model families on tiny real models: registry, loading, encoders, conditioning, targets, pipelines."""
 
 from __future__ import annotations
 
@@ -9,25 +9,72 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kubetuner_trainer.models import adapter_class, load_adapter
+from kubetuner_trainer.config import ConfigError
+from kubetuner_trainer.models import family_class, implemented_families, load_family
+from kubetuner_trainer.models.families.sdxl import add_time_ids
 from kubetuner_trainer.models.loading import resolve_source
-from kubetuner_trainer.models.sdxl import add_time_ids
 
 
 def test_registry_names_allowed_families_and_flavours():
     with pytest.raises(ValueError, match="supported: kolors, sd1x, sd2x, sdxl"):
-        adapter_class("flux")
+        family_class("flux")
     with pytest.raises(ValueError, match="allowed: base-1.0$"):
-        adapter_class("sdxl", "refiner-1.0")
-    assert adapter_class("sd2x", "2.1-base").family == "sd2x"
+        family_class("sdxl", "refiner-1.0")
+    assert family_class("sd2x", "2.1-base").family == "sd2x"
+
+
+def test_implemented_families_come_from_the_registry_alone():
+    from kubetuner_trainer.options import get_registry
+    from kubetuner_trainer.tiny import main as tiny_main
+
+    families = implemented_families()
+    assert {"sd1x", "sd2x", "sdxl", "kolors"} <= set(families)
+    assert get_registry().get("model_family").implemented_choices == frozenset(families)
+    for name in families:
+        cls = family_class(name)
+        assert cls.family == name and cls.default_flavour in cls.flavours and cls.modelspec_architecture
+    with pytest.raises(SystemExit):  # the tiny builder offers exactly the registry's families
+        tiny_main(["model", "no-such-family", "/nonexistent"])
+
+
+def test_vae_location_may_be_a_pipeline_folder_or_a_vae_folder(model_cfg, tiny_model, tmp_path):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(tiny_model("sd1x") / "vae")
+    vae.register_to_config(scaling_factor=0.25)
+    pipeline_folder = tmp_path / "pipeline"
+    vae.save_pretrained(pipeline_folder / "vae")
+    (pipeline_folder / "model_index.json").write_text("{}")
+    assert load_family(model_cfg("sd1x", pretrained_vae_model_name_or_path=str(pipeline_folder))
+                       ).vae.config.scaling_factor == 0.25
+    vae.save_pretrained(tmp_path / "plain-vae")
+    assert load_family(model_cfg("sd1x", pretrained_vae_model_name_or_path=str(tmp_path / "plain-vae"))
+                       ).vae.config.scaling_factor == 0.25
+    (tmp_path / "empty").mkdir()
+    for location, message in ((tmp_path / "empty", "holds no config.json and no vae/config.json"),
+                              (tmp_path / "missing", "no such folder")):
+        with pytest.raises(ConfigError, match=message) as info:
+            load_family(model_cfg("sd1x", pretrained_vae_model_name_or_path=str(location)))
+        assert info.value.problems[0].option == "pretrained_vae_model_name_or_path"
+        assert str(location) in str(info.value)
+
+
+def test_unreadable_weights_are_a_config_error_naming_the_path(model_cfg, tiny_model, tmp_path):
+    folder = tmp_path / "corrupt"
+    shutil.copytree(tiny_model("sd1x"), folder)
+    for weights in (folder / "unet").glob("*.safetensors"):
+        weights.write_bytes(b"not safetensors")
+    with pytest.raises(ConfigError, match="cannot load a UNet2DConditionModel from .*corrupt/unet") as info:
+        load_family(model_cfg("sd1x", pretrained_model_name_or_path=str(folder)))
+    assert info.value.problems[0].option == "pretrained_model_name_or_path"
 
 
 def test_flavour_picks_the_default_hub_id_when_no_path_is_given(model_cfg):
     cfg = model_cfg("sdxl", pretrained_model_name_or_path=None, revision="abc123", variant="fp16")
-    src = resolve_source(adapter_class("sdxl"), cfg)
+    src = resolve_source(family_class("sdxl"), cfg)
     assert (src.model, src.revision, src.variant) == ("stabilityai/stable-diffusion-xl-base-1.0", "abc123", "fp16")
     assert not src.single_file
-    single = resolve_source(adapter_class("sd1x"), model_cfg("sd1x", pretrained_model_name_or_path="/m/x.safetensors"))
+    single = resolve_source(family_class("sd1x"), model_cfg("sd1x", pretrained_model_name_or_path="/m/x.safetensors"))
     assert single.single_file
 
 
@@ -38,7 +85,7 @@ def test_flavour_picks_the_default_hub_id_when_no_path_is_given(model_cfg):
     ("kolors", {"prompt_embeds": (256, 32), "pooled_prompt_embeds": (32,)}),
 ])
 def test_encoders_for_the_data_pipeline(model_cfg, family, text_keys):
-    adapter = load_adapter(model_cfg(family))
+    adapter = load_family(model_cfg(family))
     enc = adapter.encoders()
     assert enc.latent_downscale == 2  # two VAE blocks in the tiny model
     latents = enc.encode_images(torch.rand(2, 3, 32, 32) * 2 - 1)
@@ -51,13 +98,13 @@ def test_encoders_for_the_data_pipeline(model_cfg, family, text_keys):
     assert not torch.equal(per_prompt[0]["prompt_embeds"], per_prompt[1]["prompt_embeds"])
     # the batched prediction path accepts stacked per-prompt tensors
     text = {k: torch.stack([p[k] for p in per_prompt]) for k in per_prompt[0]}
-    out = adapter.predict(adapter.unet, latents, torch.tensor([10, 500]), text, None)
+    out = adapter.predict(adapter.denoiser, latents, torch.tensor([10, 500]), text, None)
     assert out.shape == latents.shape
 
 
 def test_cache_key_tracks_model_identity(model_cfg, tiny_model, tmp_path):
-    a = load_adapter(model_cfg("sd1x"))
-    assert a.cache_key == load_adapter(model_cfg("sd1x")).cache_key
+    a = load_family(model_cfg("sd1x"))
+    assert a.cache_key == load_family(model_cfg("sd1x")).cache_key
     assert a.cache_key.startswith("sd1x-")
     # a different VAE (other scaling) must change the key
     from diffusers import AutoencoderKL
@@ -65,7 +112,7 @@ def test_cache_key_tracks_model_identity(model_cfg, tiny_model, tmp_path):
     vae = AutoencoderKL.from_pretrained(tiny_model("sd1x") / "vae")
     vae.register_to_config(scaling_factor=0.5)
     vae.save_pretrained(tmp_path / "other-vae")
-    b = load_adapter(model_cfg("sd1x", pretrained_vae_model_name_or_path=str(tmp_path / "other-vae")))
+    b = load_family(model_cfg("sd1x", pretrained_vae_model_name_or_path=str(tmp_path / "other-vae")))
     assert b.vae.config.scaling_factor == 0.5
     assert b.cache_key != a.cache_key
 
@@ -84,35 +131,36 @@ def test_variant_and_separate_unet_location(model_cfg, tiny_model, tmp_path):
         src = folder / name
         for f in list(src.glob("*.safetensors")):
             shutil.copy(f, f.with_name(f.stem + ".ema" + f.suffix))
-    plain = load_adapter(model_cfg("sd1x", pretrained_model_name_or_path=str(folder)))
-    variant = load_adapter(model_cfg("sd1x", pretrained_model_name_or_path=str(folder), variant="ema"))
-    p0 = next(plain.unet.parameters())
-    p1 = next(variant.unet.parameters())
+    plain = load_family(model_cfg("sd1x", pretrained_model_name_or_path=str(folder)))
+    variant = load_family(model_cfg("sd1x", pretrained_model_name_or_path=str(folder), variant="ema"))
+    p0 = next(plain.denoiser.parameters())
+    p1 = next(variant.denoiser.parameters())
     assert torch.allclose(p1, p0 + 1.0)
 
     other = tmp_path / "unet-only" / "weights"
     unet.save_pretrained(other)
-    split = load_adapter(model_cfg("sd1x", pretrained_unet_model_name_or_path=str(tmp_path / "unet-only"),
+    split = load_family(model_cfg("sd1x", pretrained_unet_model_name_or_path=str(tmp_path / "unet-only"),
                                    pretrained_unet_subfolder="weights"))
-    assert torch.allclose(next(split.unet.parameters()), p0 + 1.0)
+    assert torch.allclose(next(split.denoiser.parameters()), p0 + 1.0)
 
 
 def test_missing_component_folder_is_a_clear_error(model_cfg, tiny_model, tmp_path):
     folder = tmp_path / "broken"
     shutil.copytree(tiny_model("sd1x"), folder)
     shutil.rmtree(folder / "text_encoder")
-    with pytest.raises(FileNotFoundError, match="has no text_encoder/ folder"):
-        load_adapter(model_cfg("sd1x", pretrained_model_name_or_path=str(folder)))
+    with pytest.raises(ConfigError, match="has no text_encoder/ folder") as info:
+        load_family(model_cfg("sd1x", pretrained_model_name_or_path=str(folder)))
+    assert info.value.problems[0].option == "pretrained_model_name_or_path"
 
 
 def test_single_file_is_refused_for_kolors(model_cfg, tmp_path):
     (tmp_path / "kolors.safetensors").write_bytes(b"")
-    with pytest.raises(ValueError, match="cannot load a single checkpoint file"):
-        load_adapter(model_cfg("kolors", pretrained_model_name_or_path=str(tmp_path / "kolors.safetensors")))
+    with pytest.raises(ConfigError, match="cannot load a single checkpoint file"):
+        load_family(model_cfg("kolors", pretrained_model_name_or_path=str(tmp_path / "kolors.safetensors")))
 
 
 def test_sdxl_micro_conditioning_reaches_the_unet(model_cfg):
-    adapter = load_adapter(model_cfg("sdxl"))
+    adapter = load_family(model_cfg("sdxl"))
     latents = torch.randn(2, 4, 16, 16)
     batch = SimpleNamespace(original_sizes=[(64, 48), (32, 32)], crop_coords=[(4, 2), (0, 0)],
                             target_sizes=[(32, 32), (32, 32)])
@@ -123,26 +171,26 @@ def test_sdxl_micro_conditioning_reaches_the_unet(model_cfg):
     text = adapter.encode_text(["x", "x"])
     t = torch.tensor([100, 100])
     with torch.no_grad():
-        a = adapter.predict(adapter.unet, latents, t, text, batch)
+        a = adapter.predict(adapter.denoiser, latents, t, text, batch)
         other = SimpleNamespace(original_sizes=[(1024, 1024)] * 2, crop_coords=[(0, 0)] * 2,
                                 target_sizes=[(32, 32)] * 2)
-        b = adapter.predict(adapter.unet, latents, t, text, other)
+        b = adapter.predict(adapter.denoiser, latents, t, text, other)
     assert not torch.allclose(a[0], b[0])
     with pytest.raises(ValueError, match="3 size entries for 2 samples"):
         add_time_ids(SimpleNamespace(original_sizes=[(1, 1)] * 3, crop_coords=None, target_sizes=None), latents, 2)
 
 
 def test_v_prediction_target_and_zero_terminal_snr(model_cfg):
-    adapter = load_adapter(model_cfg("sd2x"))
+    adapter = load_family(model_cfg("sd2x"))
     assert adapter.prediction_type == "v_prediction"
     latents, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
     expected = adapter.noise_scheduler.get_velocity(latents, noise, t)
-    assert torch.equal(adapter.target(latents, noise, t), expected)
+    assert torch.equal(adapter.objective.target(latents, noise, t), expected)
     assert not torch.allclose(expected, noise)
-    eps = load_adapter(model_cfg("sd2x", prediction_type="epsilon"))
-    assert torch.equal(eps.target(latents, noise, t), noise)
+    eps = load_family(model_cfg("sd2x", prediction_type="epsilon"))
+    assert torch.equal(eps.objective.target(latents, noise, t), noise)
 
-    zsnr = load_adapter(model_cfg("sd2x", rescale_betas_zero_snr=True))
+    zsnr = load_family(model_cfg("sd2x", rescale_betas_zero_snr=True))
     assert float(zsnr.noise_scheduler.alphas_cumprod[-1]) < 1e-6
     assert float(adapter.noise_scheduler.alphas_cumprod[-1]) > 1e-4
     assert zsnr.noise_scheduler.config.timestep_spacing == "trailing"
@@ -159,7 +207,7 @@ def test_unsupported_prediction_type_is_refused_at_config_time(model_cfg):
                                               ("sdxl", "StableDiffusionXLPipeline"),
                                               ("kolors", "KolorsPipeline")])
 def test_build_pipeline_renders_with_the_given_modules(model_cfg, family, pipeline):
-    adapter = load_adapter(model_cfg(family))
+    adapter = load_family(model_cfg(family))
     pipe = adapter.build_pipeline()
     assert type(pipe).__name__ == pipeline
     gen = torch.Generator().manual_seed(0)
@@ -170,8 +218,8 @@ def test_build_pipeline_renders_with_the_given_modules(model_cfg, family, pipeli
 
 
 def test_vae_dtype_option(model_cfg):
-    adapter = load_adapter(model_cfg("sd1x", vae_dtype="bf16"))
+    adapter = load_family(model_cfg("sd1x", vae_dtype="bf16"))
     assert next(adapter.vae.parameters()).dtype == torch.bfloat16
     latents = adapter.encode_images(torch.zeros(1, 3, 32, 32))
     assert latents.dtype == torch.float32  # cached latents stay fp32 whatever the VAE runs in
-    assert adapter.cache_key != load_adapter(model_cfg("sd1x")).cache_key
+    assert adapter.cache_key != load_family(model_cfg("sd1x")).cache_key

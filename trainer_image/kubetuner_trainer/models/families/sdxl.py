@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from .base import ModelAdapter
+from ..family import ModelFamily
 from .sd1x import clip_token_ids
 
 
@@ -33,20 +34,20 @@ def add_time_ids(batch: Any, latents: torch.Tensor, downscale: int) -> torch.Ten
     return torch.tensor(rows, dtype=latents.dtype, device=latents.device)
 
 
-class MicroConditionedAdapter(ModelAdapter):
+class MicroConditionedFamily(ModelFamily):
     """Shared by SDXL-style UNets: ``text_embeds`` + ``time_ids`` as added conditioning."""
 
-    def predict(self, unet, noisy_latents, timesteps, text, batch):
+    def predict(self, denoiser, noisy_latents, timesteps, text, batch):
         dtype = noisy_latents.dtype
         added = {
             "text_embeds": text["pooled_prompt_embeds"].to(dtype),
             "time_ids": add_time_ids(batch, noisy_latents, self.latent_downscale),
         }
-        return unet(noisy_latents, timesteps, encoder_hidden_states=text["prompt_embeds"].to(dtype),
+        return denoiser(noisy_latents, timesteps, encoder_hidden_states=text["prompt_embeds"].to(dtype),
                     added_cond_kwargs=added, return_dict=False)[0]
 
 
-class SDXLAdapter(MicroConditionedAdapter):
+class SDXLFamily(MicroConditionedFamily):
     family = "sdxl"
     pipeline_class = "StableDiffusionXLPipeline"
     # the refiner (text_encoder_2 only, aesthetic-score conditioning) is a different layout: not offered
@@ -54,6 +55,13 @@ class SDXLAdapter(MicroConditionedAdapter):
     default_flavour = "base-1.0"
     text_encoder_names = ("text_encoder", "text_encoder_2")
     tokenizer_names = ("tokenizer", "tokenizer_2")
+    modelspec_architecture = "stable-diffusion-xl-v1-base"
+
+    @classmethod
+    def build_tiny(cls, folder: Path, *, seed: int = 0) -> Path:
+        from ..tiny import build_tiny_sdxl
+
+        return build_tiny_sdxl(folder, seed=seed)
 
     @classmethod
     def text_encoder_classes(cls) -> tuple[type, ...]:
@@ -76,3 +84,6 @@ class SDXLAdapter(MicroConditionedAdapter):
             pooled = out[0]  # the projected pooled output of the last encoder
         assert pooled is not None
         return {"prompt_embeds": torch.cat(hidden, dim=-1), "pooled_prompt_embeds": pooled}
+
+
+FAMILY = SDXLFamily

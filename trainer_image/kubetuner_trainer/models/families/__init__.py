@@ -1,0 +1,1 @@
+"""One module per implemented model family; each exports ``FAMILY`` (see ``models/registry.py``)."""

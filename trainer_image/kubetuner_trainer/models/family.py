@@ -1,0 +1,330 @@
+"""The model-family interface: one subclass per family (``models/families/<name>.py``).
+
+A family names the classes it loads (denoiser, text encoders, tokenizers, scheduler, pipeline),
+owns the loaded components and its training objective, and holds every fact that differs
+between families: how prompts become conditioning tensors, how the denoiser is called, which
+layers LoRA wraps (and the named target presets), the modelspec architecture, the ComfyUI key
+prefixes, the config rules only it has, and how to build a tiny random-weight copy for tests.
+The loop, LoRA and checkpoint code only talk to this interface.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from ..config import Problem
+from .components import Components
+from .loading import load_components
+
+CLIP_TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+UNET_ATTENTION_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+
+#: the options that relocate a denoiser, by the denoiser's pipeline name
+DENOISER_LOCATION_OPTIONS = {
+    "unet": ("pretrained_unet_model_name_or_path", "pretrained_unet_subfolder"),
+    "transformer": ("pretrained_transformer_model_name_or_path", "pretrained_transformer_subfolder"),
+}
+
+
+class FamilyEncoders:
+    """What the data pipeline needs from the model (the ``Encoders`` protocol)."""
+
+    def __init__(self, family: ModelFamily):
+        self._family = family
+        self.cache_key = family.cache_key
+        self.latent_downscale = family.latent_downscale
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._family.encode_images(pixels)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> list[dict[str, torch.Tensor]]:
+        batched = self._family.encode_text(list(prompts))
+        return [{k: v[i].detach().cpu() for k, v in batched.items()} for i in range(len(prompts))]
+
+
+class ModelFamily(ABC):
+    """One model family. Subclasses set the class attributes and the text/predict hooks."""
+
+    family: ClassVar[str]
+    pipeline_class: ClassVar[str]
+    #: flavour name -> default hub id (used when ``--pretrained_model_name_or_path`` is unset)
+    flavours: ClassVar[dict[str, str]]
+    default_flavour: ClassVar[str]
+    #: the trained network: its pipeline component name (= subfolder, LoRA key prefix) and class
+    denoiser_name: ClassVar[str] = "unet"
+    denoiser_class_name: ClassVar[str] = "UNet2DConditionModel"
+    scheduler_class_name: ClassVar[str] = "DDPMScheduler"
+    #: the text encoder / tokenizer subfolders, in pipeline order
+    text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder",)
+    tokenizer_names: ClassVar[tuple[str, ...]] = ("tokenizer",)
+    #: option that relocates one text encoder -> its pipeline name (e.g. the T5 of Flux)
+    text_encoder_location_options: ClassVar[dict[str, str]] = {}
+    #: prediction types the family trains with; the first is its default
+    prediction_types: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction")
+    default_lora_targets: ClassVar[tuple[str, ...]] = UNET_ATTENTION_LORA_TARGETS
+    #: the option choosing a named target preset, and the presets (unset option -> default targets)
+    lora_target_option: ClassVar[str | None] = None
+    lora_target_presets: ClassVar[dict[str, tuple[str, ...]]] = {}
+    text_encoder_lora_targets: ClassVar[tuple[str, ...]] = CLIP_TEXT_LORA_TARGETS
+    #: ``modelspec.architecture`` of saved files (``/lora`` is appended for LoRA files)
+    modelspec_architecture: ClassVar[str]
+    #: kohya/ComfyUI LoRA key prefix of each trained module, by pipeline name
+    comfyui_prefixes: ClassVar[dict[str, str]] = {"unet": "lora_unet", "text_encoder": "lora_te1",
+                                                  "text_encoder_2": "lora_te2"}
+    #: the prefix of a lone text encoder (kohya: ``lora_te`` when there is only one)
+    comfyui_single_text_encoder_prefix: ClassVar[str] = "lora_te"
+
+    @classmethod
+    def denoiser_class(cls) -> type:
+        import diffusers
+
+        return getattr(diffusers, cls.denoiser_class_name)
+
+    @classmethod
+    def scheduler_class(cls) -> type:
+        import diffusers
+
+        return getattr(diffusers, cls.scheduler_class_name)
+
+    @classmethod
+    def text_encoder_classes(cls) -> tuple[type, ...]:
+        from transformers import CLIPTextModel
+
+        return (CLIPTextModel,)
+
+    @classmethod
+    def tokenizer_classes(cls) -> tuple[type, ...]:
+        from transformers import CLIPTokenizer
+
+        return (CLIPTokenizer,)
+
+    @classmethod
+    @abstractmethod
+    def build_tiny(cls, folder: Path, *, seed: int = 0) -> Path:
+        """Write a tiny random-weight model of this family in diffusers layout to ``folder``."""
+
+    @classmethod
+    def config_problems(cls, cfg: Any) -> list[Problem]:
+        """The family's own configuration rules (checked by preflight before anything loads)."""
+        return []
+
+    def __init__(self, cfg: Any, components: Components, *, device: torch.device | str = "cpu",
+                 weight_dtype: torch.dtype = torch.float32):
+        self.cfg = cfg
+        self.components = components
+        self.device = torch.device(device)
+        self.weight_dtype = weight_dtype
+        self.prediction_type: str = self.resolve_prediction_type(cfg, components.noise_scheduler)
+        if self.prediction_type not in self.prediction_types:
+            raise ValueError(
+                f"prediction_type {self.prediction_type!r} is not supported by the {self.family} family; "
+                f"use {' or '.join(self.prediction_types)}"
+            )
+        self.objective = self.make_objective()
+
+    @classmethod
+    def resolve_prediction_type(cls, cfg: Any, scheduler: Any) -> str:
+        """``--prediction_type``, else what the model's scheduler says, else the family default."""
+        config = getattr(scheduler, "config", None)
+        return cfg.prediction_type or getattr(config, "prediction_type", None) or cls.prediction_types[0]
+
+    def make_objective(self) -> Any:
+        """The training objective (DDPM ε/v for the UNet families)."""
+        from ..training.objectives import DDPMObjective
+
+        return DDPMObjective(self.cfg, self.noise_scheduler, self.prediction_type)
+
+    @classmethod
+    def training_scheduler(cls, scheduler: Any, cfg: Any) -> Any:
+        """A DDPM scheduler carrying the model's betas, with the training-time overrides applied."""
+        from diffusers import DDPMScheduler
+
+        overrides: dict[str, Any] = {}
+        if cfg.prediction_type:
+            overrides["prediction_type"] = cfg.prediction_type
+        if cfg.rescale_betas_zero_snr:
+            overrides["rescale_betas_zero_snr"] = True
+            overrides["timestep_spacing"] = "trailing"
+        if cfg.training_scheduler_timestep_spacing:
+            overrides["timestep_spacing"] = cfg.training_scheduler_timestep_spacing
+        return DDPMScheduler.from_config(scheduler.config, **overrides)
+
+    # ----- loading -------------------------------------------------------------------------
+    @classmethod
+    def load(cls, cfg: Any, *, device: torch.device | str = "cpu",
+             weight_dtype: torch.dtype = torch.float32) -> ModelFamily:
+        """Load every component from the configured folder, hub id or single file.
+
+        Raises :class:`~kubetuner_trainer.config.ConfigError` when a location is missing or holds
+        something else than the family expects.
+        """
+        components = load_components(cls, cfg, weight_dtype=weight_dtype)
+        model = cls(cfg, components, device=device, weight_dtype=weight_dtype)
+        model.to(device)
+        return model
+
+    def to(self, device: torch.device | str) -> ModelFamily:
+        self.device = torch.device(device)
+        c = self.components
+        c.denoiser.to(self.device)
+        c.vae.to(self.device)
+        for te in c.text_encoders:
+            te.to(self.device)
+        self.objective.to(self.device)
+        return self
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.components.denoiser
+
+    @property
+    def vae(self) -> torch.nn.Module:
+        return self.components.vae
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return self.components.text_encoders
+
+    @property
+    def tokenizers(self) -> list[Any]:
+        return self.components.tokenizers
+
+    @property
+    def noise_scheduler(self) -> Any:
+        return self.components.noise_scheduler
+
+    # ----- data-pipeline bridge --------------------------------------------------------------
+    @property
+    def latent_downscale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def cache_key(self) -> str:
+        """Identity of everything that shapes cached latents and embeddings."""
+        src = self.components.source
+        ident = {
+            "family": self.family,
+            "model": src.model,
+            "revision": src.revision,
+            "variant": src.variant,
+            "vae": src.vae,
+            "text_encoders": [type(te).__name__ for te in self.text_encoders],
+            "text_config": [te.config.to_dict().get("hidden_size") for te in self.text_encoders],
+            "vae_scaling": self.vae.config.scaling_factor,
+            "vae_dtype": str(next(self.vae.parameters()).dtype),
+        }
+        ident.update(self.text_cache_identity())
+        digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return f"{self.family}-{digest}"
+
+    def text_cache_identity(self) -> dict[str, Any]:
+        """Extra options that change cached text embeddings (empty for families without any)."""
+        return {}
+
+    def encoders(self) -> FamilyEncoders:
+        return FamilyEncoders(self)
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels ``[B,3,H,W]`` in ``[-1,1]`` → scaled latents (the VAE posterior mean)."""
+        vae = self.vae
+        pixels = pixels.to(self.device, dtype=next(vae.parameters()).dtype)
+        # the posterior mean: cached latents must not depend on RNG state or encoding order
+        latents = vae.encode(pixels).latent_dist.mode()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return ((latents - shift) * vae.config.scaling_factor).float()
+
+    @abstractmethod
+    def encode_text(self, prompts: Sequence[str],
+                    text_encoders: Sequence[torch.nn.Module] | None = None) -> dict[str, torch.Tensor]:
+        """Prompts → batched conditioning tensors (with gradients when a text encoder trains).
+
+        ``text_encoders`` replaces the loaded ones (e.g. their DDP-wrapped versions during training).
+        """
+
+    # ----- training --------------------------------------------------------------------------
+    @abstractmethod
+    def predict(self, denoiser: torch.nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+                text: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        """The denoiser's output for a batch; ``denoiser`` may be the wrapped (DDP/PEFT) module.
+
+        ``timesteps`` are on the objective's scale; the output has the shape of ``noisy_latents``.
+        """
+
+    def lora_targets(self, cfg: Any) -> tuple[str, ...]:
+        """The denoiser's LoRA targets: the preset named by ``lora_target_option``, else the default."""
+        preset = getattr(cfg, self.lora_target_option, None) if self.lora_target_option else None
+        if preset:
+            return self.lora_target_presets[preset]
+        return self.default_lora_targets
+
+    def text_lora_targets(self, index: int) -> tuple[str, ...]:
+        return self.text_encoder_lora_targets
+
+    def enable_gradient_checkpointing(self, denoiser: torch.nn.Module, interval: int | None = None) -> Any:
+        """Recompute activations of every ``interval``-th block in the backward pass (every block when unset)."""
+        from ..training.checkpointing import enable_gradient_checkpointing
+
+        return enable_gradient_checkpointing(denoiser, interval)
+
+    # ----- saving / validation -------------------------------------------------------------
+    def pipeline_components(self, *, denoiser: torch.nn.Module | None = None,
+                            text_encoders: Sequence[torch.nn.Module] | None = None) -> dict[str, Any]:
+        comps: dict[str, Any] = {self.denoiser_name: denoiser or self.denoiser, "vae": self.vae,
+                                 "scheduler": self.inference_scheduler()}
+        for name, te in zip(self.text_encoder_names, text_encoders or self.text_encoders, strict=True):
+            comps[name] = te
+        for name, tok in zip(self.tokenizer_names, self.tokenizers, strict=True):
+            comps[name] = tok
+        comps.update(self.extra_pipeline_components())
+        return comps
+
+    def inference_scheduler(self) -> Any:
+        """The scheduler saved with the pipeline and used for validation (the training one by default)."""
+        return self.noise_scheduler
+
+    def extra_pipeline_components(self) -> dict[str, Any]:
+        return {}
+
+    def pipeline_call_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Validation-call arguments (prompt, size, steps, guidance, …) adapted to this family's pipeline."""
+        return kwargs
+
+    def build_pipeline(self, *, denoiser: torch.nn.Module | None = None,
+                       text_encoders: Sequence[torch.nn.Module] | None = None, scheduler: Any = None):
+        """The family's diffusers pipeline around the given (unwrapped) modules, for validation."""
+        import diffusers
+
+        cls = getattr(diffusers, self.pipeline_class)
+        comps = self.pipeline_components(denoiser=denoiser, text_encoders=text_encoders)
+        if scheduler is not None:
+            comps["scheduler"] = scheduler
+        return cls(**comps)
+
+    @classmethod
+    def lora_loader_class(cls):
+        """The pipeline class whose ``save_lora_weights``/``load_lora_weights`` fit this family."""
+        import diffusers
+
+        return getattr(diffusers, cls.pipeline_class)
+
+    @classmethod
+    def comfyui_prefix(cls, module_name: str, trained: Sequence[str]) -> str:
+        """The kohya/ComfyUI key prefix of one trained module (``trained``: every trained module's name)."""
+        text_encoders = [n for n in trained if n in cls.text_encoder_names]
+        if module_name in cls.text_encoder_names and len(cls.text_encoder_names) == 1 and len(text_encoders) == 1:
+            return cls.comfyui_single_text_encoder_prefix
+        return cls.comfyui_prefixes.get(module_name, f"lora_{module_name}")
+
+    @classmethod
+    def comfyui_key(cls, module_name: str, module_path: str, trained: Sequence[str]) -> str:
+        """The ComfyUI layer name of ``module_path`` inside a trained module (kohya: dots become ``_``)."""
+        return f"{cls.comfyui_prefix(module_name, trained)}_{module_path.replace('.', '_')}"

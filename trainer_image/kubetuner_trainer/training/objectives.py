@@ -1,0 +1,157 @@
+"""Training objectives: how a clean latent, noise and a noise level become the model input and target.
+
+A model family owns one objective (``ModelFamily.objective``):
+
+* :class:`DDPMObjective` — the UNet families. Integer timesteps ``t ∈ [0, T)``,
+  ``x_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε`` (the scheduler's ``add_noise``), target ``ε`` (epsilon) or
+  ``v = √ᾱ_t·ε − √(1−ᾱ_t)·x₀`` (v_prediction); Min-SNR-γ weighting.
+* :class:`FlowMatchingObjective` — rectified flow (Flux, SD3). Sigma ``σ ∈ [0, 1]``,
+  ``x_σ = (1−σ)·x₀ + σ·ε``, target the velocity ``ε − x₀``; timesteps handed to the model are
+  ``1000·σ`` (the scale of ``FlowMatchEulerDiscreteScheduler``).
+
+Both draw their noise levels from the options (:mod:`.timesteps`) and compute the loss with the
+shared element losses and masks (:mod:`.losses`).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+from .losses import compute_snr, element_loss, huber_c_for, masked_mean, snr_weights
+from .timesteps import FlowSchedule, TimestepSampler
+
+#: flow-matching model timesteps are sigma times this (FlowMatchEulerDiscreteScheduler's scale)
+FLOW_TIMESTEP_SCALE = 1000.0
+
+
+class Objective(ABC):
+    """One family's diffusion objective. Timesteps are on the model's own scale (see module docstring)."""
+
+    prediction_type: str
+    num_train_timesteps: int
+    timestep_dtype: torch.dtype
+
+    def to(self, device: torch.device | str) -> Objective:
+        return self
+
+    @abstractmethod
+    def sample_timesteps(self, latents: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Noise levels for a batch ``latents [B, C, H, W]``: a CPU tensor ``[B]`` of ``timestep_dtype``."""
+
+    @abstractmethod
+    def noisy_latents(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The model input at ``timesteps``."""
+
+    @abstractmethod
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the model's prediction is compared against."""
+
+    @abstractmethod
+    def eval_timesteps(self, count: int) -> list[float]:
+        """``count`` noise levels spread evenly over the schedule (centres of equal slices), for eval loss."""
+
+    @abstractmethod
+    def loss(self, cfg: Any, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
+             mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The scalar loss of a batch under ``--loss_type``/``--huber_*``/``--snr_gamma`` and the mask."""
+
+
+class DDPMObjective(Objective):
+    """ε- or v-prediction on a DDPM noise schedule (the scheduler's betas)."""
+
+    timestep_dtype = torch.long
+
+    def __init__(self, cfg: Any, scheduler: Any, prediction_type: str):
+        self.scheduler = scheduler
+        self.prediction_type = prediction_type
+        self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
+        self.sampler = TimestepSampler(cfg, self.num_train_timesteps)
+        self.alphas_cumprod = scheduler.alphas_cumprod
+
+    def to(self, device: torch.device | str) -> DDPMObjective:
+        self.alphas_cumprod = self.alphas_cumprod.to(device)
+        return self
+
+    def sample_timesteps(self, latents, generator):
+        return self.sampler(latents.shape[0], generator)
+
+    def noisy_latents(self, latents, noise, timesteps):
+        return self.scheduler.add_noise(latents, noise, timesteps)
+
+    def target(self, latents, noise, timesteps):
+        if self.prediction_type == "epsilon":
+            return noise
+        return self.scheduler.get_velocity(latents, noise, timesteps)
+
+    def eval_timesteps(self, count):
+        from .evaluation import eval_timesteps
+
+        return eval_timesteps(count, self.num_train_timesteps)
+
+    def loss(self, cfg, pred, target, timesteps, mask=None):
+        loss_type = cfg.loss_type or "l2"
+        c = None
+        if loss_type != "l2":
+            c = huber_c_for(cfg.huber_schedule or "snr", 0.1 if cfg.huber_c is None else cfg.huber_c,
+                            timesteps, self.alphas_cumprod, self.num_train_timesteps)
+        loss = masked_mean(element_loss(pred.float(), target.float(), loss_type, c), mask)
+        if cfg.snr_gamma:
+            snr = compute_snr(self.alphas_cumprod, timesteps)
+            loss = loss * snr_weights(snr, cfg.snr_gamma, self.prediction_type, soft=bool(cfg.use_soft_min_snr))
+        return loss.mean()
+
+
+class FlowMatchingObjective(Objective):
+    """Rectified flow: straight paths from data (σ=0) to noise (σ=1), velocity target."""
+
+    prediction_type = "flow_matching"
+    timestep_dtype = torch.float32
+    num_train_timesteps = int(FLOW_TIMESTEP_SCALE)
+
+    def __init__(self, cfg: Any, scheduler_config: Any = None):
+        self.schedule = FlowSchedule.from_options(cfg, scheduler_config)
+
+    @staticmethod
+    def sigmas(timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``[B]`` model timesteps → sigmas broadcastable against ``like``."""
+        return (timesteps.float() / FLOW_TIMESTEP_SCALE).to(like.device).view(-1, *([1] * (like.dim() - 1)))
+
+    def sample_timesteps(self, latents, generator):
+        sigmas = self.schedule.sample(latents.shape[0], generator, tuple(latents.shape[-2:]))
+        return sigmas * FLOW_TIMESTEP_SCALE
+
+    def noisy_latents(self, latents, noise, timesteps):
+        sigma = self.sigmas(timesteps, latents)
+        return (1.0 - sigma) * latents + sigma * noise
+
+    def target(self, latents, noise, timesteps):
+        return noise - latents
+
+    def eval_timesteps(self, count):
+        count = max(1, count)
+        return [(i + 0.5) / count * FLOW_TIMESTEP_SCALE for i in range(count)]
+
+    def loss(self, cfg, pred, target, timesteps, mask=None):
+        loss_type = cfg.loss_type or "l2"
+        c = None
+        if loss_type != "l2":
+            c = flow_huber_c(cfg.huber_schedule or "snr", 0.1 if cfg.huber_c is None else cfg.huber_c,
+                             timesteps.to(pred.device))
+        return masked_mean(element_loss(pred.float(), target.float(), loss_type, c), mask).mean()
+
+
+def flow_huber_c(schedule: str, huber_c: float, timesteps: torch.Tensor) -> torch.Tensor:
+    """The Huber threshold for flow timesteps: the DDPM schedules with σ/(1−σ) as the noise/signal ratio."""
+    sigma = (timesteps.float() / FLOW_TIMESTEP_SCALE).clamp(0.0, 1.0)
+    if schedule == "constant":
+        return torch.full_like(sigma, huber_c)
+    if schedule == "exponential":
+        return torch.exp(math.log(huber_c) * sigma)
+    if schedule == "snr":
+        ratio = sigma / (1.0 - sigma).clamp(min=1e-6)
+        return (1 - huber_c) / (1 + ratio) ** 2 + huber_c
+    raise ValueError(f"huber_schedule {schedule!r} is not one of snr, exponential, constant")
