@@ -97,6 +97,16 @@ REFUSED = [
      "spec.hooks.postCheckpoint[0].resources.limits", "resource name"),
     ("negative-quantity", lambda o: o["spec"].update(resources={"cpu": "-2"}), "spec.resources.cpu",
      "should match"),
+    # podTemplate.affinity is the upstream corev1.Affinity: typos and free objects are refused.
+    ("affinity-typo", lambda o: o["spec"].update(podTemplate={"affinity": {"nodeAfinity": {}}}),
+     "spec.podTemplate.affinity.nodeAfinity", "unknown field"),
+    ("affinity-free", lambda o: o["spec"].update(podTemplate={"affinity": {"foo": "bar"}}),
+     "spec.podTemplate.affinity.foo", "unknown field"),
+    ("affinity-weight", lambda o: o["spec"].update(podTemplate={"affinity": {"podAntiAffinity": {
+        "preferredDuringSchedulingIgnoredDuringExecution": [{"weight": "high", "podAffinityTerm": {
+            "topologyKey": "kubernetes.io/hostname"}}]}}}),
+     "spec.podTemplate.affinity.podAntiAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].weight",
+     "must be of type integer"),
     # Security-relevant annotations.
     ("apparmor", lambda o: o["spec"].update(podTemplate={"annotations": {
         "container.apparmor.security.beta.kubernetes.io/trainer": "unconfined"}}), "spec.podTemplate.annotations",
@@ -145,6 +155,9 @@ ACCEPTED = [
         {"provider": "s3", "bucket": "b", "access_key_env": "PUB_KEY", "secret_key_env": "PUB_SECRET"}])),
     ("webhook-env-indirection", lambda o: o["spec"]["config"].update(webhook_config={
         "webhook_type": "raw", "callback_url": "https://hooks.example/x", "api_key_env": "HOOK_KEY"})),
+    ("node-affinity", lambda o: o["spec"].update(podTemplate={"affinity": {"nodeAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [
+            {"key": "nvidia.com/gpu.product", "operator": "In", "values": ["NVIDIA-H100-80GB-HBM3"]}]}]}}}})),
     ("qualified-keys", lambda o: o["spec"].update(podTemplate={
         "nodeSelector": {"node.kubernetes.io/instance-type": "p5"},
         "annotations": {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"}})),
@@ -224,3 +237,15 @@ def test_crd_validate_and_run_agree(tmp_path: Path, capsys):
         validate_manifest(obj)
     for problem in validate_all(obj):
         assert problem in out and problem in str(raised.value)
+
+
+def test_upstream_corev1_schemas_are_a_fresh_extraction_of_kubernetes_validates():
+    from kubetuner_operator.crd import upstream
+
+    checked_in = upstream._generated()
+    version = checked_in["source"].split(" v", 1)[1].removesuffix("-local")
+    assert checked_in == upstream.generate(version), (
+        "operator/kubetuner_operator/crd/upstream_schemas.json is stale: "
+        "python -m kubetuner_operator.crd.upstream --write")
+    affinity = upstream.upstream("Affinity")
+    assert set(affinity["properties"]) == {"nodeAffinity", "podAffinity", "podAntiAffinity"}

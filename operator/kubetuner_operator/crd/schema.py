@@ -34,6 +34,7 @@ from .fields import (
     string_map,
     volume,
 )
+from .upstream import upstream
 
 GROUP = "kubetuner.dev"
 VERSION = "v1alpha1"
@@ -230,8 +231,9 @@ def pod_template_schema() -> Schema:
         "nodeSelector": string_map("Node labels the pods must match.", label_values=True),
         "tolerations": array("Tolerations added to the pods (GPU taints are tolerated already).", toleration,
                              maxItems=64),
-        "affinity": {"type": "object", "description": "corev1.Affinity, passed through unchanged.",
-                     "x-kubernetes-preserve-unknown-fields": True},
+        "affinity": {**upstream("Affinity"),
+                     "description": "corev1.Affinity of the pods (node, pod and anti-affinity), checked like the "
+                                    "Pod API checks it."},
         "priorityClassName": string("PriorityClass of the pods.", maxLength=253, pattern=DNS1123_SUBDOMAIN),
         "serviceAccountName": string("ServiceAccount of the pods.", maxLength=253, pattern=DNS1123_SUBDOMAIN),
         "imagePullSecrets": array("Secrets for pulling the image.", obj("A Secret reference.", {
