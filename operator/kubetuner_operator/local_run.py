@@ -42,6 +42,7 @@ from kubetuner_trainer.contract import STATUS_PATH, ExitCode, TrainerStatus, com
 from kubetuner_trainer.placeholders import substitute_argv
 from kubetuner_trainer.termination import TERMINATION_LOG_ENV, read_termination_message
 
+from .builders.hook_job import placeholder_values
 from .spec import KIND, DatasetSpec, SpecError, TrainingJobSpec, parse_training_job
 from .trainer_config import MountPaths, render_trainer_files
 
@@ -173,22 +174,29 @@ def _secret(secrets: Mapping[str, Mapping[str, str]], name: str, key: str, purpo
         ) from None
 
 
-def trainer_environment(job: TrainingJobSpec, secrets: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
-    """Environment variables the pod would get from Secrets, resolved from local Secret documents."""
+# The pod's settings that mean something else on this machine.
+LOCAL_DROPPED_ENV = frozenset({"HOME"})  # keep the user's own HOME (pods get /tmp)
+
+
+def trainer_environment(job: TrainingJobSpec, secrets: Mapping[str, Mapping[str, str]],
+                        paths: MountPaths | None = None) -> dict[str, str]:
+    """The trainer pod's environment (``builders.trainer_pod.trainer_env``) resolved on this machine.
+
+    Plain values are taken as they are (with ``paths`` for the directories); Secret references are
+    looked up in the local ``Secret`` documents. Raises ``RunError`` naming a missing Secret key.
+    """
+    from .builders.trainer_pod import trainer_env
+
     env: dict[str, str] = {}
-    if job.hf_token is not None:
-        env["HF_TOKEN"] = _secret(secrets, job.hf_token.name, job.hf_token.key, "spec.secrets.huggingFaceToken")
-    for dataset in job.datasets:
-        if dataset.credentials is not None:
-            creds = dataset.credentials
-            purpose = f"dataset {dataset.id!r} credentialsSecret"
-            env[dataset.env_prefix + "AWS_ACCESS_KEY_ID"] = _secret(secrets, creds.name, creds.access_key_id_key, purpose)
-            env[dataset.env_prefix + "AWS_SECRET_ACCESS_KEY"] = _secret(
-                secrets, creds.name, creds.secret_access_key_key, purpose
-            )
-    for item in job.secret_env:
-        ref = item.get("secretKeyRef") or {}
-        env[item["name"]] = _secret(secrets, ref.get("name", ""), ref.get("key", ""), f"spec.secrets.env {item['name']}")
+    for item in trainer_env(job, paths or LocalPaths()):
+        name = str(item["name"])
+        if name in LOCAL_DROPPED_ENV:
+            continue
+        if "value" in item:
+            env[name] = str(item["value"])
+            continue
+        ref = (item.get("valueFrom") or {}).get("secretKeyRef") or {}
+        env[name] = _secret(secrets, str(ref.get("name", "")), str(ref.get("key", "")), f"environment variable {name}")
     return env
 
 
@@ -294,15 +302,8 @@ class LocalRun:
 
     def run_hooks_for(self, step: int, path: str) -> None:
         for hook in self.job.hooks:
-            values = {
-                "local_checkpoint_path": path,
-                "global_step": step,
-                "model_family": self.job.model.family,
-                "model_type": self.job.model.type,
-                "tracker_run_name": self.job.config.get("tracker_run_name", ""),
-                "tracker_project_name": self.job.config.get("tracker_project_name", ""),
-            }
-            argv = substitute_argv(list(hook.command), values)
+            # the cluster's hook Jobs fill the same table
+            argv = substitute_argv(list(hook.command), placeholder_values(self.job, step, path, self.paths))
             if not self.run_hooks:
                 self.say(f"hook {hook.name!r} for step {step} skipped locally (image {hook.image}); "
                          "--run-hooks runs its command on this machine")
@@ -332,9 +333,7 @@ class LocalRun:
         termination.unlink(missing_ok=True)
         env = dict(os.environ)
         env.update(self.env)
-        env.setdefault("HF_HOME", self.paths.model_cache_dir)
-        env[TERMINATION_LOG_ENV] = str(termination)
-        env["PYTHONUNBUFFERED"] = "1"
+        env[TERMINATION_LOG_ENV] = str(termination)  # the pod's path is the kubelet's
         command = [sys.executable, "-m", "kubetuner_trainer.cli", "--config", str(config_path)]
         with open(self.workdir / TRAINER_LOG, "ab") as log_file:
             # Its own session: Ctrl-C reaches only this runner, which asks the trainer to stop (SIGTERM,
@@ -514,7 +513,7 @@ def build_run(args: argparse.Namespace) -> LocalRun:
     for claim in unused:
         print(f"[kubetuner] warning: --volume {claim}={volumes[claim]} is not used by this TrainingJob "
               f"(it mounts: {', '.join(sorted(used_claims(job))) or 'no claims'})", file=sys.stderr, flush=True)
-    env = trainer_environment(job, secret_values(docs))
+    env = trainer_environment(job, secret_values(docs), paths)
     return LocalRun(job=job, workdir=workdir, paths=paths, env=env, run_hooks=args.run_hooks)
 
 

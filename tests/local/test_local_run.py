@@ -75,7 +75,8 @@ def test_trainingjob_trains_checkpoints_and_runs_its_hook(tmp_path, volumes):
     record = tmp_path / "hook-args.json"
     hook_script = "import json, sys; json.dump(sys.argv[1:], open(sys.argv[1], 'w'))"
     hooks = [{"name": "record", "image": "python:3.11",
-              "command": [sys.executable, "-c", hook_script, str(record), "{local_checkpoint_path}", "{global_step}"]}]
+              "command": [sys.executable, "-c", hook_script, str(record), "{local_checkpoint_path}", "{global_step}",
+                          "{job_name}", "{output_dir}"]}]
     path = manifest(tmp_path, hooks=hooks)
     workdir = tmp_path / "work"
     assert main(args(path, volumes, workdir, run_hooks=True)) == 0
@@ -88,6 +89,8 @@ def test_trainingjob_trains_checkpoints_and_runs_its_hook(tmp_path, volumes):
     assert "state: finished" in (workdir / "trainer.log").read_text()
     recorded = json.loads(record.read_text())
     assert Path(recorded[1]).name.startswith("checkpoint-") and recorded[2].isdigit()
+    # the cluster's hook placeholder table, filled with this machine's paths
+    assert recorded[3:] == ["local-test", str(workdir / "output")]
     config = json.loads((workdir / "config" / "config.json").read_text())
     assert config["pretrained_model_name_or_path"] == str(volumes["models"] / "tiny-sd1x")
 
@@ -126,6 +129,25 @@ def test_secrets_come_from_secret_documents_and_never_from_the_manifest(tmp_path
     job_doc = docs[0]
     job_doc["spec"]["secrets"] = {"huggingFaceToken": {"name": "hf", "key": "token"}}
     job = parse_training_job(job_doc)
-    assert trainer_environment(job, secret_values(docs)) == {"HF_TOKEN": "hf_abc"}
+    env = trainer_environment(job, secret_values(docs))
+    assert env["HF_TOKEN"] == "hf_abc" and "hf_abc" not in path.read_text().split("stringData")[0]
     with pytest.raises(RunError, match="Secret 'hf'"):
         trainer_environment(job, {})
+
+
+def test_local_environment_is_the_pods_environment_resolved(tmp_path):
+    """Every variable the pod gets (Secret references included) reaches the local trainer, resolved."""
+    from kubetuner_operator.builders.trainer_pod import trainer_env
+
+    secrets = [{"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": data}
+               for name, data in (("out", {"AWS_ACCESS_KEY_ID": "AKIAOUT", "AWS_SECRET_ACCESS_KEY": "out-secret"}),
+                                  ("extra", {"token": "extra-token"}))]
+    path = manifest(tmp_path, extra=secrets)
+    docs = list(yaml.safe_load_all(path.read_text()))
+    docs[0]["spec"]["output"] = {"s3": {"bucket": "results", "credentialsSecret": {"name": "out"}}}
+    docs[0]["spec"]["secrets"] = {"env": [{"name": "MY_TOKEN", "secretKeyRef": {"name": "extra", "key": "token"}}]}
+    job = parse_training_job(docs[0])
+    env = trainer_environment(job, secret_values(docs))
+    assert env["KUBETUNER_OUTPUT_AWS_ACCESS_KEY_ID"] == "AKIAOUT"
+    assert env["KUBETUNER_OUTPUT_AWS_SECRET_ACCESS_KEY"] == "out-secret" and env["MY_TOKEN"] == "extra-token"
+    assert {e["name"] for e in trainer_env(job)} - {"HOME"} == set(env)
