@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .admission import TenancyPolicy
 from .handlers import OperatorSettings, run_operator
+from .images import TAG, TRAINER_IMAGE_ENV, TRAINER_REPOSITORY
 from .webhook import WebhookSettings
 
 
@@ -45,6 +46,9 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="ValidatingWebhookConfiguration whose caBundle gets the self-signed CA.")
     parser.add_argument("--webhook-failure-policy", choices=["Fail", "Ignore"], default="Fail",
                         help="What the API server does when the webhook cannot answer (default Fail).")
+    parser.add_argument("--trainer-image", metavar="IMAGE",
+                        help=f"Trainer image of TrainingJobs that name none (default: ${TRAINER_IMAGE_ENV}, "
+                             f"then {TRAINER_REPOSITORY}:{TAG}).")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="Log verbosity (default INFO).")
 
@@ -53,6 +57,8 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig
+    if args.trainer_image:
+        os.environ[TRAINER_IMAGE_ENV] = args.trainer_image  # read by images.default_trainer_image
     if args.poll_interval <= 0:
         raise SystemExit("kubetuner operator: --poll-interval must be > 0")
     missing = missing_credentials(os.environ)

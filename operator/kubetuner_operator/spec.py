@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .images import default_trainer_image
 from .owned_options import OWNED_OPTIONS
 
 GROUP = "kubetuner.dev"
@@ -20,7 +21,6 @@ PLURAL = "trainingjobs"
 KIND = "TrainingJob"
 API_VERSION = f"{GROUP}/{VERSION}"
 
-DEFAULT_IMAGE = "ghcr.io/kubetuner/trainer:0.1.0"
 DEFAULT_METRICS_PORT = 9400
 # Dataset entry keys that belong to the operator, not to multidatabackend.json.
 OPERATOR_DATASET_KEYS = frozenset({"credentialsSecret", "pvc"})
@@ -335,7 +335,7 @@ def parse_training_job(obj: Mapping[str, Any]) -> TrainingJobSpec:
         namespace=str(meta.get("namespace", "default")),
         uid=str(meta.get("uid", "")),
         generation=int(meta.get("generation", 1) or 1),
-        image=str(spec.get("image") or DEFAULT_IMAGE),
+        image=str(spec.get("image") or default_trainer_image()),
         image_pull_policy=str(spec.get("imagePullPolicy") or "IfNotPresent"),
         model=_model(spec.get("model") or {}),
         config=config,

@@ -64,14 +64,35 @@ def test_strict_validation_notices_a_broken_manifest():
         kubernetes_validate.validate(deployment, "1.28", strict=True)
 
 
-def test_chart_ships_the_generated_crd():
+def _crd(manifests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return by_kind(manifests, "CustomResourceDefinition")
+
+
+def test_chart_ships_the_generated_crd_from_templates_kept_on_uninstall():
+    generated_text = (ROOT / "crds" / "trainingjobs.kubetuner.dev.yaml").read_text(encoding="utf-8")
+    assert (CHART / "files" / "trainingjobs.kubetuner.dev.yaml").read_text(encoding="utf-8") == generated_text, (
+        "helm/kubetuner/files/ is out of date: cp crds/trainingjobs.kubetuner.dev.yaml helm/kubetuner/files/")
     with helm.Chart.load(CHART) as chart:
-        crds = chart.crds
-    assert [c["filename"].rsplit("/", 2)[-2:] for c in crds] == [["crds", "trainingjobs.kubetuner.dev.yaml"]]
-    assert yaml.safe_load(crds[0]["data"])["metadata"]["name"] == "trainingjobs.kubetuner.dev"
-    generated = (ROOT / "crds" / "trainingjobs.kubetuner.dev.yaml").read_text(encoding="utf-8")
-    assert (CHART / "crds" / "trainingjobs.kubetuner.dev.yaml").read_text(encoding="utf-8") == generated, (
-        "helm/kubetuner/crds/ is out of date: cp crds/trainingjobs.kubetuner.dev.yaml helm/kubetuner/crds/")
+        assert chart.crds == []  # crds/ is installed once and never upgraded by Helm
+    (crd,) = _crd(render())
+    generated = yaml.safe_load(generated_text)
+    annotations = crd["metadata"].pop("annotations")
+    assert annotations == {**generated["metadata"]["annotations"], "helm.sh/resource-policy": "keep"}
+    assert crd["metadata"]["labels"].items() >= generated["metadata"]["labels"].items()
+    assert crd["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+    assert crd["spec"] == generated["spec"]  # the template's YAML round trip changes nothing
+
+
+def test_crd_install_and_keep_are_switches():
+    assert _crd(render({"crds": {"install": False}})) == []
+    (crd,) = _crd(render({"crds": {"keep": False}}))
+    assert "helm.sh/resource-policy" not in crd["metadata"]["annotations"]
+
+
+def test_upgrade_renders_the_crd_too():
+    with helm.Chart.load(CHART) as chart:
+        rendered = chart.render(values=None, name="kt", namespace="kubetuner-system", is_install=False)
+    assert any("kind: CustomResourceDefinition" in text for text in rendered.values())
 
 
 RESTRICTED_VOLUME_TYPES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
@@ -272,3 +293,17 @@ def test_service_monitor_without_service_fails_clearly():
         with pytest.raises(helm.HelmError) as caught:
             chart.render(values=values, name="kt", namespace="kubetuner-system")
     assert "metrics.service.enabled" in str(caught.value)
+
+
+def test_trainer_image_is_one_chart_value_passed_to_the_operator():
+    from kubetuner_operator.images import TRAINER_IMAGE_ENV, default_trainer_image
+
+    def env(values=None):
+        deployment = by_kind(render(values), "Deployment")[0]
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        return {e["name"]: e.get("value") for e in container["env"]}[TRAINER_IMAGE_ENV]
+
+    assert env() == default_trainer_image({})  # the chart's default is the operator's own default
+    mirrored = env({"trainerImage": {"repository": "registry.internal/ml/kubetuner-trainer", "tag": "2026.11"}})
+    assert mirrored == "registry.internal/ml/kubetuner-trainer:2026.11"
+    assert default_trainer_image({TRAINER_IMAGE_ENV: mirrored}) == mirrored

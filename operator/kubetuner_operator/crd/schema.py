@@ -9,7 +9,6 @@ from __future__ import annotations
 from kubetuner_trainer.contract import DEFAULT_METRICS_PORT
 from kubetuner_trainer.options import get_registry
 
-from .. import __version__
 from ..status import FINISHED_HOOK_RESULTS, HOOK_STATUS_LIMIT
 from .config_schema import config_schema
 from .dataset_rules import spec_rules
@@ -44,7 +43,6 @@ SINGULAR = "trainingjob"
 SHORT_NAMES = ["tj"]
 CATEGORIES = ["kubetuner"]
 CRD_NAME = f"{PLURAL}.{GROUP}"
-DEFAULT_IMAGE = f"ghcr.io/kubetuner/trainer:{__version__}"
 HOOK_RESULTS = ["Pending", "Running", *FINISHED_HOOK_RESULTS]
 PHASES = ["Pending", "Caching", "Running", "Succeeded", "Failed", "Suspended", "Restarting"]
 # Longest TrainingJob name: child names (pods, hook Jobs, Services) append suffixes to it.
@@ -260,7 +258,8 @@ def spec_schema() -> Schema:
     spec = obj(
         "What to train, on what data, with which resources.",
         {
-            "image": string("Trainer image.", minLength=1, maxLength=512, default=DEFAULT_IMAGE),
+            "image": string("Trainer image. Default: the operator's --trainer-image (chart value trainerImage).",
+                            minLength=1, maxLength=512),
             "imagePullPolicy": string("Pull policy of the trainer image.", enum=["Always", "IfNotPresent", "Never"],
                                       default="IfNotPresent"),
             "model": model_schema(),
