@@ -187,3 +187,34 @@ def test_every_string_and_list_a_trainingjob_rule_touches_is_bounded():
             walk(node["items"], bounded and "maxItems" in node)
 
     walk(trainingjob_openapi_schema(), True)
+
+
+def test_every_string_list_and_map_of_the_trainingjob_is_bounded():
+    # Sizes bound the API server's CEL cost estimates and keep objects and the rendered ConfigMap small.
+    # Only the JSON-valued trainer options are free-form (preserve-unknown); the rendered ConfigMap's size
+    # check covers them (admission.configmap_problems).
+    unbounded, free = [], []
+
+    def walk(node: dict[str, Any], path: str) -> None:
+        kind = node.get("type")
+        if kind == "string" and not ({"maxLength", "enum", "format"} & set(node)):
+            unbounded.append(path)
+        if kind == "array" and "maxItems" not in node:
+            unbounded.append(path)
+        if isinstance(node.get("additionalProperties"), dict) and "maxProperties" not in node:
+            unbounded.append(path)
+        if kind is None and node.get("x-kubernetes-preserve-unknown-fields"):
+            free.append(path)
+        for name, child in node.get("properties", {}).items():
+            walk(child, f"{path}.{name}")
+        if isinstance(node.get("additionalProperties"), dict):
+            walk(node["additionalProperties"], f"{path}.*")
+        if isinstance(node.get("items"), dict):
+            walk(node["items"], f"{path}[*]")
+
+    walk(trainingjob_openapi_schema(), "")
+    assert unbounded == []
+    from kubetuner_trainer.options import get_registry
+
+    json_options = {f".spec.config.{o.name}" for o in get_registry() if o.type == "json"}
+    assert set(free) <= json_options, set(free) - json_options
