@@ -407,8 +407,7 @@ class LocalRun:
             "output": str(output),
             "weights": weights,
             "checkpoints": [str(p) for _, p in complete_checkpoints(output)],
-            "validationImages": str(output / "validation_images") if (output / "validation_images").is_dir()
-            else None,
+            "validationImages": sorted(str(p) for p in (output / "validation").glob("step-*/*.png")),
             "tensorboard": str(Path(self.paths.logging_dir)) if Path(self.paths.logging_dir).is_dir() else None,
             "trainerLog": str(self.workdir / TRAINER_LOG),
             "hooks": self.hook_results,

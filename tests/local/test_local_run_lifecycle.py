@@ -88,6 +88,12 @@ def test_output_pvc_is_written_and_unused_volumes_are_named(tmp_path, volumes, c
     mapped = {**volumes, "results": results, "spare": tmp_path / "spare"}
     assert main(args(path, mapped, tmp_path / "work")) == 0
     assert (results / "pytorch_lora_weights.safetensors").is_file()
+    # the README's "what next": the LoRA loads into diffusers as written there
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(volumes["models"] / "tiny-sd1x")
+    pipe.load_lora_weights(results)
+    assert pipe.get_list_adapters()
     status = yaml.safe_load((tmp_path / "work" / "status.yaml").read_text())
     assert status["output"] == str(results)
     err = capsys.readouterr().err
@@ -111,3 +117,19 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path, volumes, capsys):
     assert main(args(bad, volumes, tmp_path / "work")) == 78
     err = capsys.readouterr().err
     assert f"{bad}:5:" in err and "YAML syntax error" in err and "Traceback" not in err
+
+
+def test_data_inspect_reads_a_training_job(tmp_path, volumes, capsys):
+    import json
+
+    from kubetuner_operator.cli import main as kubetuner
+
+    path = manifest(tmp_path, config={"train_batch_size": 3})
+    volume_args = [f"--volume={claim}={directory}" for claim, directory in volumes.items()]
+    code = kubetuner(["data", "inspect", str(path), *volume_args, "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code in (0, 1) and report["effective_batch"]["train_batch_size"] == 3  # the job's batch size
+    (dataset,) = report["datasets"]
+    assert dataset["id"] == "shapes" and dataset["files_found"] == 8
+    assert dataset["location"] == str(volumes["datasets"] / "shapes")
+    assert not (Path.cwd() / "runs" / "local-test").exists()  # inspecting creates no workdir

@@ -38,7 +38,10 @@ def register(parser: argparse.ArgumentParser) -> None:
     inspect = sub.add_parser("inspect", help="Discover every dataset and report files, skips, buckets, captions.",
                              description="Discover every dataset of a dataset list (multidatabackend.json) "
                              "without encoding anything, and report what training would use.")
-    inspect.add_argument("dataset_config", metavar="CONFIG.json", help="the dataset list")
+    inspect.add_argument("dataset_config", metavar="CONFIG.json|JOB.yaml",
+                         help="the dataset list, or a TrainingJob manifest (its datasets and batch size are used)")
+    inspect.add_argument("--volume", action="append", default=[], metavar="CLAIM=DIR",
+                         help="with a TrainingJob: a local directory for a PersistentVolumeClaim (repeatable)")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     inspect.add_argument("--config", metavar="FILE", help="trainer options (JSON) to take defaults from")
     inspect.add_argument("--headers-only", action="store_true",
@@ -65,19 +68,65 @@ def _file_options(path: str) -> dict[str, Any]:
     return {normalize_key(k): v for k, v in raw.items()}
 
 
+def _is_manifest(path: str) -> bool:
+    return path.lower().endswith((".yaml", ".yml"))
+
+
+def _from_training_job(args: argparse.Namespace, scratch: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """(trainer options, environment) of a TrainingJob manifest, translated as ``kubetuner run`` would.
+
+    The dataset list is written to ``scratch``; S3 credentials come from the manifest's Secret documents.
+    Raises ``ConfigError``-like ``ValueError`` with the manifest's problem.
+    """
+    from kubetuner_operator.local_run import RunError, build_run
+    from kubetuner_operator.trainer_config import render_trainer_files
+
+    try:
+        run = build_run(argparse.Namespace(manifest=Path(args.dataset_config), name=None, workdir=None,
+                                           volume=list(args.volume), secrets=[], run_hooks=False))
+        files = render_trainer_files(run.job, run.paths, resume=False)
+    except RunError as error:
+        raise ValueError(str(error)) from None
+    datasets = scratch / "multidatabackend.json"
+    datasets.write_text(json.dumps(files.databackend_json))
+    values = {normalize_key(k): v for k, v in files.config_json.items()}
+    values.pop("cache_dir", None)  # inspecting leaves the job's caches alone
+    values["data_backend_config"] = str(datasets)
+    return values, run.env
+
+
 def main(args: argparse.Namespace) -> int:
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="kubetuner-inspect-") as scratch:
+        environ = dict(os.environ)
+        try:
+            if _is_manifest(args.dataset_config):
+                values, job_env = _from_training_job(args, Path(scratch))
+                environ.update(job_env)
+            else:
+                values = {"data_backend_config": args.dataset_config}
+        except ValueError as error:
+            print(f"kubetuner data inspect: {error}", file=sys.stderr)
+            return 2
+        return _inspect(args, values, environ)
+
+
+def _inspect(args: argparse.Namespace, job_values: dict[str, Any], environ: dict[str, str]) -> int:
     from .inspect import format_report, inspect_datasets, to_json
     from .prepare import DataError
     from .settings import settings_from_config
 
-    values: dict[str, Any] = _file_options(args.config) if args.config else {}
+    values: dict[str, Any] = {k: v for k, v in job_values.items() if k != "data_backend_config"}
+    values.update(_file_options(args.config) if args.config else {})
     values.update({f.name: getattr(args, f.name) for f in fields(DataSettings)
                    if f.name not in _HIDDEN and getattr(args, f.name, None) is not None})
-    values["data_backend_config"] = args.dataset_config
+    values["data_backend_config"] = job_values["data_backend_config"]
     try:
         settings = settings_from_config(values)
         # With an explicit --cache_dir the metadata cache is read and updated, as the trainer would.
-        report = inspect_datasets(settings, use_metadata_cache=bool(values.get("cache_dir")),
+        report = inspect_datasets(settings, environ=environ, use_metadata_cache=bool(values.get("cache_dir")),
                                   verify=not args.headers_only)
     except ConfigError as error:
         print(f"kubetuner data inspect: {error}", file=sys.stderr)
