@@ -54,7 +54,7 @@ def test_every_default_written_out_at_once_loads():
 @pytest.mark.parametrize(
     ("name", "value"),
     [("lora_type", "lycoris"), ("base_model_precision", "int8-quanto"), ("evaluation_type", "clip"),
-     ("num_eval_images", 8), ("flow_schedule_shift", 1.0)],
+     ("num_eval_images", 8)],
 )
 def test_other_values_of_unbuilt_options_are_still_refused_by_name(name, value):
     problems = _problems_about({**BASE, name: value}, name)

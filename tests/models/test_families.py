@@ -16,8 +16,8 @@ from kubetuner_trainer.models.loading import resolve_source
 
 
 def test_registry_names_allowed_families_and_flavours():
-    with pytest.raises(ValueError, match="supported: kolors, sd1x, sd2x, sdxl"):
-        family_class("flux")
+    with pytest.raises(ValueError, match=f"supported: {', '.join(implemented_families())}$"):
+        family_class("no-such-family")
     with pytest.raises(ValueError, match="allowed: base-1.0$"):
         family_class("sdxl", "refiner-1.0")
     assert family_class("sd2x", "2.1-base").family == "sd2x"
@@ -196,11 +196,14 @@ def test_v_prediction_target_and_zero_terminal_snr(model_cfg):
     assert zsnr.noise_scheduler.config.timestep_spacing == "trailing"
 
 
-def test_unsupported_prediction_type_is_refused_at_config_time(model_cfg):
+@pytest.mark.parametrize("family, asked, allowed", [("sd1x", "flow_matching", "epsilon, v_prediction"),
+                                                    ("sd3", "epsilon", "flow_matching")])
+def test_a_prediction_type_the_family_lacks_is_refused_before_loading(model_cfg, family, asked, allowed):
     from kubetuner_trainer.config import ConfigError
+    from kubetuner_trainer.training import preflight
 
-    with pytest.raises(ConfigError, match="prediction_type.*epsilon, v_prediction"):
-        model_cfg("sd1x", prediction_type="flow_matching")
+    with pytest.raises(ConfigError, match=f"prediction_type.*allowed: {allowed}$"):
+        preflight.check(model_cfg(family, prediction_type=asked, max_train_steps=1))
 
 
 @pytest.mark.parametrize("family, pipeline", [("sd1x", "StableDiffusionPipeline"),

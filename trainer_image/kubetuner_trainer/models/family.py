@@ -66,6 +66,9 @@ class ModelFamily(ABC):
     #: the text encoder / tokenizer subfolders, in pipeline order
     text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder",)
     tokenizer_names: ClassVar[tuple[str, ...]] = ("tokenizer",)
+    #: the text encoders ``--train_text_encoder`` trains, by pipeline name (None: every one); the
+    #: others stay frozen (e.g. SD3's T5, whose LoRA the pipeline's loader cannot load)
+    trainable_text_encoder_names: ClassVar[tuple[str, ...] | None] = None
     #: option that relocates one text encoder -> its pipeline name (e.g. the T5 of Flux)
     text_encoder_location_options: ClassVar[dict[str, str]] = {}
     #: prediction types the family trains with; the first is its default
@@ -265,6 +268,12 @@ class ModelFamily(ABC):
         if preset:
             return self.lora_target_presets[preset]
         return self.default_lora_targets
+
+    def trainable_text_encoders(self) -> list[tuple[int, str, torch.nn.Module]]:
+        """(index in pipeline order, pipeline name, module) of each text encoder ``--train_text_encoder`` trains."""
+        names = self.trainable_text_encoder_names or self.text_encoder_names
+        return [(i, n, te) for i, (n, te) in enumerate(zip(self.text_encoder_names, self.text_encoders, strict=True))
+                if n in names]
 
     def text_lora_targets(self, index: int) -> tuple[str, ...]:
         return self.text_encoder_lora_targets

@@ -222,3 +222,77 @@ def _add_index(folder: Path, name: str, library: str, cls: str) -> None:
     index[name] = [library, cls]
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
 
+
+
+def write_t5_tokenizer(folder: Path) -> None:
+    """A T5 tokenizer (unigram, ``</s>`` appended) over single characters with and without the word marker."""
+    import string
+
+    from transformers import T5TokenizerFast
+
+    chars = string.ascii_lowercase + string.ascii_uppercase + string.digits + string.punctuation
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + c, -3.0) for c in chars] + [(c, -4.0) for c in chars]
+    T5TokenizerFast(vocab=vocab, extra_ids=0).save_pretrained(folder)
+
+
+def tiny_t5_encoder(d_model: int = 32):
+    """A two-layer ``T5EncoderModel`` whose vocabulary fits :func:`write_t5_tokenizer`."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=200, d_model=d_model, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                   relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0,
+                                   eos_token_id=1, decoder_start_token_id=0))
+
+
+def _tiny_flow_vae():
+    """A 16-channel VAE with the SD3/Flux latent shift and scale."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, norm_num_groups=8, sample_size=32, scaling_factor=1.5305, shift_factor=0.0609,
+        use_quant_conv=False, use_post_quant_conv=False,
+    )
+
+
+def tiny_sd3_transformer_config(size: str = "tiny") -> dict[str, Any]:
+    """``SD3Transformer2DModel`` config: ``tiny`` for tests (one dual-attention block, RMS q/k norm as in
+    3.5 Medium), ``medium``/``large`` for the real SD 3.5 layouts (the hub configs' numbers)."""
+    if size == "large":
+        return dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
+                    num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+                    pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm")
+    if size == "medium":
+        return dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                    pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384, qk_norm="rms_norm",
+                    dual_attention_layers=tuple(range(13)))
+    # CLIP widths 16 + 24: pooled 40, sequence padded up to the T5 width 48
+    return dict(sample_size=16, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8,
+                num_attention_heads=2, joint_attention_dim=48, caption_projection_dim=16,
+                pooled_projection_dim=40, out_channels=16, pos_embed_max_size=32, qk_norm="rms_norm",
+                dual_attention_layers=(0,))
+
+
+def build_tiny_sd3(folder: Path, *, seed: int = 0) -> Path:
+    """An SD3-shaped pipeline folder: CLIP-L/G stand-ins with projections, T5, MMDiT, 16-channel VAE."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    folder = _save(folder, "StableDiffusion3Pipeline", {
+        "transformer": SD3Transformer2DModel(**tiny_sd3_transformer_config()),
+        "vae": _tiny_flow_vae(),
+        "text_encoder": CLIPTextModelWithProjection(_clip_config(16, projection=16)),
+        "text_encoder_2": CLIPTextModelWithProjection(_clip_config(24, projection=24)),
+        "text_encoder_3": tiny_t5_encoder(48),
+        "scheduler": FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+    })
+    for name in ("tokenizer", "tokenizer_2"):
+        write_clip_tokenizer(folder / name)
+        _add_index(folder, name, "transformers", "CLIPTokenizer")
+    write_t5_tokenizer(folder / "tokenizer_3")
+    _add_index(folder, "tokenizer_3", "transformers", "T5TokenizerFast")
+    return folder

@@ -82,7 +82,7 @@ def attach_lora(family: Any, cfg: Any) -> dict[str, torch.nn.Module]:
     family.denoiser.add_adapter(lora_config(cfg, denoiser_targets))
     trained = {family.denoiser_name: family.denoiser}
     if cfg.train_text_encoder:
-        for index, (name, te) in enumerate(zip(family.text_encoder_names, family.text_encoders, strict=True)):
+        for index, name, te in family.trainable_text_encoders():
             # peft directly: transformers' add_adapter demands a newer peft than diffusers needs
             from peft import inject_adapter_in_model
 
@@ -131,7 +131,8 @@ def load_lora_into(family: Any, trained: dict[str, torch.nn.Module], path: str |
     if not path.is_file():
         raise FileNotFoundError(f"init_lora: no LoRA weights at {path}")
     loader = family.lora_loader_class()
-    state, _alphas = loader.lora_state_dict(str(path))
+    # loaders differ in what follows the state dict (alphas, metadata); with metadata it is always first
+    state = loader.lora_state_dict(str(path), return_lora_metadata=True)[0]
     for name, module in trained.items():
         prefix = name + "."
         part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

@@ -129,7 +129,7 @@ class FullTrainable(Trainable):
         family.denoiser.requires_grad_(True)
         modules = {self.denoiser_name: family.denoiser}
         if self.cfg.train_text_encoder:
-            for name, te in zip(family.text_encoder_names, family.text_encoders, strict=True):
+            for _, name, te in family.trainable_text_encoders():
                 te.requires_grad_(True)
                 modules[name] = te
         return modules
