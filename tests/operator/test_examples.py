@@ -11,7 +11,8 @@ from kubetuner_operator.crd.manifests import load_manifest_file
 from kubetuner_trainer.options import get_registry
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = sorted((ROOT / "examples").rglob("*.yaml"))
+EXAMPLES = sorted(p for p in (ROOT / "examples").rglob("*.yaml") if "setup" not in p.parts)
+SETUP = sorted((ROOT / "examples").rglob("setup/*.yaml"))  # plain Kubernetes objects an example needs
 
 
 def load(path: Path) -> dict:
@@ -90,3 +91,34 @@ def test_example_uses_a_model_family_and_optimizer_the_trainer_implements(path):
     for option, value in (("model_family", spec["model"]["family"]), ("optimizer", spec["config"]["optimizer"])):
         implemented = registry.get(option).implemented_choices
         assert implemented is None or value in implemented, f"{option}={value} is not implemented by the trainer"
+
+
+@pytest.mark.parametrize("path", SETUP, ids=[str(p.relative_to(ROOT)) for p in SETUP])
+def test_setup_manifests_validate_strictly(path):
+    import kubernetes_validate
+    import yaml
+
+    documents = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    assert documents
+    for document in documents:
+        assert kubernetes_validate.validate(document, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_cluster_quickstart_uses_what_its_setup_creates():
+    """The first cluster example: the setup's claim holds the model and images; no GPU; default image."""
+    import yaml
+
+    from kubetuner_operator.builders.common import pod_security_context
+
+    job = load(ROOT / "examples" / "cluster" / "quickstart.yaml")
+    setup = list(yaml.safe_load_all((ROOT / "examples" / "cluster" / "setup" / "quickstart-data.yaml").read_text()))
+    (claim,) = [d["metadata"]["name"] for d in setup if d["kind"] == "PersistentVolumeClaim"]
+    assert "storageClassName" not in setup[0]["spec"]  # the cluster's default StorageClass
+    (setup_job,) = [d for d in setup if d["kind"] == "Job"]
+    pod = setup_job["spec"]["template"]["spec"]
+    script = pod["containers"][0]["args"][0]
+    assert job["spec"]["model"]["source"]["pvc"] == {"claimName": claim, "path": "tiny-sd1x"}
+    assert f"model {job['spec']['model']['family']} /data/tiny-sd1x" in script
+    assert job["spec"]["datasets"][0]["pvc"] == {"claimName": claim, "path": "shapes"} and "/data/shapes" in script
+    assert job["spec"]["resources"]["gpus"] == 0 and "image" not in job["spec"]
+    assert pod["securityContext"]["runAsUser"] == pod_security_context()["runAsUser"]  # files the trainer can read
