@@ -133,3 +133,17 @@ def test_data_inspect_reads_a_training_job(tmp_path, volumes, capsys):
     assert dataset["id"] == "shapes" and dataset["files_found"] == 8
     assert dataset["location"] == str(volumes["datasets"] / "shapes")
     assert not (Path.cwd() / "runs" / "local-test").exists()  # inspecting creates no workdir
+
+
+def test_every_spec_field_and_enum_value_gets_a_did_you_mean(tmp_path, volumes, capsys):
+    path = manifest(tmp_path)
+    job = yaml.safe_load(path.read_text())
+    job["spec"]["model"]["famly"] = job["spec"]["model"].pop("family")
+    job["spec"]["datasets"][0]["caption_strategy"] = "textfiles"
+    job["spec"]["resources"]["gpuz"] = 1
+    path.write_text(yaml.safe_dump(job))
+    assert main(args(path, volumes, tmp_path / "work")) == 78
+    err = capsys.readouterr().err
+    assert 'unknown field "spec.model.famly" (did you mean family?)' in err
+    assert 'unknown field "spec.resources.gpuz" (did you mean gpus?)' in err
+    assert 'Unsupported value: "textfiles" (did you mean "textfile"?)' in err

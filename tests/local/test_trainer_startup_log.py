@@ -24,9 +24,14 @@ def test_example_start_up_prints_no_third_party_warnings(tmp_path):
         volume=[f"models={volumes / 'models'}", f"datasets={volumes / 'datasets'}"]))
     config = run.write_files(resume=False, port=0)
     result = subprocess.run(
-        [sys.executable, "-m", "kubetuner_trainer.cli", "--config", str(config), "--max_train_steps", "1"],
+        [sys.executable, "-m", "kubetuner_trainer.cli", "--config", str(config), "--max_train_steps", "1",
+         "--validation_step_interval", "1"],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
     foreign = [line for line in lines if not OUR_LINE.match(line)]
     assert lines and not foreign, "\n".join(foreign)
+    # the example leaves something to look at: a TensorBoard loss curve and validation images
+    output = Path(run.paths.output_dir)
+    assert list((output / "logs").rglob("events.out.tfevents.*"))
+    assert list((output / "validation").glob("step-*/*.png"))

@@ -112,9 +112,19 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _unknown_field_hint(path: str, key: str) -> str:
+def _closest(word: str, candidates: Any) -> str | None:
+    """The candidate a typo most likely meant (``difflib``'s ratio >= 0.6), for "did you mean" hints."""
+    import difflib
+
+    names = [str(c) for c in candidates if isinstance(c, str)]
+    found = difflib.get_close_matches(word, names, n=1) or difflib.get_close_matches(word.lower(), names, n=1)
+    return found[0] if found else None
+
+
+def _unknown_field_hint(path: str, key: str, properties: Any = ()) -> str:
     if path != "spec.config":
-        return ""
+        suggestion = _closest(key, properties)
+        return f" (did you mean {suggestion}?)" if suggestion else ""
     registry = get_registry()
     canonical = registry.canonical(key)
     if canonical and canonical != key:
@@ -158,7 +168,9 @@ class _Checker:
     def _values(self, value: Any, schema: Schema, path: str) -> None:
         if "enum" in schema and value not in schema["enum"]:
             allowed = ", ".join(_show(v) for v in schema["enum"])
-            self.report(path, f"Unsupported value: {_show(value)}: supported values: {allowed}")
+            suggestion = _closest(value, schema["enum"]) if isinstance(value, str) else None
+            hint = f" (did you mean {_show(suggestion)}?)" if suggestion else ""
+            self.report(path, f"Unsupported value: {_show(value)}{hint}: supported values: {allowed}")
         if isinstance(value, int | float) and not isinstance(value, bool):
             low, high = schema.get("minimum"), schema.get("maximum")
             if low is not None:
@@ -205,7 +217,7 @@ class _Checker:
             elif extra is True or schema.get("x-kubernetes-preserve-unknown-fields"):
                 continue
             elif self.strict:
-                self.report(child, f"unknown field \"{child}\"{_unknown_field_hint(path, key)}")
+                self.report(child, f"unknown field \"{child}\"{_unknown_field_hint(path, key, properties)}")
             else:
                 del value[key]
 
