@@ -241,7 +241,7 @@ class TrainingLoop:
             return
         self._validated_step = self.state.global_step
         if self.is_main:
-            with self._eval_mode() as unwrapped:
+            with self._eval_mode() as unwrapped, self.trainable.validation_context():
                 tes = self.trainable.text_encoders(unwrapped)
                 denoiser = unwrapped[self.family.denoiser_name]
                 ema_factory = None
@@ -339,6 +339,7 @@ class TrainingLoop:
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=bool(self.cfg.set_grads_to_none))
         self.state.global_step += 1
+        self.trainable.after_step(self.state.global_step)
         if self.ema is not None:
             self.ema.step(self.ema_params)
         mean = torch.stack(losses).float().mean().reshape(1)  # one device sync per optimizer step

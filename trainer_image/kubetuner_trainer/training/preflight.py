@@ -63,6 +63,10 @@ def core_problems(cfg: Any) -> list[Problem]:
     if cfg.init_lora and _looks_local(cfg.init_lora) and not Path(cfg.init_lora).exists():
         problems.append(Problem("init_lora", cfg.init_lora, "no such LoRA file"))
     problems += _timestep_problems(cfg)
+    if cfg.model_type == "lora" and cfg.lora_type == "lycoris":
+        from .lycoris import lycoris_problems
+
+        problems += [Problem(*problem) for problem in lycoris_problems(cfg)]
     if (cfg.loss_type or "l2") != "l2" and cfg.huber_c is not None and not 0 < cfg.huber_c <= 1:
         problems.append(Problem("huber_c", cfg.huber_c, "must be in (0, 1]"))
     if cfg.use_soft_min_snr and not cfg.snr_gamma:

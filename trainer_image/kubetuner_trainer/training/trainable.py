@@ -11,6 +11,7 @@ which is also their optimizer group name, checkpoint folder and LoRA key prefix.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -103,6 +104,13 @@ class Trainable(ABC):
     def export(self, out: Path, *, title: str, ema: Any = None) -> None:
         """Write the final result into ``out`` (main process only)."""
 
+    def after_step(self, global_step: int) -> None:  # noqa: B027 - optional hook, most trainables need none
+        """Called after every optimizer step with the new step count (for step-dependent adapters)."""
+
+    def validation_context(self) -> contextlib.AbstractContextManager[None]:
+        """Entered around validation renders (e.g. to set an adapter's validation strength)."""
+        return contextlib.nullcontext()
+
 
 class LoRATrainable(Trainable):
     """LoRA adapters (``--model_type lora``)."""
@@ -161,8 +169,14 @@ class FullTrainable(Trainable):
 
 
 def build_trainable(family: Any, cfg: Any) -> Trainable:
-    """The trainable for ``--model_type``."""
-    return FullTrainable(family, cfg) if cfg.model_type == "full" else LoRATrainable(family, cfg)
+    """The trainable for ``--model_type`` (and, for LoRA, ``--lora_type``)."""
+    if cfg.model_type == "full":
+        return FullTrainable(family, cfg)
+    if cfg.lora_type == "lycoris":
+        from .lycoris import LycorisTrainable  # imports lycoris-lora only when asked for
+
+        return LycorisTrainable(family, cfg)
+    return LoRATrainable(family, cfg)
 
 
 def stamp_metadata(folder: Path, meta: dict[str, str]) -> None:
