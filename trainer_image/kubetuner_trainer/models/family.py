@@ -25,6 +25,10 @@ from .loading import load_components
 
 CLIP_TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 UNET_ATTENTION_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+#: --slider_lora_target on a UNet: self-attention plus the input/output convs, the transformer
+#: projections and the time embedding (SimpleTuner's slider targets, less the names a UNet lacks)
+UNET_SLIDER_LORA_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "proj_in", "proj_out",
+                            "conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2")
 
 #: the options that relocate a denoiser, by the denoiser's pipeline name
 DENOISER_LOCATION_OPTIONS = {
@@ -74,6 +78,8 @@ class ModelFamily(ABC):
     #: prediction types the family trains with; the first is its default
     prediction_types: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction")
     default_lora_targets: ClassVar[tuple[str, ...]] = UNET_ATTENTION_LORA_TARGETS
+    #: the targets of --slider_lora_target (concept sliders)
+    slider_lora_targets: ClassVar[tuple[str, ...]] = UNET_SLIDER_LORA_TARGETS
     #: the option choosing a named target preset, and the presets (unset option -> default targets)
     lora_target_option: ClassVar[str | None] = None
     lora_target_presets: ClassVar[dict[str, tuple[str, ...]]] = {}
@@ -263,10 +269,13 @@ class ModelFamily(ABC):
         """
 
     def lora_targets(self, cfg: Any) -> tuple[str, ...]:
-        """The denoiser's LoRA targets: the preset named by ``lora_target_option``, else the default."""
+        """The denoiser's LoRA targets: the preset named by ``lora_target_option``, the slider targets with
+        ``--slider_lora_target``, else the default."""
         preset = getattr(cfg, self.lora_target_option, None) if self.lora_target_option else None
         if preset:
             return self.lora_target_presets[preset]
+        if getattr(cfg, "slider_lora_target", False):
+            return self.slider_lora_targets
         return self.default_lora_targets
 
     def trainable_text_encoders(self) -> list[tuple[int, str, torch.nn.Module]]:

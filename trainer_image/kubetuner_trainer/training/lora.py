@@ -42,9 +42,16 @@ def parse_target_modules(value: Any, default: Sequence[str]) -> list[str]:
 
 
 def lora_config(cfg: Any, target_modules: Sequence[str]):
-    """A PEFT ``LoraConfig`` from ``--lora_rank/--lora_alpha/--lora_dropout/--lora_init_type/--use_dora``."""
+    """A PEFT ``LoraConfig`` from ``--lora_rank/--lora_alpha/--lora_dropout/--lora_init_type/--use_dora``.
+
+    With ``--peft_lora_mode singlora`` it is ``peft_singlora``'s config (see ``training/singlora.py``).
+    """
     from peft import LoraConfig
 
+    if cfg.peft_lora_mode == "singlora":
+        from .singlora import singlora_config
+
+        return singlora_config(cfg, target_modules)
     rank = cfg.lora_rank or DEFAULT_RANK
     init = cfg.lora_init_type or "default"
     if init not in INIT_TYPES:

@@ -67,6 +67,10 @@ def core_problems(cfg: Any) -> list[Problem]:
         from .lycoris import lycoris_problems
 
         problems += [Problem(*problem) for problem in lycoris_problems(cfg)]
+    if cfg.model_type == "lora" and cfg.peft_lora_mode == "singlora":
+        from .singlora import singlora_problems
+
+        problems += [Problem(*problem) for problem in singlora_problems(cfg)]
     if (cfg.loss_type or "l2") != "l2" and cfg.huber_c is not None and not 0 < cfg.huber_c <= 1:
         problems.append(Problem("huber_c", cfg.huber_c, "must be in (0, 1]"))
     if cfg.use_soft_min_snr and not cfg.snr_gamma:

@@ -176,6 +176,10 @@ def build_trainable(family: Any, cfg: Any) -> Trainable:
         from .lycoris import LycorisTrainable  # imports lycoris-lora only when asked for
 
         return LycorisTrainable(family, cfg)
+    if cfg.peft_lora_mode == "singlora":
+        from .singlora import SingLoRATrainable  # imports peft-singlora only when asked for
+
+        return SingLoRATrainable(family, cfg)
     return LoRATrainable(family, cfg)
 
 
