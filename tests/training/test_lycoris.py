@@ -213,3 +213,26 @@ def test_lycoris_config_problems_name_the_option(make_cfg, tmp_path):
                    train_text_encoder=True)
     assert {p[0] for p in lycoris_problems(cfg)} == {"init_lokr_norm", "train_text_encoder"}
     assert lycoris_problems(make_cfg("sdxl", lora_type="lycoris", lycoris_config=json.dumps(SDXL_LOKR))) == []
+
+
+def test_validation_renders_with_the_network_and_its_ema(tiny_model, tmp_path):
+    from kubetuner_trainer.events import NullEvents
+    from kubetuner_trainer.train import run
+
+    _example_images(tmp_path / "images")
+    datasets = tmp_path / "multidatabackend.json"
+    datasets.write_text(json.dumps([{"id": "set", "type": "local", "instance_data_dir": str(tmp_path / "images"),
+                                     "caption_strategy": "textfile"}]))
+    cfg = TrainerConfig.from_mapping({
+        "model_family": "sdxl", "model_type": "lora", "lora_type": "lycoris",
+        "lycoris_config": json.dumps(SDXL_LOKR), "init_lokr_norm": 0.5, "validation_lycoris_strength": 0.0,
+        "pretrained_model_name_or_path": str(tiny_model("sdxl")), "output_dir": str(tmp_path / "out"),
+        "data_backend_config": str(datasets), "cache_dir": str(tmp_path / "cache"), "resolution": 0.001024,
+        "resolution_type": "area", "max_train_steps": 2, "learning_rate": 1e-3, "use_ema": True, "optimizer": "adamw_bf16",
+        "ema_validation": "comparison", "validation_step_interval": 2, "validation_prompt": "🟫 picture",
+        "validation_resolution": "32", "validation_num_inference_steps": 1, "seed": 3, "mixed_precision": "no",
+    })
+    assert run(cfg, NullEvents()) == ExitCode.SUCCESS
+    folder = Path(cfg.output_dir) / "validation" / "step-2"
+    names = sorted(p.name for p in folder.glob("*.png"))
+    assert names == ["ema-validation-32x32-0.png", "validation-32x32-0.png"]
