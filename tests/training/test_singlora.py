@@ -98,3 +98,17 @@ def test_slider_lora_target_routes_lora_to_slider_layers(make_cfg, family_name):
     assert {"conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2"} <= adapted
     assert any(n.endswith("attn1.to_q") for n in adapted) and any(n.endswith(".proj_in") for n in adapted)
     assert not any(".attn2." in n for n in adapted)  # cross-attention stays frozen
+
+
+def test_slider_lora_target_on_the_sd3_transformer(make_cfg):
+    from kubetuner_trainer.models import load_family
+    from kubetuner_trainer.training.trainable import build_trainable
+
+    cfg = make_cfg("sd3", slider_lora_target=True)
+    family = load_family(cfg)
+    build_trainable(family, cfg).attach()
+    adapted = {name.rsplit(".lora_A", 1)[0] for name, p in family.denoiser.named_parameters()
+               if p.requires_grad and ".lora_A" in name}
+    assert {"pos_embed.proj", "proj_out", "time_text_embed.timestep_embedder.linear_1"} <= adapted
+    assert any(n.endswith(".attn.to_q") for n in adapted)
+    assert not any(".attn2." in n or "add_q_proj" in n for n in adapted)  # the text stream stays frozen

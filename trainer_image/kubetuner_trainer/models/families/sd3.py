@@ -36,6 +36,11 @@ T5_MAX_LENGTH = 154
 UNCOND_BEHAVIOURS = ("empty_string", "zero")
 #: SimpleTuner's SD3 LoRA targets (the attention projections of every joint block)
 SD3_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+#: --slider_lora_target: the image stream's joint attention, patch embedding, output projection and
+#: timestep embedding (the UNet preset's counterparts in the MMDiT)
+SD3_SLIDER_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "pos_embed.proj", "proj_out",
+                           "time_text_embed.timestep_embedder.linear_1",
+                           "time_text_embed.timestep_embedder.linear_2")
 
 
 def t5_length(cfg: Any) -> int:
@@ -66,6 +71,7 @@ class SD3Family(ModelFamily):
     trainable_text_encoder_names = ("text_encoder", "text_encoder_2")
     prediction_types = ("flow_matching",)
     default_lora_targets = SD3_LORA_TARGETS
+    slider_lora_targets = SD3_SLIDER_LORA_TARGETS
     modelspec_architecture = "stable-diffusion-3"
     # ComfyUI's SD3 LoRA names: OneTrainer's lora_transformer_*, kohya's lora_te1/te2 for CLIP-L/G, lora_te3 for T5
     comfyui_prefixes = {"transformer": "lora_transformer", "text_encoder": "lora_te1",
