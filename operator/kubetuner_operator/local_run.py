@@ -52,6 +52,7 @@ TRAINER_LOG = "trainer.log"
 TERMINATION_FILE = "termination-message"
 LOCK_FILE = ".kubetuner-run.lock"
 INTERRUPTED_EXIT = 130  # the shell's code for a command ended by Ctrl-C
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # Trainer log lines the runner replaces with its own progress display (they stay in trainer.log).
 PROGRESS_LOGGER = " kubetuner_trainer.progress: "
 
@@ -363,7 +364,7 @@ class LocalRun:
         return process.returncode
 
     def on_interrupt(self, signum: int = signal.SIGINT, frame: Any = None) -> None:
-        """Ctrl-C: ask the trainer to checkpoint and stop (SIGTERM, once); a second Ctrl-C kills it."""
+        """Ctrl-C (or SIGTERM/SIGHUP): ask the trainer to checkpoint and stop (SIGTERM, once); a second one kills it."""
         process = self._process
         if not self._stopping:
             self._stopping = True
@@ -422,11 +423,14 @@ class LocalRun:
 
     def run(self, *, resume: bool) -> int:
         """Attempts until success, a permanent failure, Ctrl-C, or ``backoffLimit``; returns the exit code."""
-        previous = signal.signal(signal.SIGINT, self.on_interrupt)
+        # The trainer runs in its own session, so a closed terminal (SIGHUP) or a SIGTERM to this runner
+        # must reach it the same way Ctrl-C does: stop after a checkpoint, never orphan it.
+        previous = {sig: signal.signal(sig, self.on_interrupt) for sig in STOP_SIGNALS}
         try:
             return self._attempts(resume=resume)
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _attempts(self, *, resume: bool) -> int:
         while True:

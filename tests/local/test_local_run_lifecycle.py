@@ -147,3 +147,31 @@ def test_every_spec_field_and_enum_value_gets_a_did_you_mean(tmp_path, volumes, 
     assert 'unknown field "spec.model.famly" (did you mean family?)' in err
     assert 'unknown field "spec.resources.gpuz" (did you mean gpus?)' in err
     assert 'Unsupported value: "textfiles" (did you mean "textfile"?)' in err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM])
+def test_a_closed_terminal_or_sigterm_stops_the_trainer_like_ctrl_c(tmp_path, volumes, sig):
+    """The trainer has its own session: the runner must pass a hang-up or SIGTERM on, never orphan it."""
+    import os
+
+    from kubetuner_operator.local_run import build_run
+
+    run = build_run(args(manifest(tmp_path), volumes, tmp_path / "work"))
+    run.workdir.mkdir(parents=True)
+    trainer = ("import signal, sys; signal.signal(signal.SIGTERM, lambda *a: sys.exit(75)); "
+               "print('ready', flush=True); signal.pause()")
+
+    def attempt(*, resume: bool) -> int:
+        process = subprocess.Popen([sys.executable, "-c", trainer], stdout=subprocess.PIPE, text=True,
+                                   start_new_session=True)
+        assert process.stdout.readline().strip() == "ready"
+        run._process = process
+        os.kill(os.getpid(), sig)  # delivered to this (the runner's) process only
+        code = process.wait(timeout=60)
+        run._process = None
+        return code
+
+    run.attempt = attempt
+    assert run.run(resume=True) == 130
+    assert yaml.safe_load((run.workdir / "status.yaml").read_text())["phase"] == "Interrupted"
+    assert signal.getsignal(sig) != run.on_interrupt  # the previous handler is back
