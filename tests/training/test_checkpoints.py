@@ -8,6 +8,7 @@ import logging
 import pytest
 import torch
 
+from kubetuner_trainer.config import ConfigError
 from kubetuner_trainer.models import family_class
 from kubetuner_trainer.training import checkpoints as ckpt
 from kubetuner_trainer.training.lora import parse_target_modules, to_comfyui
@@ -43,9 +44,9 @@ def test_explicit_resume_path_must_be_intact(tmp_path):
     assert ckpt.find_resume_checkpoint(tmp_path, "checkpoint-3") == tmp_path / "checkpoint-3"
     assert ckpt.find_resume_checkpoint(tmp_path, str(tmp_path / "checkpoint-3")) == tmp_path / "checkpoint-3"
     (tmp_path / "checkpoint-3" / "manifest.json").write_text("{}")
-    with pytest.raises(ValueError, match="manifest does not match"):
+    with pytest.raises(ConfigError, match="checkpoint-3 cannot be used: its manifest does not match"):
         ckpt.find_resume_checkpoint(tmp_path, "checkpoint-3")
-    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+    with pytest.raises(ConfigError, match="not a checkpoint folder"):
         ckpt.find_resume_checkpoint(tmp_path, "checkpoint-99")
     assert ckpt.find_resume_checkpoint(tmp_path / "empty", "latest") is None
     assert ckpt.find_resume_checkpoint(tmp_path, None) is None

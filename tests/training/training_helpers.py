@@ -6,7 +6,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 from kubetuner_trainer.config import TrainerConfig
 from kubetuner_trainer.data.batch import Batch
@@ -123,3 +125,13 @@ def tiny_run_values(model_dir: Path, tmp_path: Path, data_config: Path, **overri
     values.update(overrides)
     return values
 
+
+
+def write_images(folder: Path, count: int, *, start: int = 0, seed: int = 0) -> Path:
+    """``count`` random 32x32 PNGs ``img<start>…`` with ``a photo of thing <i>`` caption files in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed + start)
+    for i in range(start, start + count):
+        Image.fromarray(rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8), "RGB").save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"a photo of thing {i}")
+    return folder

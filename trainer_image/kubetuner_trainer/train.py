@@ -118,7 +118,6 @@ def run_process(cfg: TrainerConfig, events: TrainingEvents) -> ExitCode:
 
     from .collectives import process_group_kwargs
     from .models import load_family
-    from .training import checkpoints as ckpt
     from .training.loop import TrainingLoop, weight_dtype_for
 
     events.state(TrainerState.STARTING, "loading the model")
@@ -135,20 +134,15 @@ def run_process(cfg: TrainerConfig, events: TrainingEvents) -> ExitCode:
         seed = seeds[0]
         set_seed(seed + rank if cfg.seed_for_each_device else seed)
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        resume = _resume_checkpoint(cfg, accelerator)  # before the model loads: a bad one is refused at once
 
         family = load_family(cfg, device=accelerator.device, weight_dtype=weight_dtype_for(cfg))
         events.state(TrainerState.CACHING, "preparing datasets and caches")
         data = build_data(cfg, family, rank=rank, world=world)
         validator = build_validator(cfg, family)  # every process decides when; the main one renders
 
-        resume = [None]
-        if accelerator.is_main_process:
-            found = ckpt.find_resume_checkpoint(Path(cfg.output_dir), cfg.resume_from_checkpoint)
-            resume = [str(found) if found else None]
-        if world > 1:
-            broadcast_object_list(resume)
         loop = TrainingLoop(cfg, accelerator, family, data, events, validator=validator, seed=seed)
-        result = loop.run(Path(resume[0]) if resume[0] else None)
+        result = loop.run(resume)
         if result.exit_code == ExitCode.SUCCESS:
             events.state(TrainerState.FINISHED, f"saved the model to {result.final_path}")
         else:
@@ -162,6 +156,29 @@ def run_process(cfg: TrainerConfig, events: TrainingEvents) -> ExitCode:
         events.error(f"{type(exc).__name__}: {exc}")
         events.state(TrainerState.FAILED, str(exc))
         raise
+
+
+def _resume_checkpoint(cfg: TrainerConfig, accelerator: Any) -> Path | None:
+    """The checkpoint to resume from (the main process decides, every process gets its answer).
+
+    Raises ConfigError on every process when an explicitly named checkpoint is missing or broken.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    from .training import checkpoints as ckpt
+
+    answer: list[Any] = [None, None]  # folder, problems
+    if accelerator.is_main_process:
+        try:
+            found = ckpt.find_resume_checkpoint(Path(cfg.output_dir), cfg.resume_from_checkpoint)
+            answer = [str(found) if found else None, None]
+        except ConfigError as exc:
+            answer = [None, exc.problems]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(answer)
+    if answer[1]:
+        raise ConfigError(answer[1])
+    return Path(answer[0]) if answer[0] else None
 
 
 def _mixed_precision(cfg: Any) -> str:

@@ -10,6 +10,7 @@ temp folder, manifest, rename, ``COMPLETE`` marker), prunes old ones and loads o
 from __future__ import annotations
 
 import logging
+import pickle
 import random
 import shutil
 import time
@@ -20,6 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from ..config import ConfigError, Problem
 from ..contract import CheckpointInfo, TrainerState
 from . import checkpoints as ckpt
 
@@ -139,18 +141,30 @@ class Checkpointer:
         return final
 
     def load(self, folder: Path) -> ckpt.TrainingState:
-        """Load weights, every registered state and this process's state; returns the saved position."""
+        """Load weights, every registered state and this process's state; returns the saved position.
+
+        Raises ConfigError naming the checkpoint when it cannot be loaded into this run (another
+        model type or LoRA shape, unreadable files): retrying the same run cannot help.
+        """
+        try:
+            saved = self._load(folder)
+        except (OSError, ValueError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+            raise ConfigError([Problem("resume_from_checkpoint", self.cfg.resume_from_checkpoint,
+                                       f"{folder} cannot be loaded into this run: {_reason(exc)}")]) from exc
+        log.info("resumed from %s at step %d (epoch %d)", folder.name, saved.global_step, saved.epoch + 1)
+        return saved
+
+    def _load(self, folder: Path) -> ckpt.TrainingState:
         saved = ckpt.read_state(folder)
         if saved.model_type != self.cfg.model_type:
-            raise ValueError(f"checkpoint {folder} is a {saved.model_type} checkpoint but model_type is "
-                             f"{self.cfg.model_type}")
+            raise ValueError(f"it is a {saved.model_type} checkpoint but model_type is {self.cfg.model_type}")
         self.trainable.load(folder)
         for name, stateful in self.states.items():
             path = folder / f"{name}.pt"
             if path.is_file():
                 stateful.load_state_dict(ckpt.read_torch(path))
             elif name != "ema":  # a run may turn EMA on when it resumes
-                raise FileNotFoundError(f"{folder} has no {path.name}")
+                raise FileNotFoundError(f"it has no {path.name}")
         rank_file = folder / f"rank-{self.rank}.pt"
         if not rank_file.is_file():
             log.warning("%s has no state for process %d (saved with %d processes); using process 0's",
@@ -160,5 +174,10 @@ class Checkpointer:
         state = self.training_state
         state.global_step, state.epoch = saved.global_step, saved.epoch
         state.batches_in_epoch, state.samples_seen = saved.batches_in_epoch, saved.samples_seen
-        log.info("resumed from %s at step %d (epoch %d)", folder.name, saved.global_step, saved.epoch + 1)
         return saved
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of an exception's message (torch's load errors run to many lines)."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -26,7 +26,9 @@ from typing import Any
 
 import torch
 
+from ..config import ConfigError, Problem
 from ..contract import CHECKPOINT_COMPLETE_MARKER, CHECKPOINT_PREFIX
+from ..files import publish, save_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,7 @@ def finish_checkpoint(output_dir: Path, step: int) -> Path:
     """Manifest, fsync, rename into place, then the completion marker. Main process only."""
     tmp = begin_checkpoint(output_dir, step)
     final = checkpoint_path(output_dir, step)
+    publish(tmp)  # whatever wrote into it, every file ends group/other-readable
     manifest = build_manifest(tmp)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     _fsync_tree(tmp)
@@ -148,7 +151,8 @@ def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
 def find_resume_checkpoint(output_dir: Path, resume_from: str | None) -> Path | None:
     """Resolve ``--resume_from_checkpoint``: ``latest`` picks the newest intact checkpoint.
 
-    Broken checkpoints are skipped with a warning; an explicit path must be intact.
+    Broken checkpoints are skipped with a warning; an explicitly named one must be intact, or
+    :class:`ConfigError` says which and why (retrying cannot repair it).
     """
     if not resume_from:
         return None
@@ -160,19 +164,33 @@ def find_resume_checkpoint(output_dir: Path, resume_from: str | None) -> Path | 
             log.warning("skipping checkpoint-%d for resume: %s", step, problem)
         log.info("no usable checkpoint in %s; starting from scratch", output_dir)
         return None
-    folder = Path(resume_from)
+    folder = named_checkpoint(output_dir, resume_from)
+    problem = verify_checkpoint(folder) if folder.is_dir() else "it is not a checkpoint folder"
+    if problem:
+        raise ConfigError([Problem("resume_from_checkpoint", resume_from, f"{folder} cannot be used: {problem}")])
+    return folder
+
+
+def named_checkpoint(output_dir: Path, resume_from: str) -> Path:
+    """The folder an explicit ``--resume_from_checkpoint`` names (a path, or a name in ``output_dir``)."""
+    folder = Path(resume_from).expanduser()
     if not folder.is_absolute() and not folder.exists():
         folder = Path(output_dir) / resume_from
-    if not folder.is_dir():
-        raise FileNotFoundError(f"resume_from_checkpoint: {resume_from} is not a checkpoint folder")
-    problem = verify_checkpoint(folder)
-    if problem:
-        raise ValueError(f"resume_from_checkpoint: {folder} cannot be used: {problem}")
     return folder
 
 
 def read_state(folder: Path) -> TrainingState:
+    """The ``training_state.json`` of a checkpoint folder (or of ``output_dir``'s final model)."""
     return TrainingState.from_json((folder / STATE_FILE).read_text())
+
+
+def read_final_state(output_dir: Path) -> TrainingState | None:
+    """Where the final model in ``output_dir`` stands, or ``None`` when there is none that says."""
+    try:
+        state = read_state(Path(output_dir))
+    except (OSError, ValueError, TypeError):
+        return None
+    return state if state.kind == "final" else None
 
 
 def prune_checkpoints(output_dir: Path, *, total_limit: int | None, rolling_limit: int | None,
@@ -247,8 +265,6 @@ def save_lora_file(folder: Path, family: Any, per_module: dict[str, dict[str, to
                    adapter_meta: dict[str, dict[str, Any]], *, lora_format: str,
                    metadata: dict[str, str]) -> Path:
     """Write ``pytorch_lora_weights.safetensors`` in diffusers or ComfyUI key format with metadata."""
-    from safetensors.torch import save_file
-
     from .lora import flatten_with_prefix, to_comfyui
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -257,13 +273,13 @@ def save_lora_file(folder: Path, family: Any, per_module: dict[str, dict[str, to
     header = {"format": "pt", **metadata}
     if lora_format == "comfyui":
         alphas = {n: float(m["lora_alpha"]) for n, m in adapter_meta.items()}
-        save_file(to_comfyui(family, tensors_cpu, alphas), str(target), metadata=header)
+        save_safetensors(to_comfyui(family, tensors_cpu, alphas), target, header)
         return target
     header["lora_adapter_metadata"] = json.dumps(
         {f"{n}.{k}": _jsonable(v) for n, m in adapter_meta.items() for k, v in m.items()},
         sort_keys=True,
     )
-    save_file(flatten_with_prefix(tensors_cpu), str(target), metadata=header)
+    save_safetensors(flatten_with_prefix(tensors_cpu), target, header)
     return target
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..config import ConfigError, Problem
 from ..contract import ExitCode, TrainerState
 from ..events import NullEvents, StepReport, TrainingEvents
 from . import checkpoints as ckpt
@@ -40,34 +41,60 @@ def weight_dtype_for(cfg: Any) -> torch.dtype:
 
 @dataclass
 class Schedule:
-    """How long the run is, in optimizer steps and epochs."""
+    """How long the run is, in optimizer steps and epochs.
+
+    ``max_epochs`` is what progress reports show; ``epoch_limit`` stops the run and is set only
+    by ``--num_train_epochs`` (an epoch count derived from ``--max_train_steps`` never cuts a run
+    short: a resumed run whose dataset grew still reaches its step).
+    """
 
     batches_per_epoch: int
     updates_per_epoch: int
     max_steps: int
     max_epochs: int | None
+    epoch_limit: int | None = None
 
 
-def plan_schedule(cfg: Any, batches_per_epoch: int) -> Schedule:
-    """Resolve ``--max_train_steps``/``--num_train_epochs``/``--ignore_final_epochs`` into numbers."""
+def plan_schedule(cfg: Any, batches_per_epoch: int, start: ckpt.TrainingState | None = None,
+                  checkpoint: str = "") -> Schedule:
+    """Resolve ``--max_train_steps``/``--num_train_epochs``/``--ignore_final_epochs`` into numbers,
+    counted on from ``start`` (the restored position of a resumed run, named ``checkpoint``).
+
+    Like SimpleTuner, whichever of max_train_steps and num_train_epochs comes first ends the run
+    (``num_train_epochs`` alone: every batch of every epoch; ``max_train_steps`` alone: that step).
+    The steps left in the restored epoch are counted with today's dataset size, so a resumed run
+    whose dataset grew or shrank ends where it says it will.
+
+    Raises ValueError when neither is set or the dataset yields no batches; ConfigError when a
+    resumed run has nothing left to train.
+    """
     if batches_per_epoch <= 0:
         raise ValueError("the dataset yields no batches; check data_backend_config and train_batch_size")
+    start = start or ckpt.TrainingState()
     accum = cfg.gradient_accumulation_steps or 1
     updates = max(1, math.ceil(batches_per_epoch / accum))
     epochs = cfg.num_train_epochs or 0
     steps = cfg.max_train_steps or 0
     if steps <= 0 and epochs <= 0:
         raise ValueError("set max_train_steps or num_train_epochs to a positive number")
-    if cfg.ignore_final_epochs:
-        if steps <= 0:
-            raise ValueError("ignore_final_epochs needs max_train_steps")
-        return Schedule(batches_per_epoch, updates, steps, None)
-    if steps <= 0:
-        steps = epochs * updates
-    elif epochs > 0:
-        steps = min(steps, epochs * updates)
-    max_epochs = epochs if epochs > 0 else math.ceil(steps / updates)
-    return Schedule(batches_per_epoch, updates, steps, max_epochs)
+    if cfg.ignore_final_epochs and steps <= 0:
+        raise ValueError("ignore_final_epochs needs max_train_steps")
+    limit = epochs if epochs > 0 and not cfg.ignore_final_epochs else None
+    left_in_epoch = max(0, updates - math.ceil(start.batches_in_epoch / accum))
+    if limit is not None:
+        if start.epoch >= limit:
+            raise ConfigError([Problem("num_train_epochs", epochs, f"{checkpoint} already finished epoch "
+                                       f"{start.epoch} of {limit}; raise num_train_epochs to train on")])
+        by_epochs = start.global_step + left_in_epoch + (limit - start.epoch - 1) * updates
+        steps = min(steps, by_epochs) if steps > 0 else by_epochs
+    if start.global_step >= steps:
+        option, value = ("max_train_steps", steps) if cfg.max_train_steps else ("num_train_epochs", epochs)
+        raise ConfigError([Problem(option, value, f"{checkpoint} is already at step {start.global_step}; "
+                                                  f"nothing is left to train (ask for more than "
+                                                  f"{start.global_step} steps)")])
+    beyond = max(0, steps - start.global_step - left_in_epoch)
+    shown = limit if limit is not None else start.epoch + 1 + math.ceil(beyond / updates)
+    return Schedule(batches_per_epoch, updates, steps, None if cfg.ignore_final_epochs else shown, limit)
 
 
 def _optim_api():
@@ -114,13 +141,15 @@ class TrainingLoop:
         self._validated_step: int | None = None
 
     # ----- setup -----------------------------------------------------------------------------
-    def setup(self) -> None:
+    def setup(self, start: ckpt.TrainingState | None = None, checkpoint: str = "") -> None:
+        """Attach the trainable, plan the schedule from ``start`` (a resumed run's position), build
+        the optimizer, LR scheduler, EMA and checkpointer."""
         cfg = self.cfg
         trained = self.trainable.attach()
         optim = _optim_api()
         groups = self.trainable.param_groups()
         self.params = [p for g in groups for p in g["params"]]
-        self.schedule = plan_schedule(cfg, self.data.steps_per_epoch)
+        self.schedule = plan_schedule(cfg, self.data.steps_per_epoch, start, checkpoint)
         optimizer = optim.build_optimizer(cfg, groups)
         self.lr_scheduler = optim.build_lr_scheduler(cfg, optimizer, self.schedule.max_steps)
         self.ema_params = self.trainable.ema_parameters()
@@ -267,7 +296,9 @@ class TrainingLoop:
         The data source is iterated once and yields batches endlessly, epoch after epoch
         (``batch.epoch``/``batch.position`` say where each batch sits).
         """
-        self.setup()
+        start = ckpt.read_state(resume_from) if resume_from is not None else None
+        self.setup(start, resume_from.name if resume_from is not None else "")
+        self._check_final_not_newer()
         if resume_from is not None:
             self.resume(resume_from)
         cfg, sched = self.cfg, self.schedule
@@ -331,7 +362,7 @@ class TrainingLoop:
         return self.result
 
     def _epochs_done(self) -> bool:
-        return self.schedule.max_epochs is not None and self.state.epoch >= self.schedule.max_epochs
+        return self.schedule.epoch_limit is not None and self.state.epoch >= self.schedule.epoch_limit
 
     def _optimizer_step(self, losses: list[torch.Tensor], step_started: float, wait_before: float) -> None:
         grad_norm = self._clip()
@@ -371,13 +402,28 @@ class TrainingLoop:
         return components
 
     # ----- the final model --------------------------------------------------------------------
+    def _check_final_not_newer(self) -> None:
+        """Refuse a run that would replace the final model in ``output_dir`` with an older one."""
+        saved = ckpt.read_final_state(self.output_dir)
+        if saved is not None and saved.global_step > self.schedule.max_steps:
+            option, value = (("max_train_steps", self.cfg.max_train_steps) if self.cfg.max_train_steps
+                             else ("num_train_epochs", self.cfg.num_train_epochs))
+            raise ConfigError([Problem(option, value, f"{self.output_dir} holds a final model from step "
+                                                      f"{saved.global_step}; this run ends at step "
+                                                      f"{self.schedule.max_steps} and would replace it with an "
+                                                      f"older one (train further, or use another output_dir)")])
+
     def save_final(self) -> Path:
-        """The trained result in diffusers layout in ``output_dir`` (LoRA file, or a full pipeline)."""
+        """The trained result in diffusers layout in ``output_dir`` (LoRA file, or a full pipeline),
+        then ``training_state.json`` (kind ``final``) saying which step it holds."""
         _optim_api().optimizer_eval_mode(self.optimizer)
         self.acc.wait_for_everyone()
         out = self.output_dir
         if self.is_main:
             out.mkdir(parents=True, exist_ok=True)
+            self._check_final_not_newer()
             self.trainable.export(out, title=f"{self.cfg.model_family} {self.cfg.model_type} final", ema=self.ema)
+            self.state.kind = "final"
+            (out / ckpt.STATE_FILE).write_text(self.state.to_json())
         self.acc.wait_for_everyone()
         return out

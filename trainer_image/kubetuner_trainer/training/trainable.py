@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..files import publish, save_safetensors
 from . import checkpoints as ckpt
 from .lora import attach_lora, load_lora_into, lora_adapter_metadata, lora_state_dicts
 
@@ -147,6 +148,7 @@ class FullTrainable(Trainable):
             module.save_pretrained(folder / name, safe_serialization=True)
         if ema is not None:
             self.ema_denoiser(ema).save_pretrained(folder / f"{self.denoiser_name}_ema", safe_serialization=True)
+        publish(folder)
 
     def load(self, folder: Path) -> None:
         for name, module in self.modules.items():
@@ -166,6 +168,7 @@ class FullTrainable(Trainable):
         stamp_metadata(out, self.metadata(title))
         if ema is not None:
             self.denoiser.save_pretrained(out / f"{self.denoiser_name}_non_ema", safe_serialization=True)
+        publish(out)
 
 
 def build_trainable(family: Any, cfg: Any) -> Trainable:
@@ -186,7 +189,6 @@ def build_trainable(family: Any, cfg: Any) -> Trainable:
 def stamp_metadata(folder: Path, meta: dict[str, str]) -> None:
     """Add modelspec keys to the header of every saved safetensors file under ``folder``."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     for path in folder.rglob("*.safetensors"):
         with safe_open(str(path), framework="pt") as f:
@@ -194,4 +196,4 @@ def stamp_metadata(folder: Path, meta: dict[str, str]) -> None:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         header.update(meta)
         header.setdefault("format", "pt")
-        save_file(tensors, str(path), metadata=header)
+        save_safetensors(tensors, path, header)

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from ...files import OUTPUT_FILE_MODE
 from .base import ObjectInfo, Storage
 
 TEMP_MARKER = ".kt-tmp-"
@@ -80,7 +81,7 @@ class LocalStorage(Storage):
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
-            os.chmod(temp, 0o644)
+            os.chmod(temp, OUTPUT_FILE_MODE)  # mkstemp makes it 0600
             os.replace(temp, target)  # atomic on POSIX: readers never see a partial file
         except BaseException:
             Path(temp).unlink(missing_ok=True)
