@@ -39,6 +39,7 @@ from typing import Any
 import yaml
 
 from kubetuner_trainer.contract import STATUS_PATH, ExitCode, TrainerStatus, complete_checkpoints
+from kubetuner_trainer.files import writable_problem
 from kubetuner_trainer.placeholders import substitute_argv
 from kubetuner_trainer.termination import TERMINATION_LOG_ENV, read_termination_message
 
@@ -555,6 +556,17 @@ def _set_aside(output_dir: Path) -> Path | None:
     return target
 
 
+def unwritable(run: LocalRun) -> str | None:
+    """Why the workdir, output or cache folders of a run cannot be written (the first one), or None."""
+    paths = run.paths
+    for name, folder in (("workdir", str(run.workdir)), ("output folder", paths.output_dir),
+                         ("data cache", paths.data_cache_dir), ("model cache", paths.model_cache_dir)):
+        why = writable_problem(folder)
+        if why:
+            return f"{name} {folder}: {why}"
+    return None
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         run = build_run(args)
@@ -563,6 +575,9 @@ def main(args: argparse.Namespace) -> int:
         return int(ExitCode.CONFIG_ERROR)
     if getattr(args, "dry_run", False):
         return dry_run(run)
+    if (why := unwritable(run)):
+        print(f"kubetuner run: {why}", file=sys.stderr)
+        return int(ExitCode.CONFIG_ERROR)
     lock = WorkdirLock(run.workdir)
     try:
         lock.acquire()

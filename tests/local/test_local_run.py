@@ -151,3 +151,12 @@ def test_local_environment_is_the_pods_environment_resolved(tmp_path):
     assert env["KUBETUNER_OUTPUT_AWS_ACCESS_KEY_ID"] == "AKIAOUT"
     assert env["KUBETUNER_OUTPUT_AWS_SECRET_ACCESS_KEY"] == "out-secret" and env["MY_TOKEN"] == "extra-token"
     assert {e["name"] for e in trainer_env(job)} - {"HOME"} == set(env)
+
+
+def test_an_unwritable_workdir_or_output_folder_exits_78_with_one_line_naming_it(tmp_path, volumes, capsys):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder should be")
+    path = manifest(tmp_path)
+    assert main(args(path, volumes, blocker / "work")) == 78
+    err = capsys.readouterr().err.strip()
+    assert err == f"kubetuner run: workdir {blocker / 'work'}: {blocker} is a file, not a folder"

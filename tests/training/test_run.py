@@ -158,13 +158,13 @@ def test_validation_images_are_rendered_when_due(run_cfg, tmp_path):
 
 
 def test_a_failing_worker_fails_the_distributed_run_with_its_traceback(run_cfg, tmp_path):
-    blocked = tmp_path / "blocked"
-    blocked.write_text("a file where the output folder should go")
+    broken = tmp_path / "broken.safetensors"  # passes the start-up checks (it exists), fails in every worker
+    broken.write_text("not a safetensors file")
     events = RecordingEvents()
     with pytest.raises(RuntimeError, match="distributed training failed") as info:
-        run(run_cfg(num_processes=2, output_dir=str(blocked / "out")), events)
+        run(run_cfg(num_processes=2, init_lora=str(broken)), events)
     message = str(info.value)
-    assert "NotADirectoryError" in message or "FileExistsError" in message
+    assert "OSError" in message and str(broken) in message
     assert "process 0 failed" in message and "process 1 failed" in message and "Traceback" in message
     assert events.errors
 

@@ -155,3 +155,100 @@ def test_a_checkpoint_that_does_not_fit_the_run_is_a_config_error_naming_it(run_
     assert run(run_cfg(lora_rank=8, resume_from_checkpoint="latest"), events) == ExitCode.CONFIG_ERROR
     assert "checkpoint-3 cannot be loaded into this run" in events.errors[0]
     assert "\n  - --resume_from_checkpoint='latest'" in events.errors[0]
+
+
+@pytest.fixture
+def other_user():
+    """Run a block as a user that does not own ``tmp_path`` (root drops its effective uid to nobody)."""
+    import contextlib
+    import os
+
+    @contextlib.contextmanager
+    def become():
+        if os.geteuid() != 0:
+            yield
+            return
+        os.seteuid(65534)
+        try:
+            yield
+        finally:
+            os.seteuid(0)
+
+    return become
+
+
+def test_a_folder_this_user_cannot_write_is_named(tmp_path, other_user):
+    import os
+    import shutil
+    import tempfile
+
+    from kubetuner_trainer.files import writable_problem
+
+    root = Path(tempfile.mkdtemp(prefix="kt-writable-"))  # pytest's own tmp root is private to its user
+    try:
+        os.chmod(root, 0o755)
+        locked = root / "locked"
+        locked.mkdir(mode=0o555)
+        os.chmod(locked, 0o555)
+        (root / "file").write_text("x")
+        with other_user():
+            denied = writable_problem(locked / "out")
+            denied_existing = writable_problem(locked)
+            unreachable = writable_problem(tmp_path / "out")
+        assert denied is not None and denied.startswith(f"{locked} is not writable by this user (uid ")
+        assert denied_existing is not None and str(locked) in denied_existing
+        if os.geteuid() == 0:
+            assert unreachable is not None and "cannot be reached by this user" in unreachable
+        assert writable_problem(root / "file" / "out") == f"{root / 'file'} is a file, not a folder"
+        assert writable_problem(root / "new" / "deeper") is None
+        assert writable_problem(root) is None
+        assert sorted(p.name for p in root.iterdir()) == ["file", "locked"]  # the probes left nothing
+    finally:
+        os.chmod(root / "locked", 0o755)
+        shutil.rmtree(root)
+
+
+@pytest.mark.parametrize("option", ["output_dir", "cache_dir"])
+def test_an_unwritable_output_or_cache_folder_is_a_config_error_before_the_model_loads(run_cfg, tmp_path, option):
+    from kubetuner_trainer.contract import TrainerState
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where a folder should be")
+    events = RecordingEvents()
+    assert run(run_cfg(**{option: str(blocker / "sub")}), events) == ExitCode.CONFIG_ERROR
+    assert f"--{option}='{blocker / 'sub'}': {blocker} is a file, not a folder" in events.errors[0]
+    assert TrainerState.CACHING not in events.states
+
+
+def _comfyui_clip_keys(layers: int, prefix: str) -> set[str]:
+    """Every CLIP layer name ComfyUI maps for a text encoder (its LORA_CLIP_MAP, layers 0..n-1)."""
+    names = ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1", "mlp_fc2")
+    return {f"{prefix}_text_model_encoder_layers_{i}_{n}" for i in range(layers) for n in names}
+
+
+def test_comfyui_export_with_a_trained_text_encoder_uses_comfyuis_clip_names(run_cfg, tmp_path):
+    out = tmp_path / "out"
+    cfg = run_cfg(lora_format="comfyui", train_text_encoder=True, max_train_steps=1)
+    assert run(cfg, RecordingEvents()) == ExitCode.SUCCESS
+    saved = _lora(out)
+    text = {k.split(".")[0] for k in saved if k.startswith("lora_te")}
+    assert text and text <= _comfyui_clip_keys(8, "lora_te")
+    assert {f"{layer}.{part}" for layer in text for part in ("lora_down.weight", "lora_up.weight", "alpha")} \
+        <= set(saved)
+    assert all(k.startswith(("lora_te_", "lora_unet_")) for k in saved)
+    diffusers = load_file(str(out / ckpt.DIFFUSERS_LORA_FILE))  # written first: the weights survive any conversion
+    assert {k.split(".")[0] for k in diffusers} == {"unet", "text_encoder"}
+    assert len(diffusers) * 3 // 2 == len(saved)  # down+up per layer there; down+up+alpha here
+
+
+def test_an_export_that_would_fail_is_a_config_error_before_the_first_step(run_cfg, monkeypatch):
+    from kubetuner_trainer.models import family_class
+
+    # a text-encoder layer ComfyUI has no name for: its weights could never be exported
+    monkeypatch.setattr(family_class("sd1x"), "text_encoder_lora_targets", ("q_proj", "token_embedding"))
+    events = RecordingEvents()
+    cfg = run_cfg(lora_format="comfyui", train_text_encoder=True, max_train_steps=2)
+    assert run(cfg, events) == ExitCode.CONFIG_ERROR
+    assert "--lora_format='comfyui': the trained weights cannot be saved this way" in events.errors[0]
+    assert "token_embedding" in events.errors[0]
+    assert not events.steps

@@ -1,4 +1,4 @@
-"""The one way the trainer gives its output files their permissions.
+"""The one way the trainer gives its output files their permissions, and checks it can write them.
 
 Some writers create files readable by their owner only: safetensors' ``save_file`` (and so every
 ``save_pretrained``) writes a temporary file with mode 0600 and renames it into place, as does
@@ -10,6 +10,7 @@ mode ``open()`` gives under the usual umask 022.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,3 +36,34 @@ def save_safetensors(tensors: Mapping[str, Any], path: str | os.PathLike[str],
     save_file(dict(tensors), str(path), metadata=dict(metadata) if metadata is not None else None)
     publish(path)
     return Path(path)
+
+
+def writable_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why this process could not create files in the folder ``path``, or ``None`` when it can.
+
+    A missing folder is judged by its nearest existing parent (it will be created there); an
+    existing one by writing and removing a probe file (``os.access`` alone trusts root too much on
+    network filesystems). Creates nothing that stays.
+    """
+    folder = Path(path).expanduser().absolute()
+    existing = folder
+    try:
+        while not existing.exists() and existing.parent != existing:
+            existing = existing.parent
+    except OSError as exc:  # a parent this user may not enter
+        return f"{existing} cannot be reached by this user (uid {os.geteuid()}): {exc.strerror or exc}"
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    effective = os.access in os.supports_effective_ids  # the uid that writes, not the one that started us
+    if not os.access(existing, os.W_OK | os.X_OK, effective_ids=effective):
+        readonly = hasattr(os, "ST_RDONLY") and os.statvfs(existing).f_flag & os.ST_RDONLY
+        where = "is on a read-only filesystem" if readonly else f"is not writable by this user (uid {os.geteuid()})"
+        return f"{existing} {where}"
+    if existing == folder:
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".kubetuner-write-check-", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            return f"{folder} is not writable ({exc.strerror or exc})"
+    return None

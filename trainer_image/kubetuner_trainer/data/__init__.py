@@ -17,7 +17,8 @@ __all__ = ["Batch", "Encoders", "TrainingData", "build_training_data", "prefligh
 
 
 def preflight_problems(cfg: Any) -> list:
-    """Problems with the data options and the dataset list, and dataset locations that do not exist.
+    """Problems with the data options and the dataset list, dataset locations that do not exist and
+    cache folders that cannot be written.
 
     Reads no image: the dataset list, then one stat (local) or one listing request (S3) per dataset.
     """
@@ -25,14 +26,15 @@ def preflight_problems(cfg: Any) -> list:
 
     from .dataset_config import load_dataset_config
     from .evaluation import split_eval_problems
-    from .locations import location_problems
+    from .locations import cache_location_problems, location_problems
     from .settings import settings_from_config
 
     try:
         settings = settings_from_config(cfg)
         if settings.data_backend_config:
             config = load_dataset_config(settings.data_backend_config, settings)
-            return split_eval_problems(cfg, config) or location_problems(config, settings)
+            return (split_eval_problems(cfg, config)
+                    or location_problems(config, settings) + cache_location_problems(config, settings))
     except ConfigError as error:
         return list(error.problems)
     return []

@@ -51,3 +51,35 @@ def entry_location_problem(entry: DatasetEntry, storage: Storage) -> Problem | N
         return None
     field = "aws_data_prefix" if entry.type == "aws" else "instance_data_dir"
     return Problem(f"datasets[{entry.id}].{field}", entry.location, why)
+
+
+def cache_location_problems(config: DatasetConfig, settings: DataSettings) -> list[Problem]:
+    """One problem per local cache folder (``--cache_dir``, ``--cache_dir_vae``, ``--cache_dir_text``, a
+    dataset's ``cache_dir_vae``, an embeds entry's ``cache_dir``) this process cannot write into.
+
+    Caches are written after the model loaded; a read-only or foreign-owned folder must be named before.
+    """
+    from kubetuner_trainer.files import writable_problem
+
+    folders: dict[str, str] = {}  # path -> the option that names it (the first one)
+    for option, path in _cache_folders(config, settings):
+        if path:
+            folders.setdefault(path, option)
+    problems = []
+    for path, option in folders.items():
+        why = writable_problem(path)
+        if why:
+            problems.append(Problem(option, path, why))
+    return problems
+
+
+def _cache_folders(config: DatasetConfig, settings: DataSettings) -> list[tuple[str, str | None]]:
+    found: list[tuple[str, str | None]] = [("cache_dir", settings.cache_dir), ("cache_dir_vae", settings.cache_dir_vae),
+                                           ("cache_dir_text", settings.cache_dir_text)]
+    for entry in config.image_datasets:
+        if entry.type == "local":
+            found.append((f"datasets[{entry.id}].cache_dir_vae", entry.cache_dir_vae))
+        for ref in (config.text_embeds_for(entry), config.image_embeds_for(entry)):
+            if ref is not None and ref.type == "local":
+                found.append((f"datasets[{ref.id}].cache_dir", ref.cache_dir))
+    return found

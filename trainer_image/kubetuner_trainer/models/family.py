@@ -344,5 +344,11 @@ class ModelFamily(ABC):
 
     @classmethod
     def comfyui_key(cls, module_name: str, module_path: str, trained: Sequence[str]) -> str:
-        """The ComfyUI layer name of ``module_path`` inside a trained module (kohya: dots become ``_``)."""
-        return f"{cls.comfyui_prefix(module_name, trained)}_{module_path.replace('.', '_')}"
+        """The ComfyUI layer name of ``module_path`` inside a trained module (kohya: dots become ``_``;
+        CLIP text-encoder layers by ComfyUI's CLIP rule, :func:`~..training.lora.comfyui_clip_layer`)."""
+        prefix = cls.comfyui_prefix(module_name, trained)
+        if module_name in cls.text_encoder_names:
+            from ..training.lora import comfyui_clip_layer
+
+            return f"{prefix}_{comfyui_clip_layer(module_path)}"
+        return f"{prefix}_{module_path.replace('.', '_')}"

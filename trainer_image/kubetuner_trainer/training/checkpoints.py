@@ -37,6 +37,8 @@ MANIFEST = "manifest.json"
 COMPLETE = CHECKPOINT_COMPLETE_MARKER  # shared with the operator side through the contract
 STATE_FILE = "training_state.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
+#: the final LoRA in diffusers keys, written first when ``--lora_format`` asks for another format
+DIFFUSERS_LORA_FILE = "pytorch_lora_weights.diffusers.safetensors"
 _ENV_RE = re.compile(r"\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -261,26 +263,35 @@ def modelspec_metadata(cfg: Any, *, architecture: str, title: str, lora: bool,
     return meta
 
 
-def save_lora_file(folder: Path, family: Any, per_module: dict[str, dict[str, torch.Tensor]],
-                   adapter_meta: dict[str, dict[str, Any]], *, lora_format: str,
-                   metadata: dict[str, str]) -> Path:
-    """Write ``pytorch_lora_weights.safetensors`` in diffusers or ComfyUI key format with metadata."""
+def lora_file_contents(family: Any, per_module: dict[str, dict[str, torch.Tensor]],
+                       adapter_meta: dict[str, dict[str, Any]], *, lora_format: str,
+                       metadata: dict[str, str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors (CPU, contiguous) and header of a LoRA file in diffusers or ComfyUI key format.
+
+    Raises ValueError when a key has no name in ``lora_format``.
+    """
     from .lora import flatten_with_prefix, to_comfyui
 
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / LORA_FILE
     tensors_cpu = {n: {k: v.detach().cpu().contiguous() for k, v in sd.items()} for n, sd in per_module.items()}
     header = {"format": "pt", **metadata}
     if lora_format == "comfyui":
         alphas = {n: float(m["lora_alpha"]) for n, m in adapter_meta.items()}
-        save_safetensors(to_comfyui(family, tensors_cpu, alphas), target, header)
-        return target
+        return to_comfyui(family, tensors_cpu, alphas), header
     header["lora_adapter_metadata"] = json.dumps(
         {f"{n}.{k}": _jsonable(v) for n, m in adapter_meta.items() for k, v in m.items()},
         sort_keys=True,
     )
-    save_safetensors(flatten_with_prefix(tensors_cpu), target, header)
-    return target
+    return flatten_with_prefix(tensors_cpu), header
+
+
+def save_lora_file(folder: Path, family: Any, per_module: dict[str, dict[str, torch.Tensor]],
+                   adapter_meta: dict[str, dict[str, Any]], *, lora_format: str,
+                   metadata: dict[str, str], filename: str = LORA_FILE) -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` (or ``filename``) in diffusers or ComfyUI key format."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors, header = lora_file_contents(family, per_module, adapter_meta, lora_format=lora_format,
+                                         metadata=metadata)
+    return save_safetensors(tensors, folder / filename, header)
 
 
 def _jsonable(value: Any) -> Any:

@@ -146,6 +146,7 @@ class TrainingLoop:
         the optimizer, LR scheduler, EMA and checkpointer."""
         cfg = self.cfg
         trained = self.trainable.attach()
+        self._check_export()
         optim = _optim_api()
         groups = self.trainable.param_groups()
         self.params = [p for g in groups for p in g["params"]]
@@ -402,6 +403,18 @@ class TrainingLoop:
         return components
 
     # ----- the final model --------------------------------------------------------------------
+    def _check_export(self) -> None:
+        """A dry export of the freshly attached weights: what cannot be saved is refused before step 1."""
+        trainable = self.trainable
+        try:
+            trainable.check_export(self.output_dir / f".export-check-{self.rank}")
+        except ConfigError:
+            raise
+        except Exception as exc:  # any failure here would have failed the final save
+            option = trainable.export_option
+            raise ConfigError([Problem(option, getattr(self.cfg, option, None) or "(default)",
+                                       f"the trained weights cannot be saved this way: {exc}")]) from exc
+
     def _check_final_not_newer(self) -> None:
         """Refuse a run that would replace the final model in ``output_dir`` with an older one."""
         saved = ckpt.read_final_state(self.output_dir)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -161,7 +162,28 @@ def load_lora_into(family: Any, trained: dict[str, torch.nn.Module], path: str |
 # ----- ComfyUI / kohya key format -----------------------------------------------------------------
 
 _KOHYA_SUFFIXES = ((".lora_A.", ".lora_down."), (".lora_B.", ".lora_up."), (".lora.down.", ".lora_down."),
-                   (".lora.up.", ".lora_up."), (".lora_magnitude_vector", ".dora_scale"))
+                   (".lora.up.", ".lora_up."), (".lora_linear_layer.down.", ".lora_down."),
+                   (".lora_linear_layer.up.", ".lora_up."), (".lora_magnitude_vector", ".dora_scale"))
+
+#: the layers of a CLIP text encoder ComfyUI applies LoRA weights to (its ``LORA_CLIP_MAP``)
+COMFYUI_CLIP_LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                       "mlp.fc1", "mlp.fc2")
+_CLIP_LAYER_RE = re.compile(r"^(?:text_model\.)?encoder\.layers\.(\d+)\.(.+)$")
+
+
+def comfyui_clip_layer(module_path: str) -> str:
+    """ComfyUI's name for a CLIP text-encoder layer, ``text_model_encoder_layers_<i>_<layer>``
+    (after the ``lora_te_``/``lora_te1_``/``lora_te2_`` prefix).
+
+    ComfyUI names layers as in transformers 4's ``CLIPTextModel`` (``text_model.encoder.…``); in
+    transformers 5 the plain ``CLIPTextModel`` has no ``text_model`` level, so it is added here.
+    Raises ValueError for a layer ComfyUI does not load (it would silently drop its weights).
+    """
+    match = _CLIP_LAYER_RE.match(module_path)
+    if match is None or match.group(2) not in COMFYUI_CLIP_LAYERS:
+        raise ValueError(f"ComfyUI loads no LoRA weights for the text-encoder layer {module_path!r} "
+                         f"(it reads {', '.join(COMFYUI_CLIP_LAYERS)} of encoder.layers.<i>)")
+    return f"text_model_encoder_layers_{match.group(1)}_{match.group(2).replace('.', '_')}"
 
 
 def to_comfyui(family: Any, per_module: dict[str, dict[str, torch.Tensor]],

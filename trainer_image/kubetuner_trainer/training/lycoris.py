@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..files import publish
 from ..options.model import ValueProblem, parse_json_value
 from . import checkpoints as ckpt
 from .trainable import Trainable
@@ -166,6 +167,7 @@ def save_network(network: Any, path: Path, config: Mapping[str, Any], metadata: 
     path.parent.mkdir(parents=True, exist_ok=True)
     header = {"format": "pt", **metadata, "lycoris_config": json.dumps(dict(config), sort_keys=True)}
     network.save_weights(str(path), torch.float32, header)
+    publish(path)  # safetensors leaves its files 0600
     return path
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, Problem
+from ..files import writable_problem
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ def core_problems(cfg: Any) -> list[Problem]:
                                                         f"{', '.join(implemented_families())}"))
     if cls is not None:
         problems += _family_problems(cls, cfg)
+    if cfg.output_dir and (why := writable_problem(cfg.output_dir)):
+        problems.append(Problem("output_dir", cfg.output_dir, why))
     location = cfg.pretrained_model_name_or_path
     if location and _looks_local(location) and not Path(location).exists():
         problems.append(Problem("pretrained_model_name_or_path", location, "no such file or folder"))

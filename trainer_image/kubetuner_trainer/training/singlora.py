@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 
+from ..files import save_safetensors
 from . import checkpoints as ckpt
 from .lora import ADAPTER_NAME, DEFAULT_RANK
-from .trainable import LoRATrainable
+from .trainable import LoRATrainable, Trainable
 
 #: SimpleTuner's ramp length when --singlora_ramp_up_steps is unset or 0
 DEFAULT_RAMP_UP_STEPS = 100
@@ -100,8 +101,6 @@ class SingLoRATrainable(LoRATrainable):
 
     def save(self, folder: Path, *, title: str, ema: Any = None) -> None:
         from peft.utils import get_peft_model_state_dict
-        from safetensors.torch import save_file
-
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {f"{name}.{key}": value.detach().cpu().contiguous()
                    for name, module in self.modules.items()
@@ -109,7 +108,13 @@ class SingLoRATrainable(LoRATrainable):
         config = {name: module.peft_config[ADAPTER_NAME].to_dict() for name, module in self.modules.items()}
         header = {"format": "pt", **self.metadata(title), "peft_lora_mode": "singlora",
                   "lora_adapter_metadata": json.dumps(config, sort_keys=True, default=str)}
-        save_file(tensors, str(folder / ckpt.LORA_FILE), metadata=header)
+        save_safetensors(tensors, folder / ckpt.LORA_FILE, header)
+
+    def export(self, out: Path, *, title: str, ema: Any = None) -> None:
+        """The SingLoRA file (its own key layout whatever ``--lora_format`` says)."""
+        self.save(out, title=title)
+
+    check_export = Trainable.check_export  # its own layout: a real export into a scratch folder
 
     def load(self, folder: Path) -> None:
         from peft.utils import set_peft_model_state_dict

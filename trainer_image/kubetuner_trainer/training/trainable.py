@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import shutil
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -112,22 +113,58 @@ class Trainable(ABC):
         """Entered around validation renders (e.g. to set an adapter's validation strength)."""
         return contextlib.nullcontext()
 
+    #: the option named when the export check fails
+    export_option = "model_type"
+
+    def check_export(self, scratch: Path) -> None:
+        """Export the freshly attached weights once, before training, so that a combination whose
+        export fails is found at the start and not after the last step. This default exports into
+        ``scratch`` and removes it; kinds with a cheaper dry run override it. Raises what export raises."""
+        try:
+            self.export(scratch, title="export check")
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
 
 class LoRATrainable(Trainable):
     """LoRA adapters (``--model_type lora``)."""
 
+    export_option = "lora_format"
+
     def _attach(self) -> dict[str, torch.nn.Module]:
         return attach_lora(self.family, self.cfg)
 
+    @property
+    def lora_format(self) -> str:
+        return self.cfg.lora_format or "diffusers"
+
     def save(self, folder: Path, *, title: str, ema: Any = None) -> None:
-        ckpt.save_lora_file(folder, self.family, lora_state_dicts(self.modules), lora_adapter_metadata(self.modules),
-                            lora_format=self.cfg.lora_format or "diffusers", metadata=self.metadata(title))
+        self._write(folder, title, self.lora_format)
+
+    def _write(self, folder: Path, title: str, lora_format: str, filename: str = ckpt.LORA_FILE) -> Path:
+        return ckpt.save_lora_file(folder, self.family, lora_state_dicts(self.modules),
+                                   lora_adapter_metadata(self.modules), lora_format=lora_format,
+                                   metadata=self.metadata(title), filename=filename)
 
     def load(self, folder: Path) -> None:
         load_lora_into(self.family, self.modules, folder / ckpt.LORA_FILE)
 
     def export(self, out: Path, *, title: str, ema: Any = None) -> None:
+        """The LoRA file in ``--lora_format``; for another format than diffusers the diffusers-format
+        file is written first (``pytorch_lora_weights.diffusers.safetensors``), so a failing
+        conversion never loses the trained weights."""
+        if self.lora_format != "diffusers":
+            self._write(out, title, "diffusers", ckpt.DIFFUSERS_LORA_FILE)
         self.save(out, title=title)
+
+    def check_export(self, scratch: Path) -> None:
+        """Convert the attached adapter to ``--lora_format`` and serialize it in memory (writes nothing)."""
+        from safetensors.torch import save
+
+        tensors, header = ckpt.lora_file_contents(
+            self.family, lora_state_dicts(self.modules), lora_adapter_metadata(self.modules),
+            lora_format=self.lora_format, metadata=self.metadata("export check"))
+        save(tensors, metadata=header)
 
 
 class FullTrainable(Trainable):
@@ -158,6 +195,11 @@ class FullTrainable(Trainable):
             if missing or result.unexpected_keys:
                 raise ValueError(f"{folder / name} does not fit the {name}: missing {missing[:5]}, "
                                  f"unexpected {list(result.unexpected_keys)[:5]}")
+
+    def check_export(self, scratch: Path) -> None:
+        """Assemble the pipeline the export saves and its header (saving a whole pipeline twice costs too much)."""
+        self.family.build_pipeline(denoiser=self.denoiser, text_encoders=self.text_encoders())
+        self.metadata("export check")
 
     def export(self, out: Path, *, title: str, ema: Any = None) -> None:
         """The whole pipeline in diffusers layout (EMA weights in the denoiser when EMA ran; the
