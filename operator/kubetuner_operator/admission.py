@@ -28,6 +28,8 @@ from .owned_options import OWNED_OPTIONS
 
 # Nesting beyond this is refused before any recursive code runs (the deepest TrainingJob field is ~10 levels).
 MAX_DEPTH = 64
+# Values beyond this many nodes are refused before any other check (a YAML alias bomb expands to billions).
+MAX_NODES = 100_000
 INT64 = (-(2**63), 2**63 - 1)
 # corev1 ConfigMap: the API server refuses more than 1 MiB of data.
 CONFIGMAP_MAX_BYTES = 1024 * 1024
@@ -54,7 +56,8 @@ CREDENTIAL_PATTERNS = {
     "a Google API key": r"\bAIza[0-9A-Za-z_-]{35}\b",
     "a private key": r"-----BEGIN [A-Z ]*PRIVATE KEY-----",
     "a JSON web token": r"\beyJ[A-Za-z0-9_-]{10,}\.eyJ[A-Za-z0-9_-]{10,}\.",
-    "a password in a URL": r"[a-z][a-z0-9+.-]*://[^/\s:@]+:[^/\s@]+@",
+    # Bounded repetitions only: this runs on user input in the webhook (no super-linear backtracking).
+    "a password in a URL": r"\b[a-z][a-z0-9+.-]{0,15}://[^/\s:@]{1,128}:[^/\s@]{1,128}@",
 }
 _CREDENTIAL = re.compile("|".join(f"(?P<c{i}>{p})" for i, p in enumerate(CREDENTIAL_PATTERNS.values())))
 # Keys of JSON-valued options (publishing_config, webhook_config, ...) that hold a credential by meaning;
@@ -101,11 +104,17 @@ def validate_all(obj: Any, *, old: Mapping[str, Any] | None = None, policy: Tena
 
 
 def shape_problems(obj: Any, path: str = "") -> list[str]:
-    """Values no API client can send: nesting beyond MAX_DEPTH, integers beyond int64 (iterative)."""
+    """Values no API client can send: nesting beyond MAX_DEPTH, more than MAX_NODES values, integers beyond
+    int64 (iterative)."""
     stack: list[tuple[Any, str, int]] = [(obj, path, 0)]
     problems: list[str] = []
+    visited = 0
     while stack:
         value, where, depth = stack.pop()
+        visited += 1
+        if visited > MAX_NODES:
+            return [f"{path or '<root>'}: Too long: more than {MAX_NODES} values (the API server limits requests "
+                    "to 3 MiB)"]
         if depth > MAX_DEPTH:
             shown = where if len(where) <= 120 else where[:117] + "..."
             return [f"{shown}: Invalid value: nested more than {MAX_DEPTH} levels deep"]

@@ -9,11 +9,14 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kubetuner_operator import cli
 from kubetuner_operator.admission import (
     CONFIGMAP_MAX_BYTES,
     MAX_DEPTH,
+    MAX_NODES,
     TenancyPolicy,
     configmap_size,
     credential_kind,
@@ -188,9 +191,10 @@ def test_deep_nesting_gets_a_message_everywhere(tmp_path: Path, capsys):
     (problem,) = validate_all(obj)
     assert problem.startswith("spec.config.lycoris_config") and f"more than {MAX_DEPTH} levels" in problem
     path = tmp_path / "deep.yaml"
-    path.write_text("[" * 5000 + "]" * 5000, encoding="utf-8")
+    path.write_text("[" * 1200 + "]" * 1200, encoding="utf-8")
     assert cli.main(["crd", "--validate", str(path)]) == 1
-    assert "nested too deeply" in capsys.readouterr().out
+    out = capsys.readouterr().out  # the YAML reader's recursion limit or our depth check, never a traceback
+    assert "nested too deeply" in out or f"nested more than {MAX_DEPTH} levels" in out, out
 
 
 def test_huge_integers_in_yaml_get_a_message(tmp_path: Path, capsys):
@@ -202,7 +206,7 @@ def test_huge_integers_in_yaml_get_a_message(tmp_path: Path, capsys):
 
 
 def test_rendered_configmap_must_fit_one_mebibyte():
-    big = {f"layer_{i}": {"factor": "x" * 1000} for i in range(1100)}
+    big = {"first": {"factor": "x" * 600_000}, "second": {"factor": "y" * 600_000}}
     obj = config(lycoris_config=big)
     size = configmap_size(build_configmap(parse_training_job(obj)))
     assert size > CONFIGMAP_MAX_BYTES
@@ -249,3 +253,40 @@ def test_upstream_corev1_schemas_are_a_fresh_extraction_of_kubernetes_validates(
         "python -m kubetuner_operator.crd.upstream --write")
     affinity = upstream.upstream("Affinity")
     assert set(affinity["properties"]) == {"nodeAffinity", "podAffinity", "podAntiAffinity"}
+
+
+def test_a_yaml_alias_bomb_gets_a_message(tmp_path: Path, capsys):
+    aliases = ["      a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    aliases += [f"      a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]  # 10**9 leaves
+    text = "\n".join([
+        "apiVersion: kubetuner.dev/v1alpha1", "kind: TrainingJob", "metadata: {name: tiny, namespace: default}",
+        "spec:", "  model: {family: sdxl, source: {hub: {id: a/b}}}",
+        "  config:", "    optimizer: adamw_bf16", "    max_train_steps: 100", "    lycoris_config:", *aliases,
+        "  datasets: [{id: images, type: local, pvc: {claimName: data}}]", "  output: {pvc: {size: 10Gi}}", ""])
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text, encoding="utf-8")
+    assert cli.main(["crd", "--validate", str(path)]) == 1
+    assert f"more than {MAX_NODES} values" in capsys.readouterr().out
+
+
+LEAVES = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False)
+          | st.text(max_size=16))
+VALUES = st.recursive(LEAVES, lambda children: st.lists(children, max_size=3)
+                      | st.dictionaries(st.text(max_size=8), children, max_size=3), max_leaves=8)
+SPEC_KEYS = ["model", "config", "datasets", "output", "resources", "nodes", "hooks", "secrets", "runPolicy",
+             "podTemplate", "caches", "image", "metricsPort", "queueName"]
+
+
+@settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(SPEC_KEYS), VALUES), min_size=1, max_size=3),
+       st.integers(0, 300))
+def test_any_input_gets_messages_never_a_traceback(replacements, depth):
+    obj = job()
+    nested: Any = "leaf"
+    for _ in range(depth):
+        nested = {"n": nested}
+    obj["spec"]["config"]["lycoris_config"] = nested
+    for key, value in replacements:
+        obj["spec"][key] = value
+    problems = validate_all(obj)
+    assert isinstance(problems, list) and all(isinstance(p, str) and ": " in p for p in problems)
