@@ -3,12 +3,17 @@
 Measures samples/s, peak memory, time waiting for data and model-FLOPs utilisation (FLOPs of one
 training step counted with ``torch.utils.flop_counter.FlopCounterMode``) for a family and an
 architecture size, at a resolution and batch size. Both loops run in this process on the same
-UNet weights and the same synthetic batches (random latents and text embeddings of the family's
-shapes), so the ratio isolates the loop's own overhead.
+denoiser weights and the same synthetic batches (random latents and text embeddings of the family's
+shapes), so the ratio isolates the loop's own overhead. The reference is a diffusers-example-style
+loop: ε-MSE on a UNet, or for Flux the rectified-flow loop of diffusers' Flux LoRA example
+(logit-normal sigmas, packed latents, velocity target).
 
     python bench/train_step.py --family sdxl --arch tiny --resolution 64 --batch 1,2 --steps 8
+    python bench/train_step.py --family flux --arch tiny --resolution 64 --batch 1,2 --steps 8
     python bench/train_step.py --family sdxl --arch sdxl --resolution 1024 --batch 1,max --dtype bf16 \
         --gradient-checkpointing          # CUDA; "max" doubles the batch until it runs out of memory
+    python bench/train_step.py --family flux --arch flux --resolution 1024 --batch 1,max --dtype bf16 \
+        --gradient-checkpointing          # CUDA: the FLUX.1-dev transformer layout (12B, random weights)
 
 Peak memory is CUDA ``max_memory_allocated`` on GPUs and the process's peak resident set (sampled)
 on CPU (where subnormal floats are flushed to zero for both loops). MFU divides achieved FLOP/s by ``--peak-tflops`` (default: the GPU's dense bf16 peak from
@@ -44,26 +49,40 @@ GPU_PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362
 
 def build_family(family: str, arch: str, workdir: Path, dtype: torch.dtype, device: torch.device,
                  cfg: TrainerConfig):
-    """The model family around a random-weight UNet of the requested size (tiny encoders/VAE)."""
-    from diffusers import UNet2DConditionModel
-
+    """The model family around a random-weight denoiser of the requested size (tiny encoders/VAE)."""
     from kubetuner_trainer.models import family_class
     from kubetuner_trainer.models.loading import load_components
-    from kubetuner_trainer.models.tiny import tiny_unet_config
 
     cls = family_class(family)
     cls.build_tiny(workdir / f"tiny-{family}")
     comps = load_components(cls, cfg, weight_dtype=dtype)
-    if arch == "sdxl":
+    if arch != "tiny":
         torch.manual_seed(0)
-        comps.denoiser = UNet2DConditionModel(**tiny_unet_config(size="sdxl")).to(dtype)
+        comps.denoiser = real_size_denoiser(arch).to(dtype)
         comps.denoiser.requires_grad_(False)
     model = cls(cfg, comps, device=device, weight_dtype=dtype)
     model.to(device)
     return model
 
 
-def text_shapes(model) -> dict[str, tuple[int, ...]]:
+def real_size_denoiser(arch: str) -> torch.nn.Module:
+    """The real SDXL UNet or FLUX.1-dev transformer layout with random weights (tiny text side)."""
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+
+    from kubetuner_trainer.models.tiny import tiny_flux_transformer_config, tiny_unet_config
+
+    if arch == "flux":
+        config = tiny_flux_transformer_config("flux")
+        config.update(joint_attention_dim=32, pooled_projection_dim=32)  # the tiny T5/CLIP feed it
+        return FluxTransformer2DModel(**config)
+    return UNet2DConditionModel(**tiny_unet_config(size="sdxl"))
+
+
+def text_shapes(model, text_tokens: int) -> dict[str, tuple[int, ...]]:
+    if model.family == "flux":
+        cfg = model.denoiser.config
+        return {"prompt_embeds": (text_tokens, cfg.joint_attention_dim),
+                "pooled_prompt_embeds": (cfg.pooled_projection_dim,), "attention_mask": (text_tokens,)}
     unet_cfg = model.denoiser.config
     shapes = {"prompt_embeds": (77 if model.family != "kolors" else 256,
                                 unet_cfg.encoder_hid_dim or unet_cfg.cross_attention_dim)}
@@ -76,15 +95,16 @@ def text_shapes(model) -> dict[str, tuple[int, ...]]:
 class SyntheticData:
     """Endless random batches of one bucket; counts the time the consumer waits for each batch."""
 
-    def __init__(self, model, batch_size: int, resolution: int, pool: int = 4):
+    def __init__(self, model, batch_size: int, resolution: int, text_tokens: int = 512, pool: int = 4):
         gen = torch.Generator().manual_seed(0)
         side = resolution // model.latent_downscale
-        shapes = text_shapes(model)
+        shapes = text_shapes(model, text_tokens)
         self.batches = []
         for _ in range(pool):
             self.batches.append(Batch(
-                latents=torch.randn(batch_size, 4, side, side, generator=gen),
-                text={k: torch.randn(batch_size, *s, generator=gen) for k, s in shapes.items()},
+                latents=torch.randn(batch_size, model.vae.config.latent_channels, side, side, generator=gen),
+                text={k: torch.randn(batch_size, *s, generator=gen) if k != "attention_mask"
+                      else torch.ones(batch_size, *s, dtype=torch.long) for k, s in shapes.items()},
                 original_sizes=[(resolution, resolution)] * batch_size, crop_coords=[(0, 0)] * batch_size,
                 target_sizes=[(resolution, resolution)] * batch_size, captions=[""] * batch_size,
                 paths=[""] * batch_size, dataset_ids=["bench"] * batch_size, is_regularisation=[False] * batch_size,
@@ -203,15 +223,58 @@ def _kubetuner_step(loop, data):
     loop.optimizer.zero_grad(set_to_none=True)
 
 
-def bench_reference(model, base_unet, data, steps: int, warmup: int, *, rank: int, lr: float,
+def unet_reference_loss(model, unet, batch, autocast):
+    """diffusers' text-to-image example: uniform integer timesteps, add_noise, MSE on ε."""
+    device = model.device
+    scheduler = model.noise_scheduler
+    latents = batch.latents.to(device)
+    noise = torch.randn_like(latents)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
+    noisy = scheduler.add_noise(latents, noise, t)
+    enc = batch.text["prompt_embeds"].to(device)
+    kwargs = {}
+    if unet.config.addition_embed_type == "text_time":
+        side = latents.shape[-1] * model.latent_downscale
+        ids = torch.tensor([[side, side, 0, 0, side, side]] * latents.shape[0], device=device, dtype=latents.dtype)
+        kwargs["added_cond_kwargs"] = {"text_embeds": batch.text["pooled_prompt_embeds"].to(device), "time_ids": ids}
+    with autocast():
+        pred = unet(noisy, t, encoder_hidden_states=enc, **kwargs).sample
+    return torch.nn.functional.mse_loss(pred.float(), noise.float())
+
+
+def flux_reference_loss(model, transformer, batch, autocast):
+    """diffusers' Flux LoRA example: logit-normal sigmas, packed latents, guidance 1, velocity target."""
+    from diffusers import FluxPipeline
+
+    device = model.device
+    latents = batch.latents.to(device)
+    b, c, h, w = latents.shape
+    noise = torch.randn_like(latents)
+    sigmas = torch.sigmoid(torch.randn(b, device=device)).view(b, 1, 1, 1)
+    noisy = (1.0 - sigmas) * latents + sigmas * noise
+    packed = FluxPipeline._pack_latents(noisy, b, c, h, w)
+    img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, latents.dtype)
+    enc = batch.text["prompt_embeds"].to(device)
+    txt_ids = torch.zeros(enc.shape[1], 3, device=device, dtype=latents.dtype)
+    guidance = torch.ones(b, device=device) if transformer.config.guidance_embeds else None
+    with autocast():
+        pred = transformer(hidden_states=packed, timestep=sigmas.flatten(), guidance=guidance,
+                           pooled_projections=batch.text["pooled_prompt_embeds"].to(device),
+                           encoder_hidden_states=enc, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+    pred = FluxPipeline._unpack_latents(pred, h * model.latent_downscale, w * model.latent_downscale,
+                                        model.latent_downscale)
+    return torch.nn.functional.mse_loss(pred.float(), (noise - latents).float())
+
+
+def bench_reference(model, base_denoiser, data, steps: int, warmup: int, *, rank: int, lr: float,
                     autocast_dtype: torch.dtype | None, gradient_checkpointing: bool) -> Measurement:
-    """A plain loop as in diffusers' example training scripts: PEFT LoRA, AdamW, MSE on ε."""
+    """A plain loop as in diffusers' example training scripts: PEFT LoRA on attention, AdamW."""
     from peft import LoraConfig
 
     device = model.device
-    unet = base_unet
+    unet = base_denoiser
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+                                target_modules=list(model.lora_targets(model.cfg))))
     for p in unet.parameters():
         if p.requires_grad:
             p.data = p.data.float()
@@ -220,25 +283,14 @@ def bench_reference(model, base_unet, data, steps: int, warmup: int, *, rank: in
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
-    scheduler = model.noise_scheduler
-    sdxl_like = unet.config.addition_embed_type == "text_time"
     times: list[float] = []
+    loss_fn = flux_reference_loss if model.family == "flux" else unet_reference_loss
+
+    def autocast():
+        return torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
 
     def one_step(batch):
-        latents = batch.latents.to(device)
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
-        noisy = scheduler.add_noise(latents, noise, t)
-        enc = batch.text["prompt_embeds"].to(device)
-        kwargs = {}
-        if sdxl_like:
-            side = latents.shape[-1] * model.latent_downscale
-            ids = torch.tensor([[side, side, 0, 0, side, side]] * latents.shape[0], device=device, dtype=latents.dtype)
-            kwargs["added_cond_kwargs"] = {"text_embeds": batch.text["pooled_prompt_embeds"].to(device), "time_ids": ids}
-        ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-        with ctx:
-            pred = unet(noisy, t, encoder_hidden_states=enc, **kwargs).sample
-        loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+        loss = loss_fn(model, unet, batch, autocast)
         loss.backward()
         return loss
 
@@ -320,11 +372,11 @@ def run_case(args, batch_size: int, cfg: TrainerConfig, model, device: torch.dev
     try:
         for _ in range(args.repeats):
             model.components.denoiser = copy.deepcopy(pristine)
-            ours.append(bench_kubetuner(cfg, model, SyntheticData(model, batch_size, args.resolution),
+            ours.append(bench_kubetuner(cfg, model, SyntheticData(model, batch_size, args.resolution, args.text_tokens),
                                         args.steps, args.warmup))
             model.components.denoiser = copy.deepcopy(pristine)
             _free(device)
-            ref.append(bench_reference(model, model.denoiser, SyntheticData(model, batch_size, args.resolution),
+            ref.append(bench_reference(model, model.denoiser, SyntheticData(model, batch_size, args.resolution, args.text_tokens),
                                        args.steps, args.warmup, rank=args.rank, lr=1e-4,
                                        autocast_dtype=dtype if dtype != torch.float32 else None,
                                        gradient_checkpointing=args.gradient_checkpointing))
@@ -339,9 +391,12 @@ def run_case(args, batch_size: int, cfg: TrainerConfig, model, device: torch.dev
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", default="sdxl", choices=implemented_families())
-    parser.add_argument("--arch", default="tiny", choices=("tiny", "sdxl"),
-                        help="tiny test UNet, or the real SDXL UNet layout with random weights (sdxl family)")
+    parser.add_argument("--arch", default="tiny", choices=("tiny", "sdxl", "flux"),
+                        help="tiny test denoiser, or the real SDXL UNet (sdxl family) / FLUX.1-dev transformer "
+                             "(flux family) layout with random weights")
     parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--text-tokens", type=int, default=512,
+                        help="Flux: T5 sequence length of the synthetic prompts (FLUX.1-dev trains with 512)")
     parser.add_argument("--batch", default="1", help="comma-separated batch sizes; 'max' searches the largest")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per loop")
     parser.add_argument("--warmup", type=int, default=2)
@@ -354,8 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--output", type=Path, default=None, help="also write the table to this file")
     args = parser.parse_args(argv)
-    if args.arch == "sdxl" and args.family != "sdxl":
-        parser.error("--arch sdxl needs --family sdxl")
+    if args.arch != "tiny" and args.family != args.arch:
+        parser.error(f"--arch {args.arch} needs --family {args.arch}")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     if args.dtype == "auto":
@@ -391,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"family={args.family} arch={args.arch} resolution={args.resolution} dtype={args.dtype} "
               f"device={device} lora_rank={args.rank} optimizer={args.optimizer} "
               f"gradient_checkpointing={args.gradient_checkpointing} steps={args.steps} warmup={args.warmup} "
-              f"repeats={args.repeats}\n"
+              f"repeats={args.repeats} text_tokens={args.text_tokens if args.family == 'flux' else 'n/a'}\n"
               f"peak for MFU: {peak:.2f} TFLOP/s ({peak_note})\n")
     lines = [f"{'batch':>5} {'loop':<10} {'samples/s':>10} {'s/step':>8} {'peak mem MiB':>13} "
              f"{'data wait s':>11} {'GFLOP/step':>11} {'MFU %':>7} {'ours/ref':>9}"]

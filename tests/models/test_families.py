@@ -28,7 +28,7 @@ def test_implemented_families_come_from_the_registry_alone():
     from kubetuner_trainer.tiny import main as tiny_main
 
     families = implemented_families()
-    assert {"sd1x", "sd2x", "sdxl", "kolors"} <= set(families)
+    assert {"sd1x", "sd2x", "sdxl", "kolors", "flux"} <= set(families)
     assert get_registry().get("model_family").implemented_choices == frozenset(families)
     for name in families:
         cls = family_class(name)

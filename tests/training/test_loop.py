@@ -14,18 +14,19 @@ from kubetuner_trainer.training import checkpoints as ckpt
 
 
 @torch.no_grad()
-def fixed_eval_loss(adapter, data: InMemoryData) -> float:
-    """Mean ε-loss over the training images at fixed timesteps and fixed noise."""
+def fixed_eval_loss(family, data: InMemoryData) -> float:
+    """Mean loss of the family's objective over the training images at fixed noise levels and noise."""
     gen = torch.Generator().manual_seed(123)
     batch = next(iter(InMemoryDataView(data)))
-    total = 0.0
-    for t in (50, 300, 600, 900):
+    objective, total = family.objective, 0.0
+    levels = objective.eval_timesteps(4)
+    for t in levels:
         noise = torch.randn(batch["latents"].shape, generator=gen)
-        steps = torch.full((batch["latents"].shape[0],), t, dtype=torch.long)
-        noisy = adapter.noise_scheduler.add_noise(batch["latents"], noise, steps)
-        pred = adapter.predict(adapter.denoiser, noisy, steps, batch["text"], None)
-        total += float(torch.nn.functional.mse_loss(pred, adapter.objective.target(batch["latents"], noise, steps)))
-    return total / 4
+        steps = torch.full((batch["latents"].shape[0],), t, dtype=objective.timestep_dtype)
+        noisy = objective.noisy_latents(batch["latents"], noise, steps)
+        pred = family.predict(family.denoiser, noisy, steps, batch["text"], None)
+        total += float(torch.nn.functional.mse_loss(pred, objective.target(batch["latents"], noise, steps)))
+    return total / len(levels)
 
 
 class InMemoryDataView:
@@ -39,10 +40,14 @@ class InMemoryDataView:
         yield {"latents": d.latents, "text": {k: torch.stack([t[k] for t in d.text]) for k in d.text[0]}}
 
 
-@pytest.mark.parametrize("model_type", ["lora", "full"])
-def test_training_lowers_the_loss_on_a_tiny_overfit_set(make_cfg, model_type):
-    cfg = make_cfg(model_type=model_type, max_train_steps=30, lr_scheduler="constant", lora_rank=8,
-                   learning_rate=1e-2 if model_type == "lora" else 5e-4)
+FAMILY_OPTIONS = {"sd1x": {}, "flux": {"tokenizer_max_length": 16}}
+
+
+@pytest.mark.parametrize("family, model_type", [("sd1x", "lora"), ("sd1x", "full"), ("flux", "lora"),
+                                                ("flux", "full")])
+def test_training_lowers_the_loss_on_a_tiny_overfit_set(make_cfg, family, model_type):
+    cfg = make_cfg(family, model_type=model_type, max_train_steps=30, lr_scheduler="constant", lora_rank=8,
+                   learning_rate=1e-2 if model_type == "lora" else 5e-4, **FAMILY_OPTIONS[family])
     before_holder = {}
 
     def data_factory(encoders):
@@ -65,23 +70,29 @@ def test_training_lowers_the_loss_on_a_tiny_overfit_set(make_cfg, model_type):
     if model_type == "lora":
         assert (ckpt.Path(out) / "pytorch_lora_weights.safetensors").is_file()
     else:
-        assert json.loads((ckpt.Path(out) / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+        index = json.loads((ckpt.Path(out) / "model_index.json").read_text())
+        assert index["_class_name"] == adapter.pipeline_class
 
 
 def _lora_tensors(path):
     return load_file(str(path))
 
 
-@pytest.mark.parametrize("model_type, accumulation", [("lora", 1), ("lora", 2), ("full", 1)])
-def test_resume_after_a_stop_is_bitwise_identical_to_a_straight_run(make_cfg, tmp_path, model_type, accumulation):
+@pytest.mark.parametrize("family, model_type, accumulation", [
+    ("sd1x", "lora", 1), ("sd1x", "lora", 2), ("sd1x", "full", 1), ("flux", "lora", 1), ("flux", "full", 1)])
+def test_resume_after_a_stop_is_bitwise_identical_to_a_straight_run(make_cfg, tmp_path, family, model_type,
+                                                                    accumulation):
     common = dict(model_type=model_type, max_train_steps=6, lora_dropout=0.1, noise_offset=0.05,
                   input_perturbation=0.05, use_ema=model_type == "full", learning_rate=1e-3,
-                  gradient_accumulation_steps=accumulation, train_text_encoder=model_type == "full")
-    straight_cfg = make_cfg(output_dir=str(tmp_path / "straight"), **common)
+                  gradient_accumulation_steps=accumulation, train_text_encoder=model_type == "full",
+                  **FAMILY_OPTIONS[family])
+    if family == "flux":  # random guidance and masked attention take part in an exact resume too
+        common.update(flux_guidance_mode="random-range", flux_attention_masked_training=True)
+    straight_cfg = make_cfg(family, output_dir=str(tmp_path / "straight"), **common)
     straight, _, straight_data = train_in_process(straight_cfg)
     assert straight.exit_code == ExitCode.SUCCESS
 
-    split_cfg = make_cfg(output_dir=str(tmp_path / "split"), **common)
+    split_cfg = make_cfg(family, output_dir=str(tmp_path / "split"), **common)
     events = RecordingEvents(stop_after=3)
     first, _, first_data = train_in_process(split_cfg, events=events)
     assert first.exit_code == ExitCode.INTERRUPTED
@@ -98,8 +109,9 @@ def test_resume_after_a_stop_is_bitwise_identical_to_a_straight_run(make_cfg, tm
         a = _lora_tensors(tmp_path / "straight" / "pytorch_lora_weights.safetensors")
         b = _lora_tensors(tmp_path / "split" / "pytorch_lora_weights.safetensors")
     else:
-        a = _lora_tensors(tmp_path / "straight" / "unet" / "diffusion_pytorch_model.safetensors")
-        b = _lora_tensors(tmp_path / "split" / "unet" / "diffusion_pytorch_model.safetensors")
+        denoiser = "transformer" if family == "flux" else "unet"
+        a = _lora_tensors(tmp_path / "straight" / denoiser / "diffusion_pytorch_model.safetensors")
+        b = _lora_tensors(tmp_path / "split" / denoiser / "diffusion_pytorch_model.safetensors")
         te_a = _lora_tensors(tmp_path / "straight" / "text_encoder" / "model.safetensors")
         te_b = _lora_tensors(tmp_path / "split" / "text_encoder" / "model.safetensors")
         assert all(torch.equal(te_a[k], te_b[k]) for k in te_a)

@@ -77,6 +77,7 @@ class RecordingEvents(NullEvents):
         self.checkpoints: list[Any] = []
         self.states: list[Any] = []
         self.errors: list[str] = []
+        self.validations: list[tuple[int, list[Any]]] = []
 
     def state(self, state, message=""):
         self.states.append(state)
@@ -89,6 +90,9 @@ class RecordingEvents(NullEvents):
 
     def error(self, message):
         self.errors.append(message)
+
+    def validation(self, step, images, *, seconds):
+        self.validations.append((step, list(images)))
 
     def stop_requested(self) -> bool:
         return self.stop_after is not None and len(self.steps) >= self.stop_after

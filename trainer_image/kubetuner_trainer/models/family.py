@@ -91,6 +91,8 @@ class ModelFamily(ABC):
                                                   "text_encoder_2": "lora_te2"}
     #: the prefix of a lone text encoder (kohya: ``lora_te`` when there is only one)
     comfyui_single_text_encoder_prefix: ClassVar[str] = "lora_te"
+    #: whether ``--validation_noise_scheduler`` may replace the pipeline's scheduler (DDPM-type schedulers)
+    swappable_validation_scheduler: ClassVar[bool] = True
 
     @classmethod
     def denoiser_class(cls) -> type:
@@ -124,6 +126,11 @@ class ModelFamily(ABC):
     @classmethod
     def config_problems(cls, cfg: Any) -> list[Problem]:
         """The family's own configuration rules (checked by preflight before anything loads)."""
+        return []
+
+    @classmethod
+    def config_warnings(cls, cfg: Any) -> list[Problem]:
+        """Options this family accepts but ignores (logged at start, as SimpleTuner does)."""
         return []
 
     def __init__(self, cfg: Any, components: Components, *, device: torch.device | str = "cpu",

@@ -245,14 +245,15 @@ def tiny_t5_encoder(d_model: int = 32):
                                    eos_token_id=1, decoder_start_token_id=0))
 
 
-def _tiny_flow_vae():
-    """A 16-channel VAE with the SD3/Flux latent shift and scale."""
+def _tiny_flow_vae(scaling_factor: float = 1.5305, shift_factor: float = 0.0609):
+    """A 16-channel VAE with a latent shift and scale (SD3's by default; Flux passes its own)."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16, 32),
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1, norm_num_groups=8, sample_size=32, scaling_factor=1.5305, shift_factor=0.0609,
+        layers_per_block=1, norm_num_groups=8, sample_size=32, scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
         use_quant_conv=False, use_post_quant_conv=False,
     )
 
@@ -295,4 +296,37 @@ def build_tiny_sd3(folder: Path, *, seed: int = 0) -> Path:
         _add_index(folder, name, "transformers", "CLIPTokenizer")
     write_t5_tokenizer(folder / "tokenizer_3")
     _add_index(folder, "tokenizer_3", "transformers", "T5TokenizerFast")
+    return folder
+
+
+def tiny_flux_transformer_config(size: str = "tiny", *, joint_attention_dim: int = 32,
+                                 pooled_projection_dim: int = 32) -> dict[str, Any]:
+    """FluxTransformer2DModel config: ``tiny`` for tests, ``flux`` for the real FLUX.1-dev layout (12B)."""
+    if size == "flux":
+        return dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                    guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+    return dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                num_attention_heads=2, joint_attention_dim=joint_attention_dim,
+                pooled_projection_dim=pooled_projection_dim, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+
+
+def build_tiny_flux(folder: Path, *, seed: int = 0) -> Path:
+    """A FLUX.1-shaped pipeline folder: CLIP (pooled) + T5, a guidance-distilled transformer, 16-channel VAE."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    folder = _save(folder, "FluxPipeline", {
+        "transformer": FluxTransformer2DModel(**tiny_flux_transformer_config()),
+        "vae": _tiny_flow_vae(scaling_factor=0.3611, shift_factor=0.1159),
+        "text_encoder": CLIPTextModel(_clip_config(32)), "text_encoder_2": tiny_t5_encoder(32),
+        "scheduler": scheduler,
+    })
+    write_clip_tokenizer(folder / "tokenizer")
+    _add_index(folder, "tokenizer", "transformers", "CLIPTokenizer")
+    write_t5_tokenizer(folder / "tokenizer_2")
+    _add_index(folder, "tokenizer_2", "transformers", "T5TokenizerFast")
     return folder

@@ -323,7 +323,7 @@ class Validator:
         import diffusers
 
         name = option(self.cfg, "validation_noise_scheduler")
-        if name:
+        if name and (self.family is None or self.family.swappable_validation_scheduler):
             scheduler_class = getattr(diffusers, SCHEDULERS[name])
             pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config)
         if hasattr(pipeline, "set_progress_bar_config"):

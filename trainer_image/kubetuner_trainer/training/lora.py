@@ -73,9 +73,19 @@ def lora_config(cfg: Any, target_modules: Sequence[str]):
     )
 
 
+def _matches(names: Sequence[str], target: str) -> bool:
+    """PEFT's rule: a target names a module by its full name or a dotted suffix of it."""
+    return any(n == target or n.endswith("." + target) for n in names)
+
+
+def _present(module: torch.nn.Module, targets: Sequence[str]) -> list[str]:
+    names = [name for name, _ in module.named_modules()]
+    return [t for t in targets if _matches(names, t)]
+
+
 def _check_targets_exist(module: torch.nn.Module, targets: Sequence[str], owner: str) -> None:
     names = [name for name, _ in module.named_modules()]
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    missing = [t for t in targets if not _matches(names, t)]
     if missing:
         raise ValueError(f"peft_lora_target_modules: no module of the {owner} matches {missing}")
 
@@ -85,8 +95,15 @@ def attach_lora(family: Any, cfg: Any) -> dict[str, torch.nn.Module]:
 
     Returns the modules that now hold trainable parameters, by pipeline name.
     """
-    denoiser_targets = parse_target_modules(cfg.peft_lora_target_modules, family.lora_targets(cfg))
-    _check_targets_exist(family.denoiser, denoiser_targets, family.denoiser_class_name)
+    if cfg.peft_lora_target_modules in (None, "", []):
+        # a preset may name layers this checkpoint lacks (fused to_qkv, block 20 of a smaller model)
+        denoiser_targets = _present(family.denoiser, family.lora_targets(cfg))
+        if not denoiser_targets:
+            raise ValueError(f"{family.lora_target_option or 'the default LoRA target'}: none of the layers "
+                             f"{list(family.lora_targets(cfg))} exists in this {family.denoiser_class_name}")
+    else:
+        denoiser_targets = parse_target_modules(cfg.peft_lora_target_modules, ())
+        _check_targets_exist(family.denoiser, denoiser_targets, family.denoiser_class_name)
     family.denoiser.add_adapter(lora_config(cfg, denoiser_targets))
     trained = {family.denoiser_name: family.denoiser}
     if cfg.train_text_encoder:

@@ -15,12 +15,12 @@ shared element losses and masks (:mod:`.losses`).
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
 
+from ..config import Problem
 from .losses import compute_snr, element_loss, huber_c_for, masked_mean, snr_weights
 from .timesteps import FlowSchedule, TimestepSampler
 
@@ -136,22 +136,32 @@ class FlowMatchingObjective(Objective):
         return [(i + 0.5) / count * FLOW_TIMESTEP_SCALE for i in range(count)]
 
     def loss(self, cfg, pred, target, timesteps, mask=None):
-        loss_type = cfg.loss_type or "l2"
-        c = None
-        if loss_type != "l2":
-            c = flow_huber_c(cfg.huber_schedule or "snr", 0.1 if cfg.huber_c is None else cfg.huber_c,
-                             timesteps.to(pred.device))
-        return masked_mean(element_loss(pred.float(), target.float(), loss_type, c), mask).mean()
+        """Plain MSE on the velocity (masked where a mask is given); as in SimpleTuner, flow matching
+        ignores ``--loss_type`` and ``--snr_gamma`` (:func:`flow_schedule_warnings` says so)."""
+        return masked_mean(element_loss(pred.float(), target.float(), "l2"), mask).mean()
 
 
-def flow_huber_c(schedule: str, huber_c: float, timesteps: torch.Tensor) -> torch.Tensor:
-    """The Huber threshold for flow timesteps: the DDPM schedules with σ/(1−σ) as the noise/signal ratio."""
-    sigma = (timesteps.float() / FLOW_TIMESTEP_SCALE).clamp(0.0, 1.0)
-    if schedule == "constant":
-        return torch.full_like(sigma, huber_c)
-    if schedule == "exponential":
-        return torch.exp(math.log(huber_c) * sigma)
-    if schedule == "snr":
-        ratio = sigma / (1.0 - sigma).clamp(min=1e-6)
-        return (1 - huber_c) / (1 + ratio) ** 2 + huber_c
-    raise ValueError(f"huber_schedule {schedule!r} is not one of snr, exponential, constant")
+def flow_schedule_problems(cfg: Any) -> list[Problem]:
+    """Flow-schedule options that cannot work together (SimpleTuner refuses the same)."""
+    problems = []
+    if cfg.flow_schedule_auto_shift and (cfg.flow_schedule_shift or 0) > 0:
+        problems.append(Problem("flow_schedule_shift", cfg.flow_schedule_shift,
+                                "cannot be combined with flow_schedule_auto_shift; set it to 0 to pick the "
+                                "shift from the resolution"))
+    if cfg.flow_use_uniform_schedule and cfg.flow_use_beta_schedule:
+        problems.append(Problem("flow_use_beta_schedule", True, "choose one of flow_use_uniform_schedule and "
+                                                                "flow_use_beta_schedule"))
+    return problems
+
+
+def flow_schedule_warnings(cfg: Any) -> list[Problem]:
+    """Options a flow-matching family ignores (accepted, as SimpleTuner does, but reported)."""
+    warnings = []
+    if (cfg.loss_type or "l2") != "l2":
+        warnings.append(Problem("loss_type", cfg.loss_type, "has no effect with flow matching (always l2)"))
+    if cfg.snr_gamma:
+        warnings.append(Problem("snr_gamma", cfg.snr_gamma, "has no effect with flow matching (no SNR weighting)"))
+    if cfg.timestep_bias_strategy not in (None, "none"):
+        warnings.append(Problem("timestep_bias_strategy", cfg.timestep_bias_strategy,
+                                "has no effect with flow matching; use the flow_* schedule options"))
+    return warnings

@@ -108,10 +108,10 @@ def _family_problems(cls: Any, cfg: Any) -> list[Problem]:
                 problems.append(Problem(option, getattr(cfg, option),
                                         f"{family} has no {denoiser}; use "
                                         f"{' / '.join(DENOISER_LOCATION_OPTIONS[cls.denoiser_name])}"))
-    if "flow_matching" not in cls.prediction_types:
-        ignored = [o for o in FLOW_OPTIONS if hasattr(cfg, "is_set") and cfg.is_set(o)]
-        if ignored:  # SimpleTuner ignores them too: a warning, not a refusal
-            log.warning("%s trains with DDPM; ignoring the flow-matching options %s", family, ", ".join(ignored))
+    if "flow_matching" in cls.prediction_types:
+        from .objectives import flow_schedule_problems
+
+        problems += flow_schedule_problems(cfg)
     return problems + list(cls.config_problems(cfg))
 
 
@@ -156,9 +156,29 @@ def all_problems(cfg: Any) -> list[Problem]:
     return problems
 
 
+def core_warnings(cfg: Any) -> list[Problem]:
+    """Model options the chosen family ignores (SimpleTuner ignores them too: warned, not refused)."""
+    from ..models import family_class
+
+    try:
+        cls = family_class(cfg.model_family)
+    except ValueError:
+        return []
+    warnings = list(cls.config_warnings(cfg))
+    if "flow_matching" in cls.prediction_types:
+        from .objectives import flow_schedule_warnings
+
+        warnings += flow_schedule_warnings(cfg)
+    else:
+        warnings += [Problem(option, getattr(cfg, option), f"has no effect: {cls.family} trains with DDPM, not "
+                                                           "flow matching")
+                     for option in FLOW_OPTIONS if hasattr(cfg, "is_set") and cfg.is_set(option)]
+    return warnings
+
+
 def all_warnings(cfg: Any) -> list[Problem]:
-    """Options that have no effect as configured: every area's ``preflight_warnings(cfg)``."""
-    warnings: list[Problem] = []
+    """Options that have no effect as configured: the family's and every area's ``preflight_warnings(cfg)``."""
+    warnings: list[Problem] = core_warnings(cfg)
     for module_name in AREAS:
         try:
             module = importlib.import_module(module_name)

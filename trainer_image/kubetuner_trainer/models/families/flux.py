@@ -1,0 +1,228 @@
+"""FLUX.1: CLIP-L pooled + T5 sequence conditioning, a rectified-flow transformer on packed 2×2 latents.
+
+Latents from the 16-channel VAE (shift and scale applied by ``encode_images``) are cut into 2×2
+patches — ``[B, 16, H, W]`` → ``[B, H/2·W/2, 64]`` — with one position id (0, row, column) per patch;
+text tokens get zero ids. Guidance-distilled checkpoints (``guidance_embeds``) take the guidance
+value as an input: ``--flux_guidance_mode constant`` (``--flux_guidance_value``) or
+``random-range`` (uniform in ``[--flux_guidance_min, --flux_guidance_max]`` per sample).
+``--flux_attention_masked_training`` hides T5 padding tokens from attention; ``--t5_padding zero``
+zeroes their embeddings. Flavours and hub ids follow SimpleTuner's release (3.1.6).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...config import Problem
+from ..family import ModelFamily
+
+#: T5 sequence length when ``--tokenizer_max_length`` is unset (FluxPipeline's ``max_sequence_length``)
+T5_MAX_LENGTH = 512
+SCHNELL_T5_MAX_LENGTH = 256
+ATTENTION = ("to_k", "to_q", "to_v", "to_qkv", "to_out.0")
+CONTEXT = ("add_k_proj", "add_q_proj", "add_v_proj", "add_qkv_proj", "to_add_out")
+CONTEXT_FFS = ("ff_context.net.0.proj", "ff_context.net.2")
+IMAGE_FFS = ("ff.net.0.proj", "ff.net.2", "proj_mlp", "proj_out")
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """``[B, C, H, W]`` → ``[B, H/2·W/2, 4C]``: each 2×2 patch becomes one token (row-major)."""
+    b, c, h, w = latents.shape
+    patches = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`pack_latents` for a latent of ``height × width``."""
+    b, _, dim = tokens.shape
+    patches = tokens.view(b, height // 2, width // 2, dim // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return patches.reshape(b, dim // 4, height, width)
+
+
+def image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``[H/2·W/2, 3]`` position ids (0, row, column) of the packed tokens of an ``H × W`` latent."""
+    rows = torch.arange(height // 2, device=device).repeat_interleave(width // 2)
+    cols = torch.arange(width // 2, device=device).repeat(height // 2)
+    return torch.stack([torch.zeros_like(rows), rows, cols], dim=1).to(dtype)
+
+
+class FluxFamily(ModelFamily):
+    family = "flux"
+    pipeline_class = "FluxPipeline"
+    flavours = {
+        "dev": "black-forest-labs/flux.1-dev",
+        "krea": "black-forest-labs/flux.1-krea-dev",
+        "schnell": "black-forest-labs/flux.1-schnell",
+        "kontext": "black-forest-labs/flux.1-kontext-dev",
+        "fluxbooru": "terminusresearch/fluxbooru-v0.3",
+        "libreflux": "jimmycarter/LibreFlux-SimpleTuner",
+    }
+    default_flavour = "krea"
+    denoiser_name = "transformer"
+    denoiser_class_name = "FluxTransformer2DModel"
+    scheduler_class_name = "FlowMatchEulerDiscreteScheduler"
+    text_encoder_names = ("text_encoder", "text_encoder_2")
+    tokenizer_names = ("tokenizer", "tokenizer_2")
+    text_encoder_location_options = {"pretrained_t5_model_name_or_path": "text_encoder_2"}
+    trainable_text_encoder_names = ("text_encoder",)  # CLIP: FluxPipeline.load_lora_weights loads no T5 LoRA
+    prediction_types = ("flow_matching",)
+    default_lora_targets = ATTENTION
+    lora_target_option = "flux_lora_target"
+    lora_target_presets = {
+        "mmdit": ATTENTION,
+        "all": ATTENTION + CONTEXT,
+        "context": CONTEXT,
+        "context+ffs": CONTEXT + CONTEXT_FFS,
+        "all+ffs": ATTENTION + CONTEXT + IMAGE_FFS[:2] + CONTEXT_FFS + IMAGE_FFS[2:],
+        "all+ffs+embedder": ("x_embedder",) + ATTENTION + CONTEXT + IMAGE_FFS[:2] + CONTEXT_FFS + IMAGE_FFS[2:],
+        "ai-toolkit": ATTENTION + CONTEXT + IMAGE_FFS[:2] + CONTEXT_FFS
+        + ("norm.linear", "norm1.linear", "norm1_context.linear") + IMAGE_FFS[2:],
+        "tiny": ("single_transformer_blocks.7.proj_out", "single_transformer_blocks.20.proj_out"),
+        "nano": ("single_transformer_blocks.7.proj_out",),
+    }
+    modelspec_architecture = "flux-1-dev"
+    comfyui_prefixes = {"transformer": "lora_transformer", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+    swappable_validation_scheduler = False  # validation samples with the model's FlowMatchEulerDiscreteScheduler
+
+    @classmethod
+    def text_encoder_classes(cls) -> tuple[type, ...]:
+        from transformers import CLIPTextModel, T5EncoderModel
+
+        return (CLIPTextModel, T5EncoderModel)
+
+    @classmethod
+    def tokenizer_classes(cls) -> tuple[type, ...]:
+        from transformers import CLIPTokenizer, T5TokenizerFast
+
+        return (CLIPTokenizer, T5TokenizerFast)
+
+    @classmethod
+    def build_tiny(cls, folder: Path, *, seed: int = 0) -> Path:
+        from ..tiny import build_tiny_flux
+
+        return build_tiny_flux(folder, seed=seed)
+
+    @classmethod
+    def config_problems(cls, cfg: Any) -> list[Problem]:
+        problems = []  # the ControlNet presets are refused by the option registry
+        if cfg.model_flavour == "kontext":
+            problems.append(Problem("model_flavour", "kontext",
+                                    "trains on paired conditioning images, which kubetuner does not implement yet; "
+                                    f"allowed: {', '.join(f for f in cls.flavours if f != 'kontext')}"))
+        if cfg.model_flavour == "schnell" and not cfg.flux_fast_schedule:
+            problems.append(Problem("model_flavour", "schnell", "needs flux_fast_schedule=true (as in SimpleTuner)"))
+        if cfg.flux_guidance_mode == "random-range" and cfg.flux_guidance_min > cfg.flux_guidance_max:
+            problems.append(Problem("flux_guidance_min", cfg.flux_guidance_min,
+                                    f"must not exceed flux_guidance_max ({cfg.flux_guidance_max})"))
+        length = cfg.tokenizer_max_length
+        if length is not None and not 1 <= length <= T5_MAX_LENGTH:
+            problems.append(Problem("tokenizer_max_length", length, f"must be between 1 and {T5_MAX_LENGTH} for Flux"))
+        return problems
+
+    @classmethod
+    def config_warnings(cls, cfg: Any) -> list[Problem]:
+        warnings = []
+        if cfg.validation_noise_scheduler:
+            warnings.append(Problem("validation_noise_scheduler", cfg.validation_noise_scheduler,
+                                    "has no effect for Flux: validation uses FlowMatchEulerDiscreteScheduler"))
+        return warnings
+
+    @classmethod
+    def training_scheduler(cls, scheduler: Any, cfg: Any) -> Any:
+        return scheduler  # flow matching draws its own sigmas; the scheduler is kept for validation
+
+    def make_objective(self) -> Any:
+        from ...training.objectives import FlowMatchingObjective
+
+        return FlowMatchingObjective(self.cfg, self.noise_scheduler.config)
+
+    # ----- text ----------------------------------------------------------------------------
+    @property
+    def t5_max_length(self) -> int:
+        if self.cfg.tokenizer_max_length:
+            return int(self.cfg.tokenizer_max_length)
+        return SCHNELL_T5_MAX_LENGTH if self.cfg.model_flavour == "schnell" else T5_MAX_LENGTH
+
+    def text_cache_identity(self) -> dict[str, Any]:
+        return {"t5_max_length": self.t5_max_length, "t5_padding": self.cfg.t5_padding}
+
+    def encode_text(self, prompts: Sequence[str], text_encoders=None) -> dict[str, torch.Tensor]:
+        """CLIP's pooled output, T5's last hidden state ``[B, L, D]`` and its token mask ``[B, L]``.
+
+        As FluxPipeline.encode_prompt: CLIP padded to 77 tokens, T5 to ``tokenizer_max_length``
+        (512 by default, 256 for schnell), T5 run without an attention mask.
+        """
+        clip, t5 = text_encoders or self.text_encoders
+        clip_tok, t5_tok = self.tokenizers
+        prompts = list(prompts)
+        clip_ids = clip_tok(prompts, padding="max_length", max_length=clip_tok.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids.to(self.device)
+        pooled = clip(clip_ids, output_hidden_states=False).pooler_output
+        t5_inputs = t5_tok(prompts, padding="max_length", max_length=self.t5_max_length, truncation=True,
+                           return_tensors="pt")
+        mask = t5_inputs.attention_mask.to(self.device)
+        embeds = t5(t5_inputs.input_ids.to(self.device), output_hidden_states=False)[0]
+        if self.cfg.t5_padding == "zero":
+            embeds = embeds * mask.unsqueeze(-1).to(embeds.dtype)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "attention_mask": mask}
+
+    # ----- training ------------------------------------------------------------------------
+    def guidance(self, batch_size: int, denoiser: torch.nn.Module) -> torch.Tensor:
+        """Per-sample guidance values ``[B]`` (``random-range``: uniform draws while training, the middle
+        of the range in eval mode so evaluation stays deterministic)."""
+        cfg = self.cfg
+        if cfg.flux_guidance_mode == "random-range":
+            low, high = float(cfg.flux_guidance_min), float(cfg.flux_guidance_max)
+            if denoiser.training:
+                return low + (high - low) * torch.rand(batch_size)
+            return torch.full((batch_size,), (low + high) / 2)
+        return torch.full((batch_size,), float(cfg.flux_guidance_value))
+
+    def predict(self, denoiser, noisy_latents, timesteps, text, batch):
+        b, _, h, w = noisy_latents.shape
+        dtype, device = noisy_latents.dtype, noisy_latents.device
+        embeds = text["prompt_embeds"].to(device, dtype)
+        config = getattr(denoiser, "config", None) or self.denoiser.config
+        kwargs: dict[str, Any] = {}
+        if config.guidance_embeds:
+            kwargs["guidance"] = self.guidance(b, denoiser).to(device, dtype)
+        if self.cfg.flux_attention_masked_training:
+            text_mask = text["attention_mask"].to(device).bool()
+            image_mask = torch.ones(b, (h // 2) * (w // 2), dtype=torch.bool, device=device)
+            # text tokens come first in Flux's joint attention; [B, 1, 1, S] broadcasts over heads and queries
+            kwargs["joint_attention_kwargs"] = {"attention_mask": torch.cat([text_mask, image_mask], 1)[:, None, None]}
+        out = denoiser(
+            hidden_states=pack_latents(noisy_latents), timestep=timesteps.to(dtype) / 1000.0,
+            pooled_projections=text["pooled_prompt_embeds"].to(device, dtype), encoder_hidden_states=embeds,
+            txt_ids=torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype),
+            img_ids=image_ids(h, w, device, dtype), return_dict=False, **kwargs,
+        )[0]
+        return unpack_latents(out, h, w)
+
+    def enable_gradient_checkpointing(self, denoiser: torch.nn.Module, interval: int | None = None) -> None:
+        from ...training.checkpointing import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(denoiser, interval)
+
+    # ----- validation ------------------------------------------------------------------------
+    def extra_pipeline_components(self) -> dict[str, Any]:
+        return {"image_encoder": None, "feature_extractor": None}
+
+    def pipeline_call_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """FluxPipeline's arguments: the training T5 length; real CFG only with ``--validation_guidance_real``."""
+        kwargs = super().pipeline_call_kwargs(kwargs)
+        kwargs.pop("guidance_rescale", None)
+        kwargs["max_sequence_length"] = self.t5_max_length
+        real = self.cfg.validation_guidance_real
+        if real is not None and real > 1.0 and kwargs.get("negative_prompt") is not None:
+            kwargs["true_cfg_scale"] = float(real)
+        else:
+            kwargs.pop("negative_prompt", None)
+        return kwargs
+
+
+FAMILY = FluxFamily
