@@ -252,3 +252,23 @@ def test_an_export_that_would_fail_is_a_config_error_before_the_first_step(run_c
     assert "--lora_format='comfyui': the trained weights cannot be saved this way" in events.errors[0]
     assert "token_embedding" in events.errors[0]
     assert not events.steps
+
+
+def test_a_comfyui_checkpoint_with_a_text_encoder_loads_back_exactly(make_cfg, tmp_path):
+    from kubetuner_trainer.models import load_family
+    from kubetuner_trainer.training.trainable import build_trainable
+
+    cfg = make_cfg(lora_format="comfyui", train_text_encoder=True)
+    trainable = build_trainable(load_family(cfg, weight_dtype=torch.float32), cfg)
+    trainable.attach()
+    trained = [p for m in trainable.modules.values() for p in m.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in trained:
+            p.add_(torch.randn_like(p) * 0.1)
+    saved = [p.detach().clone() for p in trained]
+    trainable.save(tmp_path / "ck", title="t")
+    with torch.no_grad():
+        for p in trained:
+            p.zero_()
+    trainable.load(tmp_path / "ck")  # what a resume does
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(saved, trained, strict=True))

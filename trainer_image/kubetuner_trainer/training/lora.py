@@ -169,11 +169,19 @@ def load_lora_into(family: Any, trained: dict[str, torch.nn.Module], path: str |
         else:
             from diffusers.utils import convert_state_dict_to_peft
 
-            part = convert_state_dict_to_peft(part)
+            part = _without_text_model_level(module, convert_state_dict_to_peft(part))
         result = set_peft_model_state_dict(module, part, adapter_name=ADAPTER_NAME)
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
             raise ValueError(f"init_lora: {path} has weights that do not fit the {name}: {unexpected[:5]}")
+
+
+def _without_text_model_level(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Kohya/ComfyUI CLIP keys name ``text_model.encoder.…`` (transformers 4's layout); transformers 5's
+    ``CLIPTextModel`` has no ``text_model`` level, so the keys lose it there."""
+    if hasattr(module, "text_model"):
+        return state
+    return {k.removeprefix("text_model."): v for k, v in state.items()}
 
 
 # ----- ComfyUI / kohya key format -----------------------------------------------------------------
