@@ -141,3 +141,87 @@ def test_saved_lora_loads_into_the_sd3_pipeline_and_changes_its_output(make_cfg,
     assert np.abs(base - _render(pipe)).max() > 1e-3
     assert pipe.transformer.peft_config["default_0"].lora_alpha == 8
     assert "default_0" in pipe.text_encoder_2.peft_config
+
+
+#: per joint block, the diffusers layer names ComfyUI maps onto its MMDiT (its ``mmdit_to_diffusers`` rules)
+COMFY_SD3_BLOCK_LAYERS = (
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+    "attn.to_out.0", "attn.to_add_out", "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "norm1.linear", "norm1_context.linear",
+)
+#: ComfyUI's CLIP layer names (kohya): lora_te1 = CLIP-L, lora_te2 = CLIP-G when CLIP-L is present
+COMFY_CLIP_LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                     "mlp.fc1", "mlp.fc2")
+
+
+def _comfy_sd3_names(blocks: int, clip_layers: int) -> set[str]:
+    names = {"lora_transformer_" + f"transformer_blocks.{i}.{layer}".replace(".", "_")
+             for i in range(blocks) for layer in COMFY_SD3_BLOCK_LAYERS}
+    names |= {f"lora_te{n}_text_model_encoder_layers_{b}_{layer.replace('.', '_')}"
+              for n in (1, 2) for b in range(clip_layers) for layer in COMFY_CLIP_LAYERS}
+    return names
+
+
+def test_comfyui_export_uses_the_names_comfyui_maps_for_sd3(make_cfg, tmp_path):
+    common = dict(max_train_steps=2, learning_rate=5e-2, lora_alpha=2, train_text_encoder=True)
+    train_in_process(_sd3_cfg(make_cfg, output_dir=str(tmp_path / "diffusers"), **common))
+    train_in_process(_sd3_cfg(make_cfg, output_dir=str(tmp_path / "comfy"), lora_format="comfyui", **common))
+    comfy = load_file(str(tmp_path / "comfy" / "pytorch_lora_weights.safetensors"))
+    plain = load_file(str(tmp_path / "diffusers" / "pytorch_lora_weights.safetensors"))
+    known = _comfy_sd3_names(blocks=2, clip_layers=2)
+    bases = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in comfy}
+    assert bases <= known, sorted(bases - known)[:5]
+    assert any(b.startswith("lora_transformer_") for b in bases) and any(b.startswith("lora_te2_") for b in bases)
+    assert all(float(comfy[f"{b}.alpha"]) == 2.0 for b in bases)
+    # the same training run in both formats: every ComfyUI tensor is the diffusers one under its new name
+    assert len(comfy) == len(plain) + len(bases)
+    for base, layer in (("lora_transformer_transformer_blocks_0_attn2_to_q", "transformer.transformer_blocks.0.attn2.to_q."),
+                        ("lora_te1_text_model_encoder_layers_1_self_attn_v_proj",
+                         "text_encoder.text_model.encoder.layers.1.self_attn.v_proj.")):
+        for comfy_part, plain_parts in ((".lora_down.weight", ("lora_A", "down")), (".lora_up.weight", ("lora_B", "up"))):
+            (plain_key,) = [k for k in plain if k.startswith(layer) and any(f".{p}." in k for p in plain_parts)]
+            assert torch.equal(comfy[base + comfy_part], plain[plain_key]), (base, plain_key)
+
+
+def test_a_simpletuner_sd3_lora_config_trains_through_kubetuner_train(tiny_model, tmp_path):
+    """SimpleTuner's SD3 LoRA example in our words: its options as published, paths swapped, sizes tiny."""
+    import json
+
+    from PIL import Image
+
+    from kubetuner_trainer.cli import main
+    from kubetuner_trainer.tiny import build_tiny_dataset
+
+    images = build_tiny_dataset(tmp_path / "images", count=6, sizes=((64, 64),))
+    datasets = tmp_path / "multidatabackend.json"
+    datasets.write_text(json.dumps([
+        {"id": "subject", "type": "local", "instance_data_dir": str(images), "caption_strategy": "textfile",
+         "resolution": 64, "resolution_type": "pixel", "cache_dir_vae": str(tmp_path / "cache" / "vae")},
+        {"id": "text-embeds", "type": "local", "dataset_type": "text_embeds", "default": True,
+         "cache_dir": str(tmp_path / "cache" / "text")}]))
+    config = {
+        "model_family": "sd3", "model_type": "lora", "lora_type": "standard", "lora_rank": 128, "lora_alpha": 128,
+        "base_model_precision": "no_change", "quantize_via": "cpu", "mixed_precision": "bf16",
+        "optimizer": "adamw_bf16", "learning_rate": 1e-4, "lr_scheduler": "constant", "flow_schedule_shift": 3,
+        "gradient_checkpointing": True, "grad_clip_method": "value", "disable_bucket_pruning": True,
+        "train_batch_size": 3, "vae_batch_size": 1, "seed": 42, "use_ema": False, "num_train_epochs": 0,
+        "push_to_hub": False, "push_checkpoints_to_hub": False, "report_to": "none",
+        "hub_model_id": "simpletuner-example-sd3-peft-lora", "tracker_project_name": "lora-training",
+        "tracker_run_name": "example-training-run",
+        "validation_prompt": "🟫 is holding a sign that says hello world from sd3",
+        "validation_negative_prompt": "ugly, cropped, blurry, low-quality, mediocre average",
+        "validation_guidance": 1.0, "validation_guidance_rescale": 0.0, "validation_guidance_skip_layers": [7, 8, 9],
+        "validation_disable_unconditional": True, "validation_prompt_library": False, "validation_seed": 42,
+        "validation_torch_compile": False,
+        # paths swapped, sizes for a tiny model on CPU
+        "pretrained_model_name_or_path": str(tiny_model("sd3")), "data_backend_config": str(datasets),
+        "output_dir": str(tmp_path / "out"), "max_train_steps": 2, "checkpoint_step_interval": 1,
+        "validation_steps": 2, "validation_resolution": "32x32", "validation_num_inference_steps": 2,
+    }
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    assert main(["--config", str(path), "--metrics_port", "0"]) == ExitCode.SUCCESS
+    out = tmp_path / "out"
+    assert (out / "checkpoint-1").is_dir() and (out / "pytorch_lora_weights.safetensors").is_file()
+    rendered = sorted((out / "validation" / "step-2").glob("*.png"))
+    assert rendered and Image.open(rendered[0]).size == (32, 32)

@@ -18,6 +18,7 @@ CLIP part (sequence and pooled) / the T5 part. The T5 behaviour follows the CLIP
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,6 +53,25 @@ def uncond_behaviours(cfg: Any) -> tuple[str, str]:
     """(CLIP, T5) behaviour for empty captions; T5 follows CLIP when unset."""
     clip = getattr(cfg, "sd3_clip_uncond_behaviour", None) or "empty_string"
     return clip, getattr(cfg, "sd3_t5_uncond_behaviour", None) or clip
+
+
+def skip_layers(cfg: Any) -> list[int]:
+    """``--validation_guidance_skip_layers`` as a list of block indices (JSON text or a list); ``[]`` when unset.
+
+    Raises ``ValueError`` when it is not a list of non-negative integers.
+    """
+    value = getattr(cfg, "validation_guidance_skip_layers", None)
+    if value in (None, ""):
+        return []
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError("must be a JSON list of transformer block numbers, e.g. [7, 8, 9]") from None
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                              for v in value):
+        raise ValueError("must be a list of transformer block numbers, e.g. [7, 8, 9]")
+    return list(value)
 
 
 class SD3Family(ModelFamily):
@@ -98,6 +118,10 @@ class SD3Family(ModelFamily):
     @classmethod
     def config_problems(cls, cfg: Any) -> list[Problem]:
         problems = []
+        try:
+            skip_layers(cfg)
+        except ValueError as exc:
+            problems.append(Problem("validation_guidance_skip_layers", cfg.validation_guidance_skip_layers, str(exc)))
         length = getattr(cfg, "tokenizer_max_length", None)
         if length and length > T5_MAX_LENGTH and not getattr(cfg, "i_know_what_i_am_doing", False):
             problems.append(Problem("tokenizer_max_length", length,
@@ -160,11 +184,19 @@ class SD3Family(ModelFamily):
 
     # ----- validation ----------------------------------------------------------------------------
     def pipeline_call_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """The T5 length trained with; ``guidance_rescale`` does not exist for SD3 and is left out."""
+        """The T5 length trained with and skip-layer guidance (``--validation_guidance_skip_*``);
+        ``guidance_rescale`` does not exist for SD3 and is left out."""
         kwargs = dict(kwargs)
         if kwargs.pop("guidance_rescale", None):
             log.warning("validation_guidance_rescale has no effect on StableDiffusion3Pipeline")
         kwargs["max_sequence_length"] = t5_length(self.cfg)
+        layers = skip_layers(self.cfg)
+        if layers:
+            cfg = self.cfg
+            kwargs.update(skip_guidance_layers=layers,
+                          skip_layer_guidance_start=float(cfg.validation_guidance_skip_layers_start),
+                          skip_layer_guidance_stop=float(cfg.validation_guidance_skip_layers_stop),
+                          skip_layer_guidance_scale=float(cfg.validation_guidance_skip_scale))
         return kwargs
 
 
