@@ -83,6 +83,10 @@ def text_shapes(model, text_tokens: int) -> dict[str, tuple[int, ...]]:
         cfg = model.denoiser.config
         return {"prompt_embeds": (text_tokens, cfg.joint_attention_dim),
                 "pooled_prompt_embeds": (cfg.pooled_projection_dim,), "attention_mask": (text_tokens,)}
+    if model.family == "sd3":
+        cfg = model.denoiser.config
+        return {"prompt_embeds": (77 + text_tokens, cfg.joint_attention_dim),
+                "pooled_prompt_embeds": (cfg.pooled_projection_dim,)}
     unet_cfg = model.denoiser.config
     shapes = {"prompt_embeds": (77 if model.family != "kolors" else 256,
                                 unet_cfg.encoder_hid_dim or unet_cfg.cross_attention_dim)}
@@ -266,6 +270,20 @@ def flux_reference_loss(model, transformer, batch, autocast):
     return torch.nn.functional.mse_loss(pred.float(), (noise - latents).float())
 
 
+def sd3_reference_loss(model, transformer, batch, autocast):
+    """diffusers' SD3 LoRA example: logit-normal sigmas, timesteps 1000·σ, velocity target."""
+    device = model.device
+    latents = batch.latents.to(device)
+    noise = torch.randn_like(latents)
+    sigmas = torch.sigmoid(torch.randn(latents.shape[0], device=device)).view(-1, 1, 1, 1)
+    noisy = (1.0 - sigmas) * latents + sigmas * noise
+    with autocast():
+        pred = transformer(hidden_states=noisy, timestep=sigmas.flatten() * 1000.0,
+                           encoder_hidden_states=batch.text["prompt_embeds"].to(device),
+                           pooled_projections=batch.text["pooled_prompt_embeds"].to(device), return_dict=False)[0]
+    return torch.nn.functional.mse_loss(pred.float(), (noise - latents).float())
+
+
 def bench_reference(model, base_denoiser, data, steps: int, warmup: int, *, rank: int, lr: float,
                     autocast_dtype: torch.dtype | None, gradient_checkpointing: bool) -> Measurement:
     """A plain loop as in diffusers' example training scripts: PEFT LoRA on attention, AdamW."""
@@ -284,7 +302,7 @@ def bench_reference(model, base_denoiser, data, steps: int, warmup: int, *, rank
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
     times: list[float] = []
-    loss_fn = flux_reference_loss if model.family == "flux" else unet_reference_loss
+    loss_fn = {"flux": flux_reference_loss, "sd3": sd3_reference_loss}.get(model.family, unet_reference_loss)
 
     def autocast():
         return torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
