@@ -13,6 +13,11 @@ from PIL import Image
 # -- images ---------------------------------------------------------------------------------------
 
 
+# Values the pipeline tests' assertions are written for (exact captions, plain cache files, batches
+# of one), pinned so that a change of the catalog's defaults does not change what they test.
+PIPELINE_OPTIONS = {"caption_dropout_probability": 0.0, "compress_disk_cache": False, "train_batch_size": 1}
+
+
 def image_bytes(width: int, height: int, *, fmt: str = "PNG", seed: int = 0, orientation: int | None = None) -> bytes:
     """A deterministic noisy image; ``orientation`` writes that EXIF tag (JPEG only)."""
     rng = np.random.default_rng(seed)

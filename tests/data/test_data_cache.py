@@ -6,7 +6,7 @@ import gzip
 from pathlib import Path
 
 import torch
-from data_builders import TinyEncoders, write_config, write_image
+from data_builders import PIPELINE_OPTIONS, TinyEncoders, write_config, write_image
 
 from kubetuner_trainer.data import build_training_data
 from kubetuner_trainer.data.cache import TextEmbedCache, unpack
@@ -24,7 +24,7 @@ def _cfg(tmp_path: Path, images: Path, *, entry: dict | None = None, **options) 
     tmp_path.mkdir(parents=True, exist_ok=True)
     return {"data_backend_config": write_config(tmp_path / "datasets.json", entries),
             "cache_dir": str(tmp_path / "cache"), "resolution": 64, "aspect_bucket_alignment": 16,
-            "train_batch_size": 1, **options}
+            **PIPELINE_OPTIONS, **options}
 
 
 def _entries(tmp_path: Path, suffix: str = ".safetensors") -> list[Path]:

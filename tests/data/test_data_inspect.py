@@ -19,7 +19,7 @@ def test_json_report_for_a_local_dataset(tmp_path, mixed_dir, capsys):
     cfg = write_config(tmp_path / "datasets.json", [
         {"id": "mixed", "type": "local", "instance_data_dir": str(mixed_dir), "caption_strategy": "textfile"},
         {"id": "off", "type": "local", "instance_data_dir": str(tmp_path), "disabled": True}])
-    code, out, _ = _run(capsys, cfg, "--resolution", "64", "--aspect_bucket_alignment", "16", "--json",
+    code, out, _ = _run(capsys, cfg, "--resolution", "64", "--aspect_bucket_alignment", "16", "--train_batch_size", "1", "--json",
                         "--cache_dir", str(tmp_path / "cache"), "--headers-only")
     report = json.loads(out)
     assert code == 0 and report["ok"] is True and report["disabled"] == ["off"] and report["decoded"] is False
@@ -31,7 +31,7 @@ def test_json_report_for_a_local_dataset(tmp_path, mixed_dir, capsys):
     assert {b["size"]: b["count"] for b in d["buckets"]} == {"64x64": 3, "96x48": 2, "48x96": 2, "48x80": 1}
     assert d["sample_captions"][0] == {"file": "big_square.png", "caption": "caption of big_square"}
     assert report["effective_batch"]["size"] == 1
-    code, out, _ = _run(capsys, cfg, "--resolution", "64", "--aspect_bucket_alignment", "16", "--json")
+    code, out, _ = _run(capsys, cfg, "--resolution", "64", "--aspect_bucket_alignment", "16", "--train_batch_size", "1", "--json")
     (d,) = json.loads(out)["datasets"]
     assert d["images_usable"] == 7
     assert {s["file"]: s["reason"] for s in d["skipped"]}["pixels_cut.png"].startswith("cannot decode image")
@@ -59,7 +59,7 @@ def test_s3_dataset_and_errors(tmp_path, s3_endpoint, s3_client, s3_bucket, caps
     cfg = write_config(tmp_path / "datasets.json", [{
         "id": "remote", "type": "aws", "aws_bucket_name": s3_bucket, "aws_data_prefix": "imgs/",
         "aws_endpoint_url": s3_endpoint, "aws_region_name": "us-east-1"}])
-    code, out, _ = _run(capsys, cfg, "--resolution", "64", "--aspect_bucket_alignment", "16", "--json")
+    code, out, _ = _run(capsys, cfg, "--resolution", "64", "--aspect_bucket_alignment", "16", "--train_batch_size", "1", "--json")
     assert code == 0 and json.loads(out)["datasets"][0]["images_usable"] == 7  # pixels_cut.png cannot decode
 
     bad = write_config(tmp_path / "bad.json", [{"id": "x", "type": "huggingface"}])

@@ -9,7 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from data_builders import TinyEncoders, write_config, write_image
+from data_builders import PIPELINE_OPTIONS, TinyEncoders, write_config, write_image
 
 from kubetuner_trainer.data import build_training_data
 from kubetuner_trainer.data.cache import unpack
@@ -40,7 +40,7 @@ def test_sigkill_mid_build_leaves_only_complete_entries(tmp_path, tiny_models):
     cfg = {"data_backend_config": write_config(tmp_path / "datasets.json",
                                                [{"id": "set", "instance_data_dir": str(images)}]),
            "cache_dir": str(tmp_path / "cache"), "resolution": 64, "aspect_bucket_alignment": 16,
-           "vae_batch_size": 1, "write_batch_size": 1, "max_workers": 2}
+           "vae_batch_size": 1, "write_batch_size": 1, "max_workers": 2, **PIPELINE_OPTIONS}
     code = CHILD.format(helpers=str(Path(__file__).parent), cfg=cfg, models=str(tiny_models))
     child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              stderr=subprocess.DEVNULL, text=True)

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from data_builders import write_config
+from data_builders import PIPELINE_OPTIONS, write_config
 
 from kubetuner_trainer.data import build_training_data
 from kubetuner_trainer.data.debug_logging import DEBUG_LOGGERS, SAMPLER_LOG, sampler_statistics
@@ -26,7 +26,7 @@ def _cfg(tmp_path: Path, images: Path, **options) -> dict:
     entries = [{"id": "mixed", "type": "local", "instance_data_dir": str(images), "caption_strategy": "textfile"}]
     return {"data_backend_config": write_config(tmp_path / "datasets.json", entries),
             "cache_dir": str(tmp_path / "cache"), "resolution": 64, "resolution_type": "pixel_area",
-            "aspect_bucket_alignment": 16, "train_batch_size": 1, "seed": 3, **options}
+            "aspect_bucket_alignment": 16, "seed": 3, **PIPELINE_OPTIONS, **options}
 
 
 def _trainer_level_info(caplog) -> None:
@@ -82,7 +82,7 @@ def test_sampler_statistics_split_the_epoch_between_datasets(tmp_path, encoders)
     entries = [{"id": n, "type": "local", "instance_data_dir": str(tmp_path / n), "caption_strategy": "textfile"}
                for n in ("a", "b")]
     cfg = {"data_backend_config": write_config(tmp_path / "datasets.json", entries),
-           "cache_dir": str(tmp_path / "cache"), "resolution": 64, "aspect_bucket_alignment": 16, "seed": 1}
+           "cache_dir": str(tmp_path / "cache"), "resolution": 64, "aspect_bucket_alignment": 16, "seed": 1, **PIPELINE_OPTIONS}
     data = build_training_data(cfg, encoders)
     stats = {row["dataset"]: row for row in sampler_statistics(data.sampler)}
     assert (stats["a"]["samples"], stats["b"]["samples"]) == (3, 1)

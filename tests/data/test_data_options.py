@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from data_builders import TinyEncoders, write_config, write_image
+from data_builders import PIPELINE_OPTIONS, TinyEncoders, write_config, write_image
 
 from kubetuner_trainer.config import TrainerConfig
 from kubetuner_trainer.data import build_training_data
@@ -25,7 +25,7 @@ def _config(tmp_path: Path, images: Path, **options) -> TrainerConfig:
     tmp_path.mkdir(parents=True, exist_ok=True)
     values = {"data_backend_config": write_config(tmp_path / "datasets.json",
                                                   [{"id": "set", "instance_data_dir": str(images)}]),
-              "resolution": 64, "aspect_bucket_alignment": 16, **options}
+              "resolution": 64, "aspect_bucket_alignment": 16, **PIPELINE_OPTIONS, **options}
     return TrainerConfig.from_mapping(values, require=False)
 
 

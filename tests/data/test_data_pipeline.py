@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from data_builders import S3_KEY, S3_SECRET, TinyEncoders, make_mixed_files, upload, write_config
+from data_builders import (
+    PIPELINE_OPTIONS,
+    S3_KEY,
+    S3_SECRET,
+    TinyEncoders,
+    make_mixed_files,
+    upload,
+    write_config,
+)
 
 from kubetuner_trainer.config.errors import ConfigError
 from kubetuner_trainer.data import Batch, build_training_data
@@ -16,7 +24,7 @@ def _cfg(tmp_path: Path, entries: list[dict], **options) -> dict:
     tmp_path.mkdir(parents=True, exist_ok=True)
     return {"data_backend_config": write_config(tmp_path / "datasets.json", entries),
             "cache_dir": str(tmp_path / "cache"), "resolution": 64, "resolution_type": "pixel_area",
-            "aspect_bucket_alignment": 16, "train_batch_size": 1, "seed": 3, **options}
+            "aspect_bucket_alignment": 16, "seed": 3, **PIPELINE_OPTIONS, **options}
 
 
 def test_local_dataset_yields_batches_of_one_bucket(tmp_path, mixed_dir, encoders):

@@ -98,9 +98,14 @@ def test_adam_options_map_onto_adam_family():
     assert (kwargs["betas"], kwargs["eps"], kwargs["weight_decay"]) == ((0.8, 0.95), 1e-7, 0.05)
 
 
-def test_unset_adam_options_use_documented_defaults():
+def test_unset_adam_options_train_like_simpletuner():
+    """SimpleTuner's own settings per optimizer (its optimizer table) apply while --adam_* are unset."""
     kwargs = optimizer_kwargs(make_cfg(optimizer="optimi-adamw"), OPTIMIZERS["optimi-adamw"])
-    assert (kwargs["betas"], kwargs["eps"], kwargs["weight_decay"]) == ((0.9, 0.999), 1e-8, 1e-2)
+    assert (kwargs["betas"], kwargs["eps"], kwargs["weight_decay"]) == ((0.9, 0.99), 1e-6, 0.0)
+    kwargs = optimizer_kwargs(make_cfg(optimizer="adamw_bf16"), OPTIMIZERS["adamw_bf16"])
+    assert (kwargs["betas"], kwargs["eps"], kwargs["weight_decay"]) == ((0.9, 0.999), 1e-6, 1e-2)
+    kwargs = optimizer_kwargs(make_cfg(optimizer="adamw_bf16", adam_epsilon=1e-8), OPTIMIZERS["adamw_bf16"])
+    assert kwargs["eps"] == 1e-8
 
 
 def test_optimizer_betas_override_everywhere_but_adam_options_skip_lion_and_adan():
@@ -176,9 +181,9 @@ def test_whole_numbers_for_integer_keywords_become_ints():
     assert isinstance(kwargs["precondition_frequency"], int)
 
 
-def test_missing_optimizer_is_a_config_error():
-    with pytest.raises(ConfigError, match="optimizer.*is required"):
-        build_optimizer(make_cfg(), [{"params": tiny_model().parameters(), "lr": 1e-3}])
+def test_unset_optimizer_is_simpletuners_default_adamw_bf16():
+    optimizer = build_optimizer(make_cfg(), [{"params": tiny_model().parameters(), "lr": 1e-3}])
+    assert type(optimizer).__name__ == "AdamWBF16"
 
 
 _numbers = st.one_of(

@@ -173,7 +173,7 @@ def test_every_problem_is_reported_at_once(registry):
     with pytest.raises(ConfigError) as info:
         TrainerConfig.from_mapping({"learning_rte": 1, "use_ema": "perhaps", "model_family": "nope"}, registry=registry)
     names = {p.option for p in info.value.problems}
-    assert {"learning_rte", "use_ema", "model_family", "output_dir", "optimizer"} <= names
+    assert {"learning_rte", "use_ema", "model_family", "output_dir"} <= names
 
 
 def test_required_options_and_require_false(registry):

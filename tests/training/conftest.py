@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from training_helpers import LOOP_TEST_OPTIONS
 
 from kubetuner_trainer.config import TrainerConfig
 
@@ -26,6 +27,7 @@ def make_cfg(tmp_path, tiny_model) -> Callable[..., TrainerConfig]:
             "mixed_precision": "no",
             "max_train_steps": 4,
             "seed": 7,
+            **LOOP_TEST_OPTIONS,
         }
         values.update(overrides)
         return TrainerConfig.from_mapping(values, require=False)

@@ -116,6 +116,12 @@ def train_in_process(cfg: TrainerConfig, *, data_factory: Callable[[Any], Any] |
     return loop.run(resume), adapter, data
 
 
+# SimpleTuner's defaults add noise offset, dropout and gradient checkpointing; the loop tests pin
+# them off so that they test the loop itself (overfitting, exact resume) at a small cost.
+LOOP_TEST_OPTIONS = {"noise_offset": 0.0, "lora_dropout": 0.0, "caption_dropout_probability": 0.0,
+                     "gradient_checkpointing": False}
+
+
 def tiny_run_values(model_dir: Path, tmp_path: Path, data_config: Path, **overrides: Any) -> dict[str, Any]:
     """Options of a fast, real sd1x LoRA run on 32x32 buckets (tests override what they vary)."""
     values: dict[str, Any] = {
@@ -125,6 +131,7 @@ def tiny_run_values(model_dir: Path, tmp_path: Path, data_config: Path, **overri
         "data_backend_config": str(data_config), "cache_dir": str(tmp_path / "cache"),
         "resolution": 0.001024, "resolution_type": "area",  # 32x32 buckets
         "aspect_bucket_alignment": 16, "train_batch_size": 2,
+        **LOOP_TEST_OPTIONS,
     }
     values.update(overrides)
     return values

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ def requested_processes(cfg: Any, environ: dict[str, str] | None = None) -> int:
         if value < 1:
             raise ConfigError([Problem("num_processes", raw, "TRAINING_NUM_PROCESSES must be at least 1")])
         return value
-    return int(cfg.num_processes or 1)
+    return int(cfg.num_processes)
 
 
 @dataclass(frozen=True)
@@ -106,7 +105,7 @@ def _runtime(cfg: TrainerConfig):
 
 
 def _seed(cfg: Any) -> int:
-    return int(cfg.seed) if cfg.seed is not None else secrets.randbelow(2**31)
+    return int(cfg.seed)
 
 
 def run_process(cfg: TrainerConfig, events: TrainingEvents) -> ExitCode:
@@ -182,7 +181,7 @@ def _resume_checkpoint(cfg: TrainerConfig, accelerator: Any) -> Path | None:
 
 
 def _mixed_precision(cfg: Any) -> str:
-    return cfg.mixed_precision or "no"
+    return cfg.mixed_precision
 
 
 def build_data(cfg: Any, family: Any, *, rank: int, world: int) -> Any:

@@ -205,11 +205,9 @@ def resolve(
                     continue
             sources[name] = layer.source
     for option in registry:
-        if option.name not in values:
+        if values.get(option.name) is None:  # unset, or written as null/false-for-text: the default
             values[option.name] = option.default
             sources[option.name] = DEFAULT
-        elif values[option.name] is None:
-            sources[option.name] = sources.get(option.name, DEFAULT)
     bad_options = {p.option for p in problems}
     for option in registry:
         value = values[option.name]

@@ -11,58 +11,64 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from kubetuner_trainer.config.errors import ConfigError, Problem
+from kubetuner_trainer.options import get_registry
+
+
+def _default(name: str) -> Any:
+    """The catalog's default of option ``name``."""
+    return get_registry().get(name).default
 
 
 @dataclass(frozen=True)
 class DataSettings:
-    """Trainer-wide data options with the trainer's defaults."""
+    """Trainer-wide data options; each default is the option catalog's (the one home of defaults)."""
 
-    data_backend_config: str | None = None
-    model_family: str | None = None  # fills {model_family} in dataset entries
-    resolution: float = 1024
-    resolution_type: str = "pixel_area"
-    caption_strategy: str = "filename"
-    instance_prompt: str | None = None
-    prepend_instance_prompt: bool = False
-    only_instance_prompt: bool = False
-    parquet_caption_column: str | None = None
-    parquet_filename_column: str | None = None
-    data_backend_sampling: str = "auto-weighting"
-    allow_dataset_oversubscription: bool = False
-    disable_bucket_pruning: bool = False
-    aspect_bucket_alignment: int = 64
-    aspect_bucket_rounding: int | None = None
-    minimum_image_size: float | None = None
-    maximum_image_size: float | None = None
-    target_downsample_size: float | None = None
-    max_upscale_threshold: float | None = None
-    compress_disk_cache: bool = False
-    vae_cache_scan_behaviour: str = "recreate"
-    vae_cache_ondemand: bool = False
-    vae_batch_size: int = 4
-    dataloader_prefetch: bool = False
-    dataloader_prefetch_qlen: int = 10
-    delete_problematic_images: bool = False
-    ignore_missing_files: bool = False
-    caption_dropout_probability: float = 0.0
-    train_batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    num_processes: int = 1
-    seed: int = 0
-    cache_dir: str | None = None
-    cache_dir_vae: str | None = None
-    cache_dir_text: str | None = None
-    output_dir: str | None = None
-    skip_file_discovery: str = ""
-    preserve_data_backend_cache: bool = False
-    aws_max_pool_connections: int = 128
-    max_workers: int = 32
-    write_batch_size: int = 64
-    metadata_update_interval: float = 60.0
-    debug_aspect_buckets: bool = False  # the four logging options: see debug_logging.py
-    debug_dataset_loader: bool = False
-    print_filenames: bool = False
-    print_sampler_statistics: bool = False
+    data_backend_config: str | None = _default("data_backend_config")
+    model_family: str | None = _default("model_family")  # fills {model_family} in dataset entries
+    resolution: float = _default("resolution")
+    resolution_type: str = _default("resolution_type")
+    caption_strategy: str = _default("caption_strategy")
+    instance_prompt: str | None = _default("instance_prompt")
+    prepend_instance_prompt: bool = _default("prepend_instance_prompt")
+    only_instance_prompt: bool = _default("only_instance_prompt")
+    parquet_caption_column: str | None = _default("parquet_caption_column")
+    parquet_filename_column: str | None = _default("parquet_filename_column")
+    data_backend_sampling: str = _default("data_backend_sampling")
+    allow_dataset_oversubscription: bool = _default("allow_dataset_oversubscription")
+    disable_bucket_pruning: bool = _default("disable_bucket_pruning")
+    aspect_bucket_alignment: int = _default("aspect_bucket_alignment")
+    aspect_bucket_rounding: int | None = _default("aspect_bucket_rounding")
+    minimum_image_size: float | None = _default("minimum_image_size")
+    maximum_image_size: float | None = _default("maximum_image_size")
+    target_downsample_size: float | None = _default("target_downsample_size")
+    max_upscale_threshold: float | None = _default("max_upscale_threshold")
+    compress_disk_cache: bool = _default("compress_disk_cache")
+    vae_cache_scan_behaviour: str = _default("vae_cache_scan_behaviour")
+    vae_cache_ondemand: bool = _default("vae_cache_ondemand")
+    vae_batch_size: int = _default("vae_batch_size")
+    dataloader_prefetch: bool = _default("dataloader_prefetch")
+    dataloader_prefetch_qlen: int = _default("dataloader_prefetch_qlen")
+    delete_problematic_images: bool = _default("delete_problematic_images")
+    ignore_missing_files: bool = _default("ignore_missing_files")
+    caption_dropout_probability: float = _default("caption_dropout_probability")
+    train_batch_size: int = _default("train_batch_size")
+    gradient_accumulation_steps: int = _default("gradient_accumulation_steps")
+    num_processes: int = _default("num_processes")
+    seed: int = _default("seed")
+    cache_dir: str | None = _default("cache_dir")
+    cache_dir_vae: str | None = _default("cache_dir_vae")
+    cache_dir_text: str | None = _default("cache_dir_text")
+    output_dir: str | None = _default("output_dir")
+    skip_file_discovery: str = _default("skip_file_discovery")
+    preserve_data_backend_cache: bool = _default("preserve_data_backend_cache")
+    aws_max_pool_connections: int = _default("aws_max_pool_connections")
+    max_workers: int = _default("max_workers")
+    write_batch_size: int = _default("write_batch_size")
+    metadata_update_interval: float = _default("metadata_update_interval")
+    debug_aspect_buckets: bool = _default("debug_aspect_buckets")  # the four logging options: see debug_logging.py
+    debug_dataset_loader: bool = _default("debug_dataset_loader")
+    print_filenames: bool = _default("print_filenames")
+    print_sampler_statistics: bool = _default("print_sampler_statistics")
 
     @property
     def effective_batch_size(self) -> int:

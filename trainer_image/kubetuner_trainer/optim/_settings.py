@@ -1,55 +1,33 @@
 """Reading optimizer/schedule/EMA options from a resolved trainer config.
 
 ``cfg`` is a ``kubetuner_trainer.config.TrainerConfig`` (every option resolved, defaults
-filled in). Many catalog options default to "unset" (None); the values below are what an unset
-option means here (SimpleTuner's documented defaults).
+filled in from the option catalog, the one home of every default). Plain objects used in
+tests may lack options; those read the catalog's default too.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-FALLBACK_DEFAULTS: dict[str, Any] = {
-    "learning_rate": 1e-4,
-    "optimizer_config": None,
-    "adam_beta1": 0.9,
-    "adam_beta2": 0.999,
-    "optimizer_beta1": None,
-    "optimizer_beta2": None,
-    "adam_weight_decay": 1e-2,
-    "adam_epsilon": 1e-8,
-    "prodigy_steps": None,
-    "lr_scheduler": "cosine",
-    "lr_warmup_steps": 0,
-    "lr_end": 4e-7,
-    "lr_power": 0.8,
-    "lr_num_cycles": 1,
-    "lr_scale": False,
-    "lr_scale_sqrt": False,
-    "train_batch_size": 1,
-    "gradient_accumulation_steps": 1,
-    "num_processes": 1,
-    "seed": None,
-    "use_ema": False,
-    "ema_device": "cpu",
-    "ema_cpu_only": False,
-    "ema_foreach_disable": False,
-    "ema_update_interval": 1,
-    "ema_decay": 0.995,
-}
+from ..options import get_registry
 
 
 def setting(cfg: Any, name: str) -> Any:
-    """The resolved value of option ``name``; an unset (None) option gets its documented default."""
+    """The resolved value of option ``name``; the catalog's default when ``cfg`` lacks it or it is unset."""
     try:
         value = getattr(cfg, name)
     except (AttributeError, KeyError):
-        if name in FALLBACK_DEFAULTS:
-            return FALLBACK_DEFAULTS[name]
-        raise
-    if value is None:
-        return FALLBACK_DEFAULTS.get(name)
-    return value
+        value = None
+    return get_registry().get(name).default if value is None else value
+
+
+def asks_for_something(cfg: Any, name: str) -> bool:
+    """Whether the user gave ``name`` a value other than its default (kubetuner's or SimpleTuner's).
+
+    SimpleTuner's tools write every default out; a default written out asks for nothing, so it
+    never earns a "has no effect" warning.
+    """
+    return explicitly_set(cfg, name) and not get_registry().get(name).is_inert(setting(cfg, name))
 
 
 def explicitly_set(cfg: Any, name: str) -> bool:

@@ -4,8 +4,9 @@ How the keyword arguments of an optimizer are chosen (later wins):
 
 1. the optimizer class's own defaults;
 2. for Adam-family optimizers, ``--adam_beta1/--adam_beta2``, ``--adam_epsilon`` and
-   ``--adam_weight_decay`` (their unset defaults: 0.9, 0.999, 1e-8, 1e-2), unless the
-   variant has a preset for that value and the option was left unset;
+   ``--adam_weight_decay`` (defaults from the option catalog), unless the variant has a
+   preset for that value and the option was left unset. The presets are SimpleTuner's own
+   settings for that optimizer (e.g. adamw_bf16's eps 1e-6), so an unset option trains alike;
 3. ``--optimizer_beta1/--optimizer_beta2`` replace the first/second beta of any optimizer
    that has betas (Lion and Adan included);
 4. settings owned by one optimizer: ``--lr_warmup_steps`` → schedule-free ``warmup_steps``,
@@ -77,10 +78,16 @@ def _integer_keywords_of(cls: type) -> frozenset[str]:
     return frozenset(p.name for p in parameters if p.annotation in (int, "int"))
 
 
-def _optimi(name: str, cls: str, summary: str, *, adam: bool) -> OptimizerSpec:
+# SimpleTuner's own settings for these optimizers (its optimizer table, release 3.1.6), used while
+# the --adam_* options are left unset so that the same config trains the same way.
+_ST_OPTIMI_ADAM = {"betas": (0.9, 0.99), "eps": 1e-6, "weight_decay": 0.0}
+_ST_LOW_EPS = {"eps": 1e-6}
+
+
+def _optimi(name: str, cls: str, summary: str, *, adam: bool, preset: Mapping[str, Any] | None = None) -> OptimizerSpec:
     return OptimizerSpec(
         f"optimi-{name}", summary, f"optimi:{cls}", adam_family=adam, modules=("optimi",),
-        fixed={"gradient_release": False},
+        fixed={"gradient_release": False}, preset=dict(preset or {}),
     )
 
 
@@ -94,6 +101,7 @@ def _bnb(name: str, cls: str, summary: str, *, adam: bool) -> OptimizerSpec:
 def _ao(name: str, cls: str, summary: str) -> OptimizerSpec:
     return OptimizerSpec(
         f"ao-{name}", summary, f"torchao.optim:{cls}", adam_family=True, modules=("torchao",), compiles_step=True,
+        preset=_ST_LOW_EPS,
     )
 
 
@@ -105,7 +113,7 @@ _SDNQ_REASON = (
 _SPECS: list[OptimizerSpec] = [
     OptimizerSpec(
         "adamw_bf16", "AdamW with fp32 moments and stochastic rounding, accurate on bf16 weights (built in).",
-        "kubetuner_trainer.optim.adamw_bf16:AdamWBF16", adam_family=True,
+        "kubetuner_trainer.optim.adamw_bf16:AdamWBF16", adam_family=True, preset=_ST_LOW_EPS,
     ),
     _ao("adamw8bit", "AdamW8bit", "torchao AdamW with 8-bit block-quantised moments."),
     _ao("adamw4bit", "AdamW4bit", "torchao AdamW with 4-bit block-quantised moments."),
@@ -130,13 +138,16 @@ _SPECS: list[OptimizerSpec] = [
         "kubetuner_trainer.optim.schedule_free:ScheduleFreeAdamW", adam_family=True, modules=("schedulefree",),
         schedule_free=True, preset={"weight_decay": 1e-3, "eps": 1e-6}, fixed={"master_weights": False},
     ),
-    _optimi("stableadamw", "StableAdamW", "torch-optimi StableAdamW (AdamW with per-tensor update clipping).", adam=True),
-    _optimi("adamw", "AdamW", "torch-optimi AdamW (Kahan summation for low-precision weights).", adam=True),
+    _optimi("stableadamw", "StableAdamW", "torch-optimi StableAdamW (AdamW with per-tensor update clipping).", adam=True,
+            preset={"betas": (0.9, 0.99), "eps": 1e-6}),
+    _optimi("adamw", "AdamW", "torch-optimi AdamW (Kahan summation for low-precision weights).", adam=True,
+            preset=_ST_OPTIMI_ADAM),
     _optimi("lion", "Lion", "torch-optimi Lion (sign-based momentum; use a smaller learning rate).", adam=False),
-    _optimi("radam", "RAdam", "torch-optimi RAdam (rectified Adam, no warmup needed).", adam=True),
-    _optimi("ranger", "Ranger", "torch-optimi Ranger (RAdam with Lookahead).", adam=True),
+    _optimi("radam", "RAdam", "torch-optimi RAdam (rectified Adam, no warmup needed).", adam=True,
+            preset=_ST_OPTIMI_ADAM),
+    _optimi("ranger", "Ranger", "torch-optimi Ranger (RAdam with Lookahead).", adam=True, preset=_ST_OPTIMI_ADAM),
     _optimi("adan", "Adan", "torch-optimi Adan (Nesterov-style adaptive momentum, three betas).", adam=False),
-    _optimi("adam", "Adam", "torch-optimi Adam (L2 weight decay).", adam=True),
+    _optimi("adam", "Adam", "torch-optimi Adam (L2 weight decay).", adam=True, preset=_ST_OPTIMI_ADAM),
     _optimi("sgd", "SGD", "torch-optimi SGD (momentum via --optimizer_config momentum=0.9).", adam=False),
     OptimizerSpec(
         "soap", "SOAP: Adam in the eigenbasis of a Shampoo preconditioner (built in).",
@@ -145,6 +156,7 @@ _SPECS: list[OptimizerSpec] = [
     OptimizerSpec(
         "prodigy", "Prodigy: learns its own step size; use --learning_rate=1.0 (prodigyopt).",
         "kubetuner_trainer.optim.prodigy:ProdigyWithSteps", adam_family=True, modules=("prodigyopt",),
+        preset={"betas": (0.9, 0.99), "weight_decay": 0.0},
     ),
     _bnb("adagrad", "Adagrad", "bitsandbytes Adagrad.", adam=False),
     _bnb("adagrad8bit", "Adagrad8bit", "bitsandbytes Adagrad with 8-bit state.", adam=False),

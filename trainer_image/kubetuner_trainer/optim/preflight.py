@@ -14,7 +14,7 @@ import shutil
 from typing import Any
 
 from ..config import Problem
-from ._settings import explicitly_set, setting
+from ._settings import asks_for_something, setting
 from .optimizer_config import OptimizerConfigError
 from .optimizers import OPTIMIZERS, OptimizerSpec, optimizer_kwargs
 from .schedulers import SCHEDULERS
@@ -122,25 +122,24 @@ def preflight_warnings(cfg: Any) -> list[Problem]:
     name = setting(cfg, "optimizer")
     spec = OPTIMIZERS.get(name or "")
     schedule_free = bool(spec and spec.schedule_free)
-    if explicitly_set(cfg, "prodigy_steps") and name != "prodigy":
+    if asks_for_something(cfg, "prodigy_steps") and name != "prodigy":
         warnings.append(Problem("prodigy_steps", setting(cfg, "prodigy_steps"),
                                 "has no effect: it only applies to --optimizer=prodigy"))
     scheduler = setting(cfg, "lr_scheduler")
-    if schedule_free and explicitly_set(cfg, "lr_scheduler") and scheduler != "constant":
+    if schedule_free and asks_for_something(cfg, "lr_scheduler") and scheduler != "constant":
         warnings.append(Problem(
             "lr_scheduler", scheduler,
             f"has no effect: --optimizer={name} is schedule-free and replaces the learning-rate schedule "
             "(its warmup comes from --lr_warmup_steps)",
         ))
-    if scheduler == "constant" and not schedule_free and explicitly_set(cfg, "lr_warmup_steps") \
-            and setting(cfg, "lr_warmup_steps"):
+    if scheduler == "constant" and not schedule_free and asks_for_something(cfg, "lr_warmup_steps"):
         warnings.append(Problem("lr_warmup_steps", setting(cfg, "lr_warmup_steps"),
                                 "has no effect with --lr_scheduler=constant; use constant_with_warmup for a warmup"))
-    if explicitly_set(cfg, "lr_scale_sqrt") and setting(cfg, "lr_scale_sqrt") and not setting(cfg, "lr_scale"):
+    if asks_for_something(cfg, "lr_scale_sqrt") and not setting(cfg, "lr_scale"):
         warnings.append(Problem("lr_scale_sqrt", True, "has no effect without --lr_scale"))
     if not setting(cfg, "use_ema"):
         warnings += [Problem(option, setting(cfg, option), "has no effect without --use_ema")
-                     for option in _EMA_OPTIONS if explicitly_set(cfg, option)]
+                     for option in _EMA_OPTIONS if asks_for_something(cfg, option)]
     elif setting(cfg, "ema_cpu_only") and setting(cfg, "ema_device") != "cpu":
         warnings.append(Problem("ema_cpu_only", True, "has no effect unless --ema_device=cpu"))
     return warnings

@@ -122,7 +122,8 @@ def render_markdown(registry: Registry) -> str:
 
     total = len(registry)
     done = sum(1 for option in registry if option.implemented)
-    lines = [HEADER, f"{total} options, {done} implemented (fully or partly).", "", "## Contents", ""]
+    lines = [HEADER, f"{total} options, {done} implemented (fully or partly).", "", "## Contents", "",
+             "- [Differences from SimpleTuner](#differences-from-simpletuner)"]
     for key in order:
         count = len(grouped[key])
         lines.append(f"- [{GROUP_TITLES.get(key, key)}](#{key}) ({count})")
@@ -147,7 +148,56 @@ def render_markdown(registry: Registry) -> str:
                 _cell(option.help),
             ]
             lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + render_differences(registry)
+
+
+DIFFERENCES_INTRO = """\
+## Differences from SimpleTuner
+
+kubetuner reads SimpleTuner's configs as SimpleTuner does, and an option left unset trains as
+it would in SimpleTuner (release 3.1.6): its defaults are kubetuner's, including those that
+change training (`caption_dropout_probability` 0.1, `lora_dropout` 0.1, `noise_offset` 0.1
+applied with `noise_offset_probability` 0.25, gradients clipped by value at `max_grad_norm`
+2.0, `lr_scheduler` constant_with_warmup, `learning_rate` 4e-7, `train_batch_size` 4, bf16
+mixed precision, gradient checkpointing, a checkpoint every 500 steps with 5 kept, resume from
+the latest checkpoint). These are the deliberate differences:
+
+- **Adam options.** `--adam_beta1/--adam_beta2/--adam_epsilon/--adam_weight_decay` set the
+  optimizer's values when given (SimpleTuner reads them only under DeepSpeed). Left unset, each
+  optimizer gets SimpleTuner's own settings for it (adamw_bf16 and the torchao AdamWs: eps 1e-6;
+  optimi AdamW/Adam/RAdam/Ranger: betas (0.9, 0.99), eps 1e-6, no weight decay).
+- **Options that have no effect** as configured (`prodigy_steps` without prodigy, `lr_warmup_steps`
+  with a constant schedule, EMA options without `use_ema`, ...) are logged as warnings naming the
+  option; SimpleTuner ignores them silently.
+- **Options kubetuner has not built** are refused by name, unless written at SimpleTuner's
+  default or an off value: those are accepted and change nothing. Where SimpleTuner's default
+  would do something (for example `torch_num_threads` 8), kubetuner leaves it to the library.
+- **`--print-config`** runs every start-up check of a real start, so both accept and refuse the
+  same configs with the same messages.
+- **Dataset lists:** `{model_family}` is filled in every text value as in SimpleTuner; `csv` and
+  `huggingface` sources, `dataset_name`, `caption_strategy` huggingface/csv and `metadata_backend`
+  parquet/huggingface are refused as not supported yet (`metadata_backend` discovery/json is what
+  kubetuner does).
+- **Final checkpoint.** SimpleTuner also writes a checkpoint at the last step; kubetuner writes the
+  final model only (the checkpoint at the last step is not built yet).
+
+Options whose default differs from SimpleTuner's, and why:
+
+| Option | kubetuner | SimpleTuner | Why |
+| --- | --- | --- | --- |
+"""
+
+
+def render_differences(registry: Registry) -> str:
+    """The "Differences from SimpleTuner" section: the fixed list, then every option with a ``why``."""
+    rows = []
+    for option in registry:
+        if option.upstream.why:
+            upstream = option.upstream.default
+            cells = [f"`{option.flag}`", "unset" if option.default is None else _code(option.default),
+                     "unset" if upstream is None else _code(upstream), _cell(option.upstream.why)]
+            rows.append("| " + " | ".join(cells) + " |")
+    return DIFFERENCES_INTRO + "\n".join(rows) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

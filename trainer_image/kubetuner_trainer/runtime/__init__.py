@@ -72,7 +72,7 @@ def check_runtime_config(cfg: Any) -> list[Problem]:
         parse_publishing_config(option(cfg, "publishing_config"))
     except PublishingConfigError as error:
         problems.append(Problem("publishing_config", MISSING, str(error)))
-    report_to = option(cfg, "report_to", "none")
+    report_to = option(cfg, "report_to")
     try:
         check_trackers(selected_trackers(report_to))
     except TrackerError as error:
@@ -92,7 +92,7 @@ def check_runtime_config(cfg: Any) -> list[Problem]:
     if not isinstance(logging.getLevelName(str(level).upper()), int):
         problems.append(Problem("SIMPLETUNER_LOG_LEVEL", level,
                                 "is not a log level; use DEBUG, INFO, WARNING, ERROR or CRITICAL"))
-    if option(cfg, "push_checkpoints_to_hub", False) and not option(cfg, "push_to_hub", False):
+    if option(cfg, "push_checkpoints_to_hub") and not option(cfg, "push_to_hub"):
         problems.append(Problem("push_checkpoints_to_hub", True, "needs --push_to_hub"))
     return problems
 
@@ -151,11 +151,11 @@ class Runtime:
                 targets, job_id=self.job_id, metrics=self.metrics,
                 reporting_interval=float(option(cfg, "webhook_reporting_interval", DEFAULT_WEBHOOK_INTERVAL)),
             )
-        logging_dir = Path(str(option(cfg, "logging_dir", "logs")))
+        logging_dir = Path(str(option(cfg, "logging_dir")))
         if not logging_dir.is_absolute():
             logging_dir = self.output_dir / logging_dir
         self.trackers = build_trackers(
-            selected_trackers(option(cfg, "report_to", "none")), logging_dir=logging_dir,
+            selected_trackers(option(cfg, "report_to")), logging_dir=logging_dir,
             run_name=option(cfg, "tracker_run_name"), project=option(cfg, "tracker_project_name"),
             group=self.job_id, config=redact(all_options(cfg)), image_layout=option(cfg, "tracker_image_layout"))
         self.publisher = self._build_publisher()
@@ -168,14 +168,14 @@ class Runtime:
         cfg = self.cfg
         s3 = [S3Uploader(t) for t in parse_publishing_config(option(cfg, "publishing_config"))]
         hub = None
-        if option(cfg, "push_to_hub", False):
+        if option(cfg, "push_to_hub"):
             hub = HubUploader(option(cfg, "hub_model_id") or default_repo_name(cfg),
                               private=bool(option(cfg, "model_card_private", False)),
                               endpoint=os.environ.get("HF_ENDPOINT") or None,
                               token=os.environ.get("HF_TOKEN") or None)
         publisher = Publisher(
-            s3=s3, hub=hub, push_checkpoints_to_hub=bool(option(cfg, "push_checkpoints_to_hub", False)),
-            background=bool(option(cfg, "push_to_hub_background", False)), output_dir=self.output_dir,
+            s3=s3, hub=hub, push_checkpoints_to_hub=bool(option(cfg, "push_checkpoints_to_hub")),
+            background=bool(option(cfg, "push_to_hub_background")), output_dir=self.output_dir,
             on_uploaded=self._uploaded, on_failed=self.error, metrics=self.metrics,
         )
         return publisher if publisher.enabled else None

@@ -4,16 +4,24 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..options import get_registry
 from ..options.model import ValueProblem, parse_json_value
 
+_CATALOG: Any = object()
 
-def option(cfg: Any, name: str, default: Any = None) -> Any:
-    """The resolved value of ``name``, or ``default`` when the option is unknown or unset."""
+
+def option(cfg: Any, name: str, default: Any = _CATALOG) -> Any:
+    """The resolved value of ``name``; when ``cfg`` lacks it or it is unset, ``default`` if given,
+    else the option catalog's default (the one home of every default)."""
     try:
         value = cfg[name]
     except (KeyError, TypeError, AttributeError):
         value = getattr(cfg, name, None)
-    return default if value is None else value
+    if value is not None:
+        return value
+    if default is _CATALOG:
+        return get_registry().get(name).default if name in get_registry() else None
+    return default
 
 
 def env_value(cfg: Any, name: str, default: Any = None) -> Any:

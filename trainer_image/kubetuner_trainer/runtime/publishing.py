@@ -172,12 +172,12 @@ class S3Uploader:
 def model_card(cfg: Any, repo_id: str) -> str:
     """README.md for the Hub: metadata block plus a short description in kubetuner's words."""
     family = option(cfg, "model_family", "unknown")
-    model_type = option(cfg, "model_type", "lora")
+    model_type = option(cfg, "model_type")
     base = option(cfg, "pretrained_model_name_or_path")
     tags = ["kubetuner", "diffusers", "text-to-image", str(family)]
     if model_type == "lora":
         tags.append("lora")
-    if not option(cfg, "model_card_safe_for_work", False):
+    if not option(cfg, "model_card_safe_for_work"):
         tags.append("not-for-all-audiences")
     lines = ["---", "library_name: diffusers"]
     if base:
@@ -192,7 +192,7 @@ def model_card(cfg: Any, repo_id: str) -> str:
     lines.append(f"A {kind} of the {family} model family" + (f", trained from `{base}`" if base else "")
                  + " with kubetuner.")
     lines.append("")
-    if not option(cfg, "model_card_safe_for_work", False):
+    if not option(cfg, "model_card_safe_for_work"):
         lines += ["**Content warning:** the training data was not reviewed for safety; outputs may be "
                   "unsuitable for some audiences.", ""]
     settings = [(name, option(cfg, name)) for name in (

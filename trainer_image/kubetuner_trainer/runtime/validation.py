@@ -107,7 +107,7 @@ def load_prompts(cfg: Any) -> dict[str, str]:
     single = option(cfg, "validation_prompt")
     if single:
         prompts["validation"] = str(single)
-    if option(cfg, "validation_prompt_library", False):
+    if option(cfg, "validation_prompt_library"):
         prompts.update(BUILTIN_PROMPTS)
     library = option(cfg, "user_prompt_library")
     if library:
@@ -154,7 +154,7 @@ def parse_adapter_runs(cfg: Any) -> list[AdapterRun]:
     if not path:
         return []
     name = option(cfg, "validation_adapter_name") or "validation_adapter"
-    strength = float(option(cfg, "validation_adapter_strength", 1.0))
+    strength = float(option(cfg, "validation_adapter_strength"))
     return [AdapterRun(label=_slug(name), paths=((str(path), _adapter_name(name), strength),))]
 
 
@@ -206,8 +206,8 @@ class Validator:
         self.family = family  # the model family (``ModelFamily``), whose pipeline renders by default
         self.output_dir = Path(str(output_dir or option(cfg, "output_dir", ".")))
         self.scripts = scripts or ScriptRunner()
-        self.disabled = bool(option(cfg, "validation_disable", False))
-        self.external = option(cfg, "validation_method", "simpletuner-local") == "external-script"
+        self.disabled = bool(option(cfg, "validation_disable"))
+        self.external = option(cfg, "validation_method") == "external-script"
         self.step_interval = option(cfg, "validation_step_interval")
         self._epoch_ends = 0
         self.epoch_interval = option(cfg, "validation_epoch_interval")
@@ -242,7 +242,7 @@ class Validator:
         return False
 
     def due_on_startup(self) -> bool:
-        return self.enabled and bool(option(self.cfg, "validation_on_startup", False))
+        return self.enabled and bool(option(self.cfg, "validation_on_startup"))
 
     # --- running ------------------------------------------------------------------------
 
@@ -303,7 +303,7 @@ class Validator:
         return written
 
     def _base_seed(self) -> int:
-        if option(self.cfg, "validation_randomize", False):
+        if option(self.cfg, "validation_randomize"):
             return random.randrange(2**31)
         seed = option(self.cfg, "validation_seed")
         if seed is None:
@@ -356,7 +356,7 @@ class Validator:
         guidance = float(option(self.cfg, "validation_guidance", DEFAULT_GUIDANCE))
         negative = option(self.cfg, "validation_negative_prompt")
         rescale = option(self.cfg, "validation_guidance_rescale")
-        count = int(option(self.cfg, "num_validation_images", 1))
+        count = int(option(self.cfg, "num_validation_images"))
         device = "cpu"
         if option(self.cfg, "validation_seed_source") == "gpu" and torch.cuda.is_available():
             device = "cuda"
@@ -394,7 +394,7 @@ class Validator:
         if latest is None:
             log.warning("external validation at step %d: no checkpoint yet, {local_checkpoint_path} is empty", step)
         values = placeholder_values(self.cfg, global_step=step, local_checkpoint_path=latest)
-        background = bool(option(self.cfg, "validation_external_background", False))
+        background = bool(option(self.cfg, "validation_external_background"))
         self.scripts.run(VALIDATION, command, values, background=background, check=not background)
 
 

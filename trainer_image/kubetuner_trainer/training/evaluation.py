@@ -26,7 +26,6 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EVAL_TIMESTEPS = 10
 POOLED_KEY = "eval_loss"
 
 
@@ -143,6 +142,6 @@ def build_evaluator(cfg: Any, data: Any, *, seed: int, objective: Any,
     source = getattr(data, "eval_source", None)
     if source is None or cfg.eval_loss_disable:
         return None
-    count = cfg.eval_timesteps or DEFAULT_EVAL_TIMESTEPS
+    count = cfg.eval_timesteps
     return Evaluator(source, seed=seed, objective=objective, count=count,
                      pooling=bool(cfg.eval_dataset_pooling), device=device)

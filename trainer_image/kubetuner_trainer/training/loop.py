@@ -36,7 +36,7 @@ def weight_dtype_for(cfg: Any) -> torch.dtype:
     """Frozen base weights follow ``--mixed_precision`` for LoRA; full fine-tuning keeps fp32 masters."""
     if cfg.model_type == "full":
         return torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision or "no", torch.float32)
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
 
 
 @dataclass
@@ -201,7 +201,7 @@ class TrainingLoop:
         noisy = objective.noisy_latents(latents, model_noise, timesteps)
         mask = getattr(batch, "masks", None)
         if mask is not None:
-            prob = 1.0 if cfg.masked_loss_probability is None else cfg.masked_loss_probability
+            prob = cfg.masked_loss_probability
             if prob < 1.0 and torch.rand(1, generator=self.generator).item() >= prob:
                 mask = None
         with self.acc.autocast():
@@ -214,7 +214,7 @@ class TrainingLoop:
         limit = self.cfg.max_grad_norm
         if not limit:
             return None
-        if (self.cfg.grad_clip_method or "value") == "norm":
+        if self.cfg.grad_clip_method == "norm":
             return float(self.acc.clip_grad_norm_(self.params, limit))
         self.acc.clip_grad_value_(self.params, limit)
         return None
@@ -231,7 +231,7 @@ class TrainingLoop:
         lrs = {}
         for group in self.optimizer.param_groups:
             lrs[group.get("name", f"group{len(lrs)}")] = float(group["lr"])
-        samples = (self.cfg.train_batch_size or 1) * (self.cfg.gradient_accumulation_steps or 1) * self.world
+        samples = self.cfg.train_batch_size * self.cfg.gradient_accumulation_steps * self.world
         mem = peak = None
         if torch.cuda.is_available() and self.device.type == "cuda":
             mem, peak = torch.cuda.memory_allocated(self.device), torch.cuda.max_memory_allocated(self.device)
@@ -303,7 +303,7 @@ class TrainingLoop:
         if resume_from is not None:
             self.resume(resume_from)
         cfg, sched = self.cfg, self.schedule
-        accum = cfg.gradient_accumulation_steps or 1
+        accum = cfg.gradient_accumulation_steps
         optim = _optim_api()
         optim.optimizer_train_mode(self.optimizer)
         self.events.state(TrainerState.TRAINING, f"training to step {sched.max_steps}")

@@ -22,7 +22,6 @@ log = logging.getLogger(__name__)
 
 ADAPTER_NAME = "default"
 INIT_TYPES = {"default": True, "gaussian": "gaussian", "loftq": "loftq", "olora": "olora", "pissa": "pissa"}
-DEFAULT_RANK = 16
 
 
 def parse_target_modules(value: Any, default: Sequence[str]) -> list[str]:
@@ -65,7 +64,7 @@ def lora_config(cfg: Any, target_modules: Sequence[str]):
     return LoraConfig(
         r=rank,
         lora_alpha=cfg.lora_alpha if cfg.lora_alpha is not None else rank,
-        lora_dropout=cfg.lora_dropout or 0.0,
+        lora_dropout=cfg.lora_dropout,
         init_lora_weights=INIT_TYPES[init],
         target_modules=list(target_modules),
         use_dora=bool(cfg.use_dora),

@@ -82,7 +82,7 @@ def offset_noise(cfg: Any, noise: torch.Tensor, generator: torch.Generator | Non
     """
     if not cfg.noise_offset:
         return noise
-    prob = 1.0 if cfg.noise_offset_probability is None else cfg.noise_offset_probability
+    prob = cfg.noise_offset_probability
     b, ch = noise.shape[:2]
     shift = torch.randn(b, ch, 1, 1, generator=generator, device=noise.device, dtype=noise.dtype)
     apply = (torch.rand(b, 1, 1, 1, generator=generator, device=noise.device) < prob).to(noise.dtype)
@@ -91,8 +91,8 @@ def offset_noise(cfg: Any, noise: torch.Tensor, generator: torch.Generator | Non
 
 def input_perturbation_scale(cfg: Any, step: int) -> float:
     """``--input_perturbation`` strength at ``step``; decays linearly to 0 over ``--input_perturbation_steps``."""
-    base = cfg.input_perturbation or 0.0
-    steps = cfg.input_perturbation_steps or 0
+    base = cfg.input_perturbation
+    steps = cfg.input_perturbation_steps
     if not base or not steps:
         return base
     return base * max(0.0, 1.0 - step / steps)

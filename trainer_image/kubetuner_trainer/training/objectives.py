@@ -93,10 +93,10 @@ class DDPMObjective(Objective):
         return eval_timesteps(count, self.num_train_timesteps)
 
     def loss(self, cfg, pred, target, timesteps, mask=None):
-        loss_type = cfg.loss_type or "l2"
+        loss_type = cfg.loss_type
         c = None
         if loss_type != "l2":
-            c = huber_c_for(cfg.huber_schedule or "snr", 0.1 if cfg.huber_c is None else cfg.huber_c,
+            c = huber_c_for(cfg.huber_schedule, cfg.huber_c,
                             timesteps, self.alphas_cumprod, self.num_train_timesteps)
         loss = masked_mean(element_loss(pred.float(), target.float(), loss_type, c), mask)
         if cfg.snr_gamma:

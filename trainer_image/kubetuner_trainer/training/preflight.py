@@ -42,7 +42,7 @@ def core_problems(cfg: Any) -> list[Problem]:
     location = cfg.pretrained_model_name_or_path
     if location and _looks_local(location) and not Path(location).exists():
         problems.append(Problem("pretrained_model_name_or_path", location, "no such file or folder"))
-    precision = cfg.mixed_precision or "no"
+    precision = cfg.mixed_precision
     if precision == "fp8":
         problems.append(Problem("mixed_precision", precision, "fp8 training is not supported; use bf16, fp16 or no"))
     if precision == "fp16" and not torch.cuda.is_available():
@@ -129,10 +129,10 @@ def _timestep_problems(cfg: Any) -> list[Problem]:
 
     try:
         bias_weights(1000, strategy,
-                     multiplier=1.0 if cfg.timestep_bias_multiplier is None else cfg.timestep_bias_multiplier,
-                     portion=cfg.timestep_bias_portion if cfg.timestep_bias_portion is not None else 0.25,
-                     begin=cfg.timestep_bias_begin or 0,
-                     end=cfg.timestep_bias_end if cfg.timestep_bias_end is not None else 1000)
+                     multiplier=cfg.timestep_bias_multiplier,
+                     portion=cfg.timestep_bias_portion,
+                     begin=cfg.timestep_bias_begin,
+                     end=cfg.timestep_bias_end)
     except ValueError as exc:
         return [Problem("timestep_bias_strategy", strategy, str(exc))]
     return []

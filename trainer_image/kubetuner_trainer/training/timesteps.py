@@ -70,9 +70,9 @@ class TimestepSampler:
     def __init__(self, cfg: Any, num_timesteps: int):
         self.weights = bias_weights(
             num_timesteps, cfg.timestep_bias_strategy,
-            multiplier=1.0 if cfg.timestep_bias_multiplier is None else cfg.timestep_bias_multiplier,
-            portion=cfg.timestep_bias_portion if cfg.timestep_bias_portion is not None else 0.25,
-            begin=cfg.timestep_bias_begin or 0,
+            multiplier=cfg.timestep_bias_multiplier,
+            portion=cfg.timestep_bias_portion,
+            begin=cfg.timestep_bias_begin,
             end=cfg.timestep_bias_end if cfg.timestep_bias_end is not None else num_timesteps,
         )
         self.segmented = not cfg.disable_segmented_timestep_sampling
