@@ -129,7 +129,7 @@ OPTIONS: list[Option] = [
     Option("pretrained_unet_model_name_or_path", "str", "core",
            "Take the UNet weights from this repository or folder instead of the base model's."),
     Option("pretrained_unet_subfolder", "str", "core",
-           "Folder inside the UNet source that holds its weights.", default="unet"),
+           "Folder inside the UNet source that holds its weights.", upstream=Upstream(default="unet")),
     Option("pretrained_t5_model_name_or_path", "str", "core",
            "Where to fetch the T5 text encoder (e.g. for PixArt), so switching base models does not "
            "download it again."),

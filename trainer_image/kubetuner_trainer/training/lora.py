@@ -52,8 +52,8 @@ def lora_config(cfg: Any, target_modules: Sequence[str]):
         from .singlora import singlora_config
 
         return singlora_config(cfg, target_modules)
-    rank = cfg.lora_rank or DEFAULT_RANK
-    init = cfg.lora_init_type or "default"
+    rank = cfg.lora_rank
+    init = cfg.lora_init_type
     if init not in INIT_TYPES:
         raise ValueError(f"lora_init_type {init!r} is not one of {', '.join(INIT_TYPES)}")
     kwargs: dict[str, Any] = {}

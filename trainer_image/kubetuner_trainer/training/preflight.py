@@ -104,7 +104,7 @@ def _family_problems(cls: Any, cfg: Any) -> list[Problem]:
         if denoiser == cls.denoiser_name:
             continue
         for option in options:
-            if getattr(cfg, option, None):
+            if _asks_for_something(cfg, option):
                 problems.append(Problem(option, getattr(cfg, option),
                                         f"{family} has no {denoiser}; use "
                                         f"{' / '.join(DENOISER_LOCATION_OPTIONS[cls.denoiser_name])}"))
@@ -113,6 +113,14 @@ def _family_problems(cls: Any, cfg: Any) -> list[Problem]:
 
         problems += flow_schedule_problems(cfg)
     return problems + list(cls.config_problems(cfg))
+
+
+def _asks_for_something(cfg: Any, option: str) -> bool:
+    """A value other than kubetuner's or SimpleTuner's default (which SimpleTuner's tools write out)."""
+    from ..options import get_registry
+
+    value = getattr(cfg, option, None)
+    return bool(value) and not get_registry().get(option).is_inert(value)
 
 
 #: options of the flow-matching timestep schedule (meaningless for the DDPM families)
@@ -172,7 +180,8 @@ def core_warnings(cfg: Any) -> list[Problem]:
     else:
         warnings += [Problem(option, getattr(cfg, option), f"has no effect: {cls.family} trains with DDPM, not "
                                                            "flow matching")
-                     for option in FLOW_OPTIONS if hasattr(cfg, "is_set") and cfg.is_set(option)]
+                     for option in FLOW_OPTIONS
+                     if hasattr(cfg, "is_set") and cfg.is_set(option) and _asks_for_something(cfg, option)]
     return warnings
 
 
