@@ -198,8 +198,8 @@ def resolve(
             try:
                 values[name] = option.parse(raw_value)
             except ValueProblem as error:
-                if not option.implemented and option.is_inert(raw_value):
-                    values[name] = raw_value  # SimpleTuner's own default (e.g. a path it ships), unused here
+                if option.is_inert(raw_value):
+                    values[name] = raw_value  # SimpleTuner's own default (e.g. a path it ships): asks for nothing
                 else:
                     problems.append(Problem(name, raw_value, f"{error} (from {layer.source})"))
                     continue
