@@ -325,7 +325,6 @@ BAD_JOBS = [
      "\"cosine\""),
     ("bad-model-family", _set("spec.model.family", "sdxl-turbo"), "spec.model.family", "\"sd1x\""),
     ("bad-model-type", _set("spec.model.type", "dora"), "spec.model.type", "\"lora\""),
-    ("missing-optimizer", _delete("spec.config.optimizer"), "spec.config.optimizer", "Required value"),
     ("int-option-as-string", _set("spec.config.train_batch_size", "4"), "spec.config.train_batch_size",
      "must be of type integer"),
     ("float-option-as-string", _set("spec.config.learning_rate", "1e-4"), "spec.config.learning_rate",
