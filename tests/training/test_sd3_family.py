@@ -220,7 +220,12 @@ def test_a_simpletuner_sd3_lora_config_trains_through_kubetuner_train(tiny_model
     }
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
-    assert main(["--config", str(path), "--metrics_port", "0"]) == ExitCode.SUCCESS
+    from accelerate.state import AcceleratorState
+
+    try:
+        assert main(["--config", str(path), "--metrics_port", "0"]) == ExitCode.SUCCESS
+    finally:
+        AcceleratorState._reset_state()  # the run's bf16 state must not leak into later tests in this process
     out = tmp_path / "out"
     assert (out / "checkpoint-1").is_dir() and (out / "pytorch_lora_weights.safetensors").is_file()
     rendered = sorted((out / "validation" / "step-2").glob("*.png"))
