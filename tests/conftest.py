@@ -49,3 +49,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """In-process trainer runs fix accelerate's process-wide state (mixed precision, which now defaults
+    to bf16 as in SimpleTuner); reset it after each test so no test inherits another's."""
+    yield
+    import sys
+
+    state = sys.modules.get("accelerate.state")
+    if state is not None:
+        state.AcceleratorState._reset_state(True)

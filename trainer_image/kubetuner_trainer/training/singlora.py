@@ -22,7 +22,7 @@ import torch
 
 from ..files import save_safetensors
 from . import checkpoints as ckpt
-from .lora import ADAPTER_NAME, DEFAULT_RANK
+from .lora import ADAPTER_NAME
 from .trainable import LoRATrainable, Trainable
 
 #: SimpleTuner's ramp length when --singlora_ramp_up_steps is unset or 0
@@ -53,11 +53,11 @@ def singlora_config(cfg: Any, target_modules: Sequence[str]) -> Any:
     """A ``peft_singlora.SingLoRAConfig`` from the LoRA options and ``--singlora_ramp_up_steps``."""
     from peft_singlora import SingLoRAConfig
 
-    rank = cfg.lora_rank or DEFAULT_RANK
+    rank = cfg.lora_rank
     return SingLoRAConfig(
         r=rank,
         lora_alpha=cfg.lora_alpha if cfg.lora_alpha is not None else rank,
-        lora_dropout=cfg.lora_dropout or 0.0,
+        lora_dropout=cfg.lora_dropout,
         target_modules=list(target_modules),
         ramp_up_steps=cfg.singlora_ramp_up_steps or DEFAULT_RAMP_UP_STEPS,
         init_lora_weights=INIT_WEIGHTS[cfg.lora_init_type or "default"],
