@@ -14,6 +14,8 @@ loop: ε-MSE on a UNet, or for Flux the rectified-flow loop of diffusers' Flux L
         --gradient-checkpointing          # CUDA; "max" doubles the batch until it runs out of memory
     python bench/train_step.py --family flux --arch flux --resolution 1024 --batch 1,max --dtype bf16 \
         --gradient-checkpointing          # CUDA: the FLUX.1-dev transformer layout (12B, random weights)
+    python bench/train_step.py --family sd3 --arch sd3-medium --resolution 1024 --batch 1,max --dtype bf16 \
+        --gradient-checkpointing          # CUDA: the SD 3.5 Medium (or sd3-large) transformer layout
 
 Peak memory is CUDA ``max_memory_allocated`` on GPUs and the process's peak resident set (sampled)
 on CPU (where subnormal floats are flushed to zero for both loops). MFU divides achieved FLOP/s by ``--peak-tflops`` (default: the GPU's dense bf16 peak from
@@ -65,12 +67,23 @@ def build_family(family: str, arch: str, workdir: Path, dtype: torch.dtype, devi
     return model
 
 
+#: ``--arch`` value -> the family whose real-size denoiser layout it is (``tiny`` fits every family)
+REAL_SIZE_ARCHES = {"sdxl": "sdxl", "flux": "flux", "sd3-medium": "sd3", "sd3-large": "sd3"}
+
+
 def real_size_denoiser(arch: str) -> torch.nn.Module:
-    """The real SDXL UNet or FLUX.1-dev transformer layout with random weights (tiny text side)."""
-    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+    """The real SDXL UNet, FLUX.1-dev or SD 3.5 Medium/Large transformer layout with random weights
+    (tiny text side for Flux; SD3 keeps its real 4096/2048 conditioning widths, fed synthetically)."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 
-    from kubetuner_trainer.models.tiny import tiny_flux_transformer_config, tiny_unet_config
+    from kubetuner_trainer.models.tiny import (
+        tiny_flux_transformer_config,
+        tiny_sd3_transformer_config,
+        tiny_unet_config,
+    )
 
+    if arch.startswith("sd3-"):
+        return SD3Transformer2DModel(**tiny_sd3_transformer_config(arch.removeprefix("sd3-")))
     if arch == "flux":
         config = tiny_flux_transformer_config("flux")
         config.update(joint_attention_dim=32, pooled_projection_dim=32)  # the tiny T5/CLIP feed it
@@ -409,9 +422,9 @@ def run_case(args, batch_size: int, cfg: TrainerConfig, model, device: torch.dev
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", default="sdxl", choices=implemented_families())
-    parser.add_argument("--arch", default="tiny", choices=("tiny", "sdxl", "flux"),
-                        help="tiny test denoiser, or the real SDXL UNet (sdxl family) / FLUX.1-dev transformer "
-                             "(flux family) layout with random weights")
+    parser.add_argument("--arch", default="tiny", choices=("tiny", *REAL_SIZE_ARCHES),
+                        help="tiny test denoiser, or the real SDXL UNet (sdxl family) / FLUX.1-dev (flux) / "
+                             "SD 3.5 Medium or Large (sd3) transformer layout with random weights")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--text-tokens", type=int, default=512,
                         help="Flux: T5 sequence length of the synthetic prompts (FLUX.1-dev trains with 512)")
@@ -427,8 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--output", type=Path, default=None, help="also write the table to this file")
     args = parser.parse_args(argv)
-    if args.arch != "tiny" and args.family != args.arch:
-        parser.error(f"--arch {args.arch} needs --family {args.arch}")
+    if args.arch != "tiny" and args.family != REAL_SIZE_ARCHES[args.arch]:
+        parser.error(f"--arch {args.arch} needs --family {REAL_SIZE_ARCHES[args.arch]}")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     if args.dtype == "auto":
