@@ -160,3 +160,24 @@ def test_an_unwritable_workdir_or_output_folder_exits_78_with_one_line_naming_it
     assert main(args(path, volumes, blocker / "work")) == 78
     err = capsys.readouterr().err.strip()
     assert err == f"kubetuner run: workdir {blocker / 'work'}: {blocker} is a file, not a folder"
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_a_flow_matching_family_trains_through_kubetuner_run(tmp_path, volumes, family):
+    # The tiny model is built by the same builder the README's `python -m kubetuner_trainer.tiny model` uses.
+    from kubetuner_trainer.tiny import build_tiny_model
+
+    models = tmp_path / "models"
+    build_tiny_model(family, models / f"tiny-{family}")
+    path = manifest(tmp_path, config={"max_train_steps": 2, "checkpoint_step_interval": 1,
+                                      "mixed_precision": "no", "flow_schedule_shift": 3.0})
+    job = yaml.safe_load(path.read_text())
+    job["spec"]["model"].update(family=family, source={"pvc": {"claimName": "models", "path": f"tiny-{family}"}})
+    path.write_text(yaml.safe_dump(job))
+    workdir = tmp_path / "work"
+    assert main(args(path, {**volumes, "models": models}, workdir)) == 0
+    status = yaml.safe_load((workdir / "status.yaml").read_text())
+    assert status["phase"] == "Succeeded" and status["step"] == 2 and status["loss"] > 0
+    assert (workdir / "output" / "pytorch_lora_weights.safetensors").is_file()
+    config = json.loads((workdir / "config" / "config.json").read_text())
+    assert config["model_family"] == family
