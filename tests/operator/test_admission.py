@@ -11,6 +11,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from operator_helpers import UNBUILT_FAMILY
 
 from kubetuner_operator import cli
 from kubetuner_operator.admission import (
@@ -26,11 +27,6 @@ from kubetuner_operator.admission import (
 from kubetuner_operator.builders.configmap import build_configmap
 from kubetuner_operator.local_run import RunError, validate_manifest
 from kubetuner_operator.spec import parse_training_job
-from kubetuner_trainer.models.registry import implemented_families
-from kubetuner_trainer.options.catalog import MODEL_FAMILIES
-
-#: a family of the spec that kubetuner has not built (derived, so it moves on as families land)
-UNBUILT_FAMILY = next(f for f in MODEL_FAMILIES if f not in implemented_families())
 
 
 def job(**spec: Any) -> dict[str, Any]:

@@ -15,16 +15,11 @@ from typing import Any
 
 import aiohttp
 import kopf
-from operator_helpers import Cluster, eventually
+from operator_helpers import UNBUILT_FAMILY, Cluster, eventually
 
 from kubetuner_operator.admission import TenancyPolicy, validate_all
 from kubetuner_operator.handlers import OperatorSettings, Reconciler, run_operator
 from kubetuner_operator.webhook import WEBHOOK_ID, WebhookSettings, fill_ca_bundle, self_signed_certificate
-from kubetuner_trainer.models.registry import implemented_families
-from kubetuner_trainer.options.catalog import MODEL_FAMILIES
-
-#: a family of the spec that kubetuner has not built (derived, so it moves on as families land)
-UNBUILT_FAMILY = next(f for f in MODEL_FAMILIES if f not in implemented_families())
 
 GOOD = {
     "apiVersion": "kubetuner.dev/v1alpha1", "kind": "TrainingJob",
