@@ -27,8 +27,11 @@ from .spec import GROUP, PLURAL, VERSION
 
 Key = tuple[str, str]  # (namespace, TrainingJob name)
 TRAININGJOBS, PODS, JOBS = "kubetuner_trainingjobs", "kubetuner_trainer_pods", "kubetuner_jobs"
-OWNED = {"ConfigMap": ("v1", "configmaps"), "PersistentVolumeClaim": ("v1", "persistentvolumeclaims"),
-         "Service": ("v1", "services")}
+# Children the reconciler only needs to know exist: kind -> (API group, version, plural).
+OWNED = {"ConfigMap": ("", "v1", "configmaps"), "PersistentVolumeClaim": ("", "v1", "persistentvolumeclaims"),
+         "Service": ("", "v1", "services")}
+# Watched only when the operator creates per-job NetworkPolicies (the chart grants it only then).
+NETWORK_POLICY = {"NetworkPolicy": ("networking.k8s.io", "v1", "networkpolicies")}
 DROPPED_ANNOTATIONS = ("kubectl.kubernetes.io/last-applied-configuration", f"{GROUP}/last-handled-configuration")
 
 
@@ -72,7 +75,12 @@ def _job_key(namespace: str | None, labels: Mapping[str, str]) -> Key:
     return (namespace or "", labels[LABEL_JOB])
 
 
-def register_indexes(registry: kopf.OperatorRegistry) -> None:
+def owned_kinds(*, network_policies: bool) -> dict[str, tuple[str, str, str]]:
+    """The owned kinds indexed (and watched) by an operator with or without per-job NetworkPolicies."""
+    return {**OWNED, **(NETWORK_POLICY if network_policies else {})}
+
+
+def register_indexes(registry: kopf.OperatorRegistry, *, network_policies: bool = False) -> None:
     """The indexes :class:`ClusterCache` reads, registered on ``registry``."""
     children = {LABEL_JOB: kopf.PRESENT}
 
@@ -88,12 +96,13 @@ def register_indexes(registry: kopf.OperatorRegistry) -> None:
     def jobs(namespace: str, labels: Mapping[str, str], body: Any, **_: Any) -> dict[Key, Any]:
         return {_job_key(namespace, labels): job_view(body)}
 
-    for kind, (version, plural) in OWNED.items():
+    for kind, (group, version, plural) in owned_kinds(network_policies=network_policies).items():
         def owned(namespace: str, labels: Mapping[str, str], name: str, kind: str = kind, **_: Any
                   ) -> dict[Key, Any]:
             return {_job_key(namespace, labels): (kind, name)}
 
-        kopf.index(version, plural, id=_owned_id(kind), labels=children, registry=registry)(owned)
+        api = (group, version) if group else (version,)
+        kopf.index(*api, plural, id=_owned_id(kind), labels=children, registry=registry)(owned)
 
 
 def _owned_id(kind: str) -> str:
@@ -125,11 +134,12 @@ class ClusterCache:
     def capture(self, kwargs: Mapping[str, Any]) -> None:
         """Keep the index objects kopf passes to handlers (they are live, updated in place)."""
         if self.indexes is None and TRAININGJOBS in kwargs:
-            self.indexes = {name: kwargs[name] for name in (TRAININGJOBS, PODS, JOBS, *map(_owned_id, OWNED))}
+            names = (TRAININGJOBS, PODS, JOBS, *map(_owned_id, {**OWNED, **NETWORK_POLICY}))
+            self.indexes = {name: kwargs[name] for name in names if name in kwargs}
 
     def _values(self, index: str, key: Key) -> list[Any]:
         assert self.indexes is not None
-        return list(self.indexes[index].get(key, ()))
+        return list(self.indexes[index].get(key, ())) if index in self.indexes else []
 
     def trainingjob(self, key: Key) -> dict[str, Any] | None:
         """The indexed TrainingJob with our own newer counters and status laid over it; None: gone."""
@@ -154,7 +164,7 @@ class ClusterCache:
             return (obj.get("metadata", {}).get("labels") or {}).get(LABEL_COMPONENT, "")
 
         jobs = self._values(JOBS, key)
-        indexed = {ref for kind in OWNED for ref in self._values(_owned_id(kind), key)}
+        indexed = {ref for kind in {**OWNED, **NETWORK_POLICY} for ref in self._values(_owned_id(kind), key)}
         pending = self.pending.get(key, set())
         pending -= indexed  # seen now: from here on the index says whether it still exists
         existing = frozenset(indexed | pending)
@@ -174,7 +184,7 @@ class ClusterCache:
 
     def created(self, key: Key, kind: str, name: str) -> None:
         """``kind``/``name`` exists (we created it, or a create answered 409) though not indexed yet."""
-        if kind in OWNED:
+        if kind in OWNED or kind in NETWORK_POLICY:
             self.pending.setdefault(key, set()).add((kind, name))
 
     def forget(self, key: Key) -> None:

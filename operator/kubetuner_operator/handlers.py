@@ -22,6 +22,7 @@ import kopf
 
 from .admission import TenancyPolicy, policy_problems
 from .builders.common import LABEL_COMPONENT, LABEL_JOB
+from .builders.network_policy import NetworkPolicySettings
 from .cache import ClusterCache, register_indexes
 from .kube_api import ApiError, KubeApi
 from .metrics import OperatorMetrics, start_metrics_server
@@ -50,6 +51,7 @@ class OperatorSettings:
     tenancy: TenancyPolicy = field(default_factory=TenancyPolicy)  # allowed images / ServiceAccounts
     webhook: WebhookSettings | None = None  # None: no admission webhook (the reconciler still checks)
     webhook_fail_closed: bool = True  # failurePolicy Fail (else Ignore)
+    network_policy: NetworkPolicySettings | None = None  # None: no per-job NetworkPolicy
 
 
 class Reconciler:
@@ -110,16 +112,17 @@ class Reconciler:
         if self.cache.ready:
             return self.cache.observed((ns, name))
         selector = {LABEL_JOB: name}
-        pods, jobs, cms, pvcs, svcs = await asyncio.gather(
+        pods, jobs, cms, pvcs, svcs, nps = await asyncio.gather(
             api.list("Pod", ns, selector), api.list("Job", ns, selector), api.list("ConfigMap", ns, selector),
-            api.list("PersistentVolumeClaim", ns, selector), api.list("Service", ns, selector))
+            api.list("PersistentVolumeClaim", ns, selector), api.list("Service", ns, selector),
+            api.list("NetworkPolicy", ns, selector) if self.settings.network_policy else _nothing())
 
         def component(obj: dict[str, Any]) -> str:
             return (obj.get("metadata", {}).get("labels") or {}).get(LABEL_COMPONENT, "")
 
         existing = frozenset((kind, obj["metadata"]["name"])
                              for kind, group in (("ConfigMap", cms), ("PersistentVolumeClaim", pvcs),
-                                                 ("Service", svcs)) for obj in group)
+                                                 ("Service", svcs), ("NetworkPolicy", nps)) for obj in group)
         return Observed(pods=[p for p in pods if component(p) == "trainer"],
                         trainer_jobs=[j for j in jobs if component(j) == "trainer"],
                         hook_jobs=[j for j in jobs if component(j) == "hook"],
@@ -162,7 +165,8 @@ class Reconciler:
         observed = await self._observe(api, namespace, name)
         endpoint = status_endpoint(job, counters, observed)
         trainer = await self.trainer.fetch(*endpoint) if endpoint else None
-        result = plan(job, counters=counters, observed=observed, trainer=trainer, previous_status=previous, now=now)
+        result = plan(job, counters=counters, observed=observed, trainer=trainer, previous_status=previous, now=now,
+                      network=self.settings.network_policy)
         await self._apply(api, body, result, previous)
 
     async def _apply(self, api: KubeApi, body: dict[str, Any], result: Plan, previous: dict[str, Any]) -> None:
@@ -292,7 +296,7 @@ def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     settings = reconciler.settings
     tasks: list[asyncio.Task[None]] = []
-    register_indexes(registry)
+    register_indexes(registry, network_policies=settings.network_policy is not None)
 
     webhook = settings.webhook
     if webhook is not None:
@@ -429,6 +433,10 @@ async def post_event(api: KubeApi, body: dict[str, Any], etype: str, reason: str
         await api.create(event)
     except ApiError as exc:
         log.warning("could not post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], exc)
+
+
+async def _nothing() -> list[dict[str, Any]]:
+    return []
 
 
 async def _publish_ca(reconciler: Reconciler, configuration: str, ca: bytes) -> None:

@@ -23,6 +23,7 @@ RESOURCES: dict[str, tuple[str, str]] = {  # kind -> (API prefix, plural)
     "Service": ("/api/v1", "services"),
     "Event": ("/api/v1", "events"),
     "Job": ("/apis/batch/v1", "jobs"),
+    "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies"),
     "TrainingJob": (f"/apis/{GROUP}/{VERSION}", PLURAL),
 }
 # Cluster-scoped kinds the operator touches: kind -> collection path.

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .admission import TenancyPolicy
+from .builders.network_policy import NetworkPolicySettings
 from .handlers import OperatorSettings, run_operator
 from .images import TAG, TRAINER_IMAGE_ENV, TRAINER_REPOSITORY
 from .webhook import WebhookSettings
@@ -61,6 +62,11 @@ def main(args: argparse.Namespace) -> int:
         os.environ[TRAINER_IMAGE_ENV] = args.trainer_image  # read by images.default_trainer_image
     if args.poll_interval <= 0:
         raise SystemExit("kubetuner operator: --poll-interval must be > 0")
+    try:
+        network_policy = NetworkPolicySettings.from_env(os.environ)
+    except ValueError as exc:
+        print(f"kubetuner operator: {exc}", file=sys.stderr)
+        return 1
     missing = missing_credentials(os.environ)
     if missing:
         print(f"kubetuner operator: {missing}", file=sys.stderr)
@@ -69,7 +75,8 @@ def main(args: argparse.Namespace) -> int:
                                 metrics_port=args.metrics_port or None,
                                 tenancy=TenancyPolicy.from_env(os.environ),
                                 webhook=_webhook(args),
-                                webhook_fail_closed=args.webhook_failure_policy == "Fail")
+                                webhook_fail_closed=args.webhook_failure_policy == "Fail",
+                                network_policy=network_policy)
     liveness = f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None
     try:
         asyncio.run(run_operator(settings, namespaces=list(args.namespace), liveness_endpoint=liveness,

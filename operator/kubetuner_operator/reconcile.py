@@ -36,6 +36,7 @@ from .builders import (
     build_headless_service,
     build_hook_job,
     build_indexed_job,
+    build_network_policy,
     build_pvcs,
     build_trainer_pod,
     hook_job_name,
@@ -44,6 +45,7 @@ from .builders import (
 from .builders.common import LABEL_ATTEMPT, TRAINER_CONTAINER
 from .builders.hook_job import default_checkpoint_path
 from .builders.multinode import COMPLETION_INDEX_ANNOTATION
+from .builders.network_policy import NetworkPolicySettings
 from .spec import TrainingJobSpec
 from .status import ACTIVE, TERMINAL, Outcome, Phase, derive_status, parse_time
 
@@ -94,7 +96,7 @@ class Observed:
     pods: Sequence[Mapping[str, Any]] = ()  # trainer pods, every attempt (also multi-node pods)
     trainer_jobs: Sequence[Mapping[str, Any]] = ()  # multi-node Indexed Jobs, every attempt
     hook_jobs: Sequence[Mapping[str, Any]] = ()
-    existing: frozenset[tuple[str, str]] = frozenset()  # (kind, name) of ConfigMap/PVC/Service
+    existing: frozenset[tuple[str, str]] = frozenset()  # (kind, name) of ConfigMap/PVC/Service/NetworkPolicy
 
 
 @dataclass(frozen=True)
@@ -406,8 +408,12 @@ def _hooks(job: TrainingJobSpec, observed: Observed, checkpoints: Sequence[Check
 
 
 def plan(job: TrainingJobSpec, *, counters: Counters, observed: Observed, trainer: TrainerStatus | None,
-         previous_status: Mapping[str, Any] | None, now: datetime) -> Plan:
-    """Decide what to create/delete and what the status is. Pure and deterministic."""
+         previous_status: Mapping[str, Any] | None, now: datetime,
+         network: NetworkPolicySettings | None = None) -> Plan:
+    """Decide what to create/delete and what the status is. Pure and deterministic.
+
+    ``network``: the operator's NetworkPolicy settings (None: it creates no per-job policy).
+    """
     trainer = trainer_report(trainer, counters, observed)
     prev = dict(previous_status or {})
     prev_phase = Phase(prev["phase"]) if prev.get("phase") in Phase.__members__.values() else None
@@ -433,6 +439,8 @@ def plan(job: TrainingJobSpec, *, counters: Counters, observed: Observed, traine
         desired = [build_configmap(job), *build_pvcs(job)]
         if job.nodes > 1:
             desired.append(build_headless_service(job))
+        if network is not None:
+            desired.append(build_network_policy(job, network))
         create += [c for c in desired if (c["kind"], c["metadata"]["name"]) not in observed.existing]
         delete += _active_trainers(job, observed, keep=counters.attempt)
         current = trainer_name(job, counters.attempt)

@@ -1,5 +1,6 @@
 """The chart grants exactly what the operator calls: verbs derived from the API client's call sites
-(and kopf's watches) compared with the rendered Role/ClusterRole; plus the webhook and NetworkPolicy."""
+(and kopf's watches and indexes) compared with the rendered Role/ClusterRole; plus the webhook and
+the settings of the operator's per-job NetworkPolicies."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 from test_chart import by_kind, render
 
+from kubetuner_operator.cache import owned_kinds
 from kubetuner_operator.kube_api import CLUSTER_RESOURCES, RESOURCES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,8 +72,9 @@ def used_by_the_client() -> set[Grant]:
     return grants
 
 
-def watched_by_kopf() -> set[Grant]:
-    """kopf lists and watches the resources of every ``kopf.on.event`` handler."""
+def watched_by_kopf(*, network_policies: bool = True) -> set[Grant]:
+    """kopf lists and watches the resources of every ``kopf.on.event`` handler and every index
+    (the owned kinds of :mod:`kubetuner_operator.cache`; NetworkPolicies only when it creates them)."""
     source = (PACKAGE / "handlers.py").read_text(encoding="utf-8")
     grants: set[Grant] = set()
     for args in re.findall(r"@kopf\.on\.event\(([^)]*)\)", source):
@@ -82,7 +85,15 @@ def watched_by_kopf() -> set[Grant]:
             literal = [p.strip('"') for p in positional]
             group, plural = ("", literal[1]) if literal[0] == "v1" else (literal[0], literal[2])
         grants |= {(group, plural, "list"), (group, plural, "watch")}
+    for group, _version, plural in owned_kinds(network_policies=network_policies).values():
+        grants |= {(group, plural, "list"), (group, plural, "watch")}
     return grants
+
+
+def needed(*, network_policies: bool = True) -> set[Grant]:
+    """What the operator calls, without the NetworkPolicy grants when the chart turns policies off."""
+    grants = used_by_the_client() | watched_by_kopf(network_policies=network_policies)
+    return grants if network_policies else {g for g in grants if g[1] != "networkpolicies"}
 
 
 def granted(rules: list[dict[str, Any]]) -> set[Grant]:
@@ -97,24 +108,26 @@ def test_the_derivation_finds_the_calls_it_must():
     assert ("", "events", "create") in used and ("", "configmaps", "list") in used
     assert ("admissionregistration.k8s.io", "validatingwebhookconfigurations", "patch") in used
     assert ("kubetuner.dev", "trainingjobs", "watch") in watched_by_kopf()
+    assert ("", "configmaps", "watch") in watched_by_kopf()  # kopf's index of owned children
+    assert ("networking.k8s.io", "networkpolicies", "create") in used
+    assert ("networking.k8s.io", "networkpolicies", "watch") not in watched_by_kopf(network_policies=False)
 
 
 WEBHOOK = {("admissionregistration.k8s.io", "validatingwebhookconfigurations", verb) for verb in ("get", "patch")}
 
 
-def test_cluster_role_grants_exactly_what_the_code_calls():
-    needed = used_by_the_client() | watched_by_kopf()
-    (role,) = by_kind(render(), "ClusterRole")
-    assert granted(role["rules"]) == needed
+@pytest.mark.parametrize("network_policies", [True, False])
+def test_cluster_role_grants_exactly_what_the_code_calls(network_policies):
+    (role,) = by_kind(render({"networkPolicy": {"enabled": network_policies}}), "ClusterRole")
+    assert granted(role["rules"]) == needed(network_policies=network_policies)
     webhook_rules = [r for r in role["rules"] if "validatingwebhookconfigurations" in r["resources"]]
     assert [r["resourceNames"] for r in webhook_rules] == [["kt-kubetuner-webhook"]]
 
 
 def test_namespaced_roles_grant_exactly_the_namespaced_calls():
     manifests = render({"watchNamespaces": ["team-a", "team-b"]})
-    needed = (used_by_the_client() | watched_by_kopf()) - WEBHOOK
     for role in by_kind(manifests, "Role"):
-        assert granted(role["rules"]) == needed
+        assert granted(role["rules"]) == needed() - WEBHOOK
     (cluster_role,) = by_kind(manifests, "ClusterRole")
     assert granted(cluster_role["rules"]) == WEBHOOK
 
@@ -173,19 +186,25 @@ def test_tenancy_values_reach_the_operator():
     assert TenancyPolicy.from_env(env) == TenancyPolicy(("ghcr.io/kubetuner/", "registry.internal/"), ("trainer",))
 
 
-def test_network_policy_admits_only_trainers_and_the_operator():
-    manifests = render({"watchNamespaces": ["team-a", "team-b"]}, namespace="ops")
-    policies = by_kind(manifests, "NetworkPolicy")
-    assert sorted(p["metadata"]["namespace"] for p in policies) == ["team-a", "team-b"]
-    from kubetuner_operator.builders.common import LABEL_COMPONENT
+def _operator_env(manifests: list[dict[str, Any]]) -> dict[str, str]:
+    container = by_kind(manifests, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e["value"] for e in container["env"] if "value" in e}
 
-    policy = policies[0]["spec"]
-    assert policy["podSelector"]["matchLabels"][LABEL_COMPONENT] == "trainer"
-    assert policy["policyTypes"] == ["Ingress"]
-    (rule,) = policy["ingress"]
-    peers = rule["from"]
-    assert peers[0] == {"podSelector": policy["podSelector"]}
-    operator_labels = by_kind(manifests, "Deployment")[0]["spec"]["template"]["metadata"]["labels"]
-    assert peers[1]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "ops"}
-    assert peers[1]["podSelector"]["matchLabels"].items() <= operator_labels.items()
-    assert by_kind(render({"watchNamespaces": ["a"], "networkPolicy": {"enabled": False}}), "NetworkPolicy") == []
+
+def test_network_policy_settings_reach_the_operator():
+    """The operator's own pods (by namespace and labels) and the configured scrapers may reach the
+    trainers' metrics port; the chart renders no namespace-wide policy (policies add up)."""
+    from kubetuner_operator.builders.network_policy import NetworkPolicySettings
+
+    scraper = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+               "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}
+    manifests = render({"watchNamespaces": ["team-a"], "networkPolicy": {"metricsFrom": [scraper]}}, namespace="ops")
+    assert by_kind(manifests, "NetworkPolicy") == []
+    settings = NetworkPolicySettings.from_env(_operator_env(manifests))
+    assert settings is not None
+    operator, *rest = settings.metrics_from
+    assert rest == [scraper]
+    pod_labels = by_kind(manifests, "Deployment")[0]["spec"]["template"]["metadata"]["labels"]
+    assert operator["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "ops"}}
+    assert operator["podSelector"]["matchLabels"] and operator["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert NetworkPolicySettings.from_env(_operator_env(render({"networkPolicy": {"enabled": False}}))) is None

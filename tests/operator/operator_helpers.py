@@ -92,6 +92,8 @@ BUILTIN_RESOURCES = {
     "v1/events": kmock.ResourceInfo(kind="Event", singular="event", namespaced=True, verbs=VERBS),
     "v1/namespaces": kmock.ResourceInfo(kind="Namespace", singular="namespace", namespaced=False, verbs=VERBS),
     "batch/v1/jobs": kmock.ResourceInfo(kind="Job", singular="job", namespaced=True, subresources={"status"}, verbs=VERBS),
+    "networking.k8s.io/v1/networkpolicies": kmock.ResourceInfo(kind="NetworkPolicy", singular="networkpolicy",
+                                                               namespaced=True, verbs=VERBS),
     CRD_RESOURCE: kmock.ResourceInfo(kind="CustomResourceDefinition", namespaced=False, verbs=VERBS),
 }
 
@@ -357,11 +359,13 @@ class Cluster:
     def reconciler(self) -> Reconciler:
         return self.operators[-1][0]
 
-    async def start_operator(self, poll_interval: float = 0.2, trainer_timeout: float = 1.0) -> Reconciler:
+    async def start_operator(self, poll_interval: float = 0.2, trainer_timeout: float = 1.0,
+                             **settings_overrides: Any) -> Reconciler:
+        """Start the real operator (its own thread and loop); ``settings_overrides``: more OperatorSettings."""
         url = self.url
         settings = OperatorSettings(login=lambda **_: kopf.ConnectionInfo(server=url), poll_interval=poll_interval,
                                     metrics_port=0, metrics_host="127.0.0.1", trainer_timeout=trainer_timeout,
-                                    clock=self.clock, api_backoff=0.01)
+                                    clock=self.clock, api_backoff=0.01, **settings_overrides)
         reconciler = Reconciler(settings)
         stop, ready = threading.Event(), threading.Event()
         # Its own thread and event loop, as in a real deployment: kopf owns the loop it runs in.

@@ -16,15 +16,22 @@ from kubetuner_operator.builders import (
     build_headless_service,
     build_hook_job,
     build_indexed_job,
+    build_network_policy,
     build_pvcs,
     build_trainer_pod,
     hook_job_name,
 )
 from kubetuner_operator.builders.model_fetch import FETCH_PROGRAM
+from kubetuner_operator.builders.network_policy import NetworkPolicySettings
 from kubetuner_operator.spec import SpecError, parse_training_job
 from kubetuner_operator.trainer_config import POD_PATHS, render_trainer_files
 
 K8S_VERSIONS = ["1.28", kubernetes_validate.latest_version()]
+#: the operator's own pods and a Prometheus, as the chart configures them
+NETWORK = NetworkPolicySettings((
+    {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kubetuner-system"}},
+     "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kubetuner", "app.kubernetes.io/instance": "kt"}}},
+    {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}))
 
 SPEC_MATRIX: dict[str, dict[str, Any]] = {
     "single-hub": {},
@@ -53,7 +60,7 @@ SPEC_MATRIX: dict[str, dict[str, Any]] = {
 
 def all_children(obj: dict[str, Any]) -> list[dict[str, Any]]:
     job = parse_training_job(obj)
-    children = [build_configmap(job), *build_pvcs(job)]
+    children = [build_configmap(job), *build_pvcs(job), build_network_policy(job, NETWORK)]
     if job.nodes > 1:
         children += [build_headless_service(job), build_indexed_job(job, 0, resume=False),
                      build_indexed_job(job, 2, resume=True)]

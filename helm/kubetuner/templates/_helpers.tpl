@@ -55,7 +55,12 @@ app.kubernetes.io/part-of: kubetuner
   verbs: ["list", "watch", "create", "delete"]
 - apiGroups: [""]
   resources: ["services", "configmaps", "persistentvolumeclaims"]
-  verbs: ["list", "create"]
+  verbs: ["list", "watch", "create"]
+{{- if .Values.networkPolicy.enabled }}
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["list", "watch", "create"]
+{{- end }}
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
@@ -73,4 +78,11 @@ app.kubernetes.io/part-of: kubetuner
 {{- else -}}
 {{- .Values.webhook.tls -}}
 {{- end -}}
+{{- end -}}
+
+
+{{/* The operator's NetworkPolicy settings (KUBETUNER_NETWORK_POLICY): peers allowed on trainers' metrics port. */}}
+{{- define "kubetuner.networkPolicyJson" -}}
+{{- $operator := dict "namespaceSelector" (dict "matchLabels" (dict "kubernetes.io/metadata.name" .Release.Namespace)) "podSelector" (dict "matchLabels" (include "kubetuner.selectorLabels" . | fromYaml)) -}}
+{{- dict "metricsFrom" (prepend (.Values.networkPolicy.metricsFrom | default list) $operator) | toJson -}}
 {{- end -}}

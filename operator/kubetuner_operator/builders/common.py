@@ -74,6 +74,7 @@ def resource_names(job: TrainingJobSpec) -> dict[str, str]:
         "models": dns_name(job.name, "models"),
         "latents": dns_name(job.name, "latents"),
         "service": dns_name(job.name, "nodes"),
+        "network_policy": dns_name(job.name, "trainers"),
     }
 
 
