@@ -43,7 +43,7 @@ def test_every_problem_is_reported_with_entry_field_and_allowed_values():
         {"id": "one", "instance_data_dir": "/x", "crop_style": "diagonal", "resolutoin": 1024},
         {"id": "two", "type": "csv"},
         {"id": "three", "type": "local"},
-        {"id": "four", "dataset_type": "video", "instance_data_dir": "/v"},
+        {"id": "four", "dataset_type": "audio", "instance_data_dir": "/v"},
         {"id": "one", "instance_data_dir": "/y"},
     ])
     assert "datasets[one].crop_style='diagonal': 'diagonal' is not one of the allowed values: random, center, corner" \
@@ -51,7 +51,7 @@ def test_every_problem_is_reported_with_entry_field_and_allowed_values():
     assert "datasets[one].resolutoin" in message and "did you mean 'resolution'" in message
     assert "datasets[two].type" in message and "not supported yet by this trainer; supported: local, aws" in message
     assert "datasets[three].instance_data_dir" in message and "is required" in message
-    assert "datasets[four].dataset_type" in message and "supported: image, text_embeds" in message
+    assert "datasets[four].dataset_type" in message and "supported: image, video, text_embeds" in message
     assert "datasets[one].id" in message and "unique" in message
     assert message.startswith("6 dataset configuration problems")
 

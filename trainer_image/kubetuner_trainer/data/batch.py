@@ -11,7 +11,7 @@ import torch
 class Batch:
     """One micro-batch of a single aspect bucket. Sizes are (height, width) as SDXL conditioning expects."""
 
-    latents: torch.Tensor  # [B, C, h, w]
+    latents: torch.Tensor  # [B, C, h, w]; video families: [B, C, F, h, w]
     text: dict[str, torch.Tensor]  # each [B, ...], stacked per key from Encoders.encode_prompts
     original_sizes: list[tuple[int, int]]
     crop_coords: list[tuple[int, int]]  # (top, left)
@@ -21,6 +21,8 @@ class Batch:
     dataset_ids: list[str]
     is_regularisation: list[bool]
     masks: torch.Tensor | None = None
+    #: video datasets: the entry's ``video.is_i2v`` (None: unset, the family's default applies; image datasets)
+    is_i2v: bool | None = None
     epoch: int = 0
     position: int = 0  # index of this batch within its epoch
 

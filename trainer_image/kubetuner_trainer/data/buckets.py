@@ -16,6 +16,9 @@ How an image reaches its target: it is first shrunk to ``target_downsample_size`
 excess is cut: evenly without ``crop``, else placed per ``crop_style`` (``corner`` keeps the bottom-right).
 With ``crop`` the bucket's aspect comes from ``crop_aspect``: ``square``, the image's own (``preserve``), the
 nearest of ``crop_aspect_buckets`` (``closest``) or a per-image seeded pick among them (``random``).
+
+Video clips are planned the same way per frame and also carry a frame window (``video.FrameWindow``);
+their bucket is (width, height, frames), so a batch shares its resolution and its frame count.
 """
 
 from __future__ import annotations
@@ -28,10 +31,18 @@ from dataclasses import dataclass, field
 
 from .dataset_config import DatasetEntry
 from .metadata import ImageInfo
+from .video import FrameWindow, plan_window
 
 log = logging.getLogger(__name__)
 
 Size = tuple[int, int]  # (width, height)
+#: a bucket: (width, height) for images, (width, height, frames) for video clips
+BucketKey = tuple[int, ...]
+
+
+def bucket_label(key: BucketKey) -> str:
+    """``WxH`` for an image bucket, ``WxHxF`` for a video bucket (F frames)."""
+    return "x".join(str(v) for v in key)
 
 
 @dataclass(frozen=True)
@@ -44,7 +55,13 @@ class SamplePlan:
     intermediate_size: Size  # what the image is resized to before cropping
     crop_left: int
     crop_top: int
-    target_size: Size  # the bucket
+    target_size: Size  # the bucket's size
+    frames: FrameWindow | None = None  # video clips: which frames (None for images)
+
+    @property
+    def bucket(self) -> BucketKey:
+        """The bucket key: the target size, plus the frame count for a clip."""
+        return self.target_size if self.frames is None else (*self.target_size, self.frames.count)
 
     @property
     def crop_coords(self) -> tuple[int, int]:
@@ -52,15 +69,20 @@ class SamplePlan:
         return self.crop_top, self.crop_left
 
     def geometry(self) -> dict[str, object]:
-        return {"original": list(self.original_size), "intermediate": list(self.intermediate_size),
-                "crop": [self.crop_left, self.crop_top], "target": list(self.target_size)}
+        """What shapes the sample's pixels (part of its latent-cache fingerprint)."""
+        geometry: dict[str, object] = {"original": list(self.original_size),
+                                       "intermediate": list(self.intermediate_size),
+                                       "crop": [self.crop_left, self.crop_top], "target": list(self.target_size)}
+        if self.frames is not None:
+            geometry["frames"] = self.frames.as_dict()
+        return geometry
 
 
 @dataclass
 class BucketResult:
-    buckets: dict[Size, list[SamplePlan]] = field(default_factory=dict)
+    buckets: dict[BucketKey, list[SamplePlan]] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)
-    pruned: dict[Size, int] = field(default_factory=dict)  # bucket -> samples removed
+    pruned: dict[BucketKey, int] = field(default_factory=dict)  # bucket -> samples removed
     repeats: int = 0  # repeats in effect (may be raised by oversubscription)
     warnings: list[str] = field(default_factory=list)
 
@@ -125,8 +147,12 @@ def _sample_rng(seed: int, dataset_id: str, key: str) -> random.Random:
 
 
 def plan_sample(info: ImageInfo, entry: DatasetEntry, *, alignment: int = 64, rounding: int | None = None,
-                seed: int = 0) -> SamplePlan | str:
-    """The plan for one image, or the reason it is left out. Deterministic for a given seed."""
+                seed: int = 0, num_frames: int | None = None, framerate: float | None = None) -> SamplePlan | str:
+    """The plan for one image or clip, or the reason it is left out. Deterministic for a given seed.
+
+    For a clip of a video entry, ``num_frames`` (the entry's, as the family encodes it) and ``framerate``
+    (``--framerate`` or None) shape its frame window (``video.plan_window``).
+    """
     digits = 2 if rounding is None else rounding
     rtype, resolution = entry.resolution_type, entry.resolution
     original = info.size
@@ -166,19 +192,30 @@ def plan_sample(info: ImageInfo, entry: DatasetEntry, *, alignment: int = 64, ro
         left, top = spare_w, spare_h  # bottom-right corner
     else:
         left, top = rng.randint(0, spare_w), rng.randint(0, spare_h)
-    return SamplePlan(info.key, info.version, original, intermediate, left, top, target)
+    window = None
+    if entry.video is not None:
+        spec = entry.video
+        window = plan_window(info.frames, info.duration, num_frames=num_frames or spec.num_frames,
+                             min_frames=spec.min_frames, max_frames=spec.max_frames,
+                             rate=float(framerate) if framerate else None,
+                             rng=_sample_rng(seed, entry.id, info.key + "\0frames"))
+        if isinstance(window, str):
+            return window
+    return SamplePlan(info.key, info.version, original, intermediate, left, top, target, window)
 
 
 def assign_buckets(images: list[ImageInfo], entry: DatasetEntry, *, alignment: int = 64,
-                   rounding: int | None = None, seed: int = 0) -> BucketResult:
-    """Plan every image and group the plans by target size (buckets sorted, samples sorted by key)."""
+                   rounding: int | None = None, seed: int = 0, num_frames: int | None = None,
+                   framerate: float | None = None) -> BucketResult:
+    """Plan every image (or clip) and group the plans by bucket (buckets sorted, samples sorted by key)."""
     result = BucketResult(repeats=entry.repeats)
     for info in images:
-        plan = plan_sample(info, entry, alignment=alignment, rounding=rounding, seed=seed)
+        plan = plan_sample(info, entry, alignment=alignment, rounding=rounding, seed=seed, num_frames=num_frames,
+                           framerate=framerate)
         if isinstance(plan, str):
             result.skipped.append((info.key, plan))
         else:
-            result.buckets.setdefault(plan.target_size, []).append(plan)
+            result.buckets.setdefault(plan.bucket, []).append(plan)
     if entry.max_num_samples is not None and result.sample_count > entry.max_num_samples:
         _limit(result, entry, seed)
     result.buckets = {size: sorted(plans, key=lambda p: p.key) for size, plans in sorted(result.buckets.items())}
@@ -221,7 +258,7 @@ def prune_buckets(result: BucketResult, entry: DatasetEntry, *, effective_batch:
         if count < effective_batch:
             plans = result.buckets.pop(size)
             result.pruned[size] = len(plans)
-            reason = (f"bucket {size[0]}x{size[1]} has {count} samples, fewer than the effective batch "
+            reason = (f"bucket {bucket_label(size)} has {count} samples, fewer than the effective batch "
                       f"{effective_batch}; pruned")
             result.skipped.extend((p.key, reason) for p in plans)
     if result.pruned:

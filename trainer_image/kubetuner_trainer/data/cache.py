@@ -201,9 +201,9 @@ class LatentCache:
         report.reused = len(plans) - len(todo)
         if not todo:
             return report
-        groups: dict[tuple[int, int], list[SamplePlan]] = {}
+        groups: dict[tuple[int, ...], list[SamplePlan]] = {}
         for plan in todo:
-            groups.setdefault(plan.target_size, []).append(plan)
+            groups.setdefault(plan.bucket, []).append(plan)
         batches = [group[i:i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
         pending_writes: list[tuple[str, bytes]] = []
         writes: list[Future[None]] = []

@@ -22,9 +22,11 @@ from kubetuner_trainer.placeholders import substitute_text
 from .settings import DataSettings
 
 # "eval": images held out of training and used for the evaluation loss (see data/evaluation.py)
-DATASET_TYPES = ("image", "text_embeds", "image_embeds", "eval")
-IMAGE_DATASET_TYPES = ("image", "eval")  # entries whose images are read, bucketed and cached
-PLANNED_DATASET_TYPES = ("conditioning", "video", "audio")
+DATASET_TYPES = ("image", "video", "text_embeds", "image_embeds", "eval")
+# entries whose files are read, bucketed and cached ("video": clips, see data/video.py)
+IMAGE_DATASET_TYPES = ("image", "video", "eval")
+TRAINING_DATASET_TYPES = ("image", "video")
+PLANNED_DATASET_TYPES = ("conditioning", "audio")
 BACKEND_TYPES = ("local", "aws")
 PLANNED_BACKEND_TYPES = ("csv", "huggingface")
 RESOLUTION_TYPES = ("pixel", "pixel_area", "area")
@@ -48,7 +50,7 @@ OPERATOR_FIELDS = frozenset({"credentialsSecret", "pvc"})
 # SimpleTuner fields that users may paste but this trainer does not honour yet.
 PLANNED_FIELDS = frozenset({
     "vae_cache_clear_each_epoch", "hash_filenames", "conditioning_data", "conditioning", "cache_file_suffix",
-    "huggingface", "dataset_name", "csv_file", "csv_caption_column", "csv_cache_dir", "csv_url_column", "video",
+    "huggingface", "dataset_name", "csv_file", "csv_caption_column", "csv_cache_dir", "csv_url_column",
     "audio", "disable_validation", "source_dataset_id", "conditioning_type", "write_batch_size",
     "caption_filter_list_regex", "prepend_instance_prompt_to_filename", "image_file_extensions",
 })
@@ -83,6 +85,25 @@ class ParquetSpec:
     width_column: str | None = None
     height_column: str | None = None
     identifier_includes_extension: bool = False
+
+
+@dataclass(frozen=True)
+class VideoSpec:
+    """SimpleTuner's ``video`` block of a ``dataset_type: video`` entry, defaults applied.
+
+    ``num_frames``: frames per training clip (default 5 s at ``--framerate``, else 30 fps: SimpleTuner's);
+    ``min_frames``: clips with fewer stored frames are left out (default ``num_frames``; never below it);
+    ``max_frames``: clips with more are left out (default: no limit); ``is_i2v``: the clips train
+    image-to-video (None: the family decides, e.g. Wan's i2v flavours and LTX-Video default to true).
+    """
+
+    num_frames: int
+    min_frames: int
+    max_frames: int | None = None
+    is_i2v: bool | None = None
+
+
+VIDEO_FIELDS = ("num_frames", "min_frames", "max_frames", "is_i2v")
 
 
 @dataclass(frozen=True)
@@ -131,6 +152,7 @@ class DatasetEntry:
     skip_file_discovery: str = ""
     preserve_data_backend_cache: bool = False
     scan_for_errors: bool = False
+    video: VideoSpec | None = None
 
     def skips(self, stage: str) -> bool:
         return stage in {s.strip() for s in self.skip_file_discovery.split(",") if s.strip()}
@@ -224,6 +246,7 @@ _FIELDS: dict[str, tuple[str, tuple[Any, ...] | None]] = {
     "skip_file_discovery": ("str", None),
     "preserve_data_backend_cache": ("bool", None),
     "scan_for_errors": ("bool", None),
+    "video": ("video", None),
 }
 _PARQUET_FIELDS = ("path", "filename_column", "caption_column", "fallback_caption_column", "width_column",
                    "height_column", "identifier_includes_extension")
@@ -271,9 +294,9 @@ def parse_dataset_config(raw: Any, settings: DataSettings) -> DatasetConfig:
         seen.add(entry.id)
         entries.append(entry)
     _check_references(entries, problems)
-    if not problems and not any(e.dataset_type == "image" and not e.disabled for e in entries):
+    if not problems and not any(e.dataset_type in TRAINING_DATASET_TYPES and not e.disabled for e in entries):
         problems.append(Problem("data_backend_config", MISSING_VALUE,
-                                "has no enabled entry with dataset_type 'image' to train on"))
+                                "has no enabled entry with dataset_type 'image' or 'video' to train on"))
     if problems:
         raise DatasetConfigError(problems)
     return DatasetConfig(tuple(entries))
@@ -382,6 +405,8 @@ def _convert(key: str, value: Any) -> Any:
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return tuple(value)
         raise ValueProblem("must be a list of strings (or a path to a text file of them)")
+    if kind == "video":
+        return _convert_video(value)
     if kind == "parquet":
         if not isinstance(value, Mapping):
             raise ValueProblem(f"must be an object with the keys {', '.join(_PARQUET_FIELDS)}")
@@ -397,6 +422,45 @@ def _convert(key: str, value: Any) -> Any:
     raise AssertionError(kind)
 
 
+def _convert_video(value: Any) -> dict[str, Any]:
+    """The ``video`` block's values, type-checked (defaults are applied in ``_video_spec``)."""
+    if not isinstance(value, Mapping):
+        raise ValueProblem(f"must be an object with the keys {', '.join(VIDEO_FIELDS)}")
+    unknown = sorted(set(value) - set(VIDEO_FIELDS))
+    if unknown:
+        hint = difflib.get_close_matches(unknown[0], VIDEO_FIELDS, n=1, cutoff=0.6)
+        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise ValueProblem(f"unknown key {unknown[0]!r}{extra}; allowed keys: {', '.join(VIDEO_FIELDS)}")
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if item is None:
+            continue
+        if key == "is_i2v":
+            out[key] = parse_bool(item)
+        elif isinstance(item, bool) or not isinstance(item, int) or item < 1:
+            raise ValueProblem(f"{key} must be a whole number of frames, at least 1 (got {item!r})")
+        else:
+            out[key] = item
+    return out
+
+
+def _video_spec(block: dict[str, Any] | None, settings: DataSettings, where: str,
+                problems: list[Problem]) -> VideoSpec:
+    """SimpleTuner's defaults and rules for the ``video`` block (see :class:`VideoSpec`)."""
+    from .video import DEFAULT_CLIP_SECONDS, DEFAULT_FRAMERATE
+
+    block = dict(block or {})
+    num = block.get("num_frames") or int((settings.framerate or DEFAULT_FRAMERATE) * DEFAULT_CLIP_SECONDS)
+    minimum = block.get("min_frames", num)
+    if minimum < num:
+        problems.append(Problem(f"{where}.video.min_frames", minimum,
+                                f"must be at least num_frames ({num}): a clip needs num_frames frames"))
+    maximum = block.get("max_frames")
+    if maximum is not None and maximum < minimum:
+        problems.append(Problem(f"{where}.video.max_frames", maximum, f"must be at least min_frames ({minimum})"))
+    return VideoSpec(num, minimum, maximum, block.get("is_i2v"))
+
+
 def _build_entry(ident: str, where: str, values: dict[str, Any], settings: DataSettings,
                  problems: list[Problem]) -> DatasetEntry:
     def take(name: str, default: Any) -> Any:
@@ -408,6 +472,11 @@ def _build_entry(ident: str, where: str, values: dict[str, Any], settings: DataS
     disabled = take("disabled", False) or take("disable", False)
     regularisation = take("is_regularisation_data", False) or take("is_regularization_data", False)
     repeats_set = values.get("repeats") is not None
+    video_block = values.pop("video", None)
+    if values.get("dataset_type") == "video":
+        values["video"] = _video_spec(video_block, settings, where, problems)
+    elif video_block is not None:
+        problems.append(Problem(f"{where}.video", video_block, "is for entries with dataset_type 'video'"))
     if isinstance(values.get("parquet"), dict):
         spec = dict(values["parquet"])
         if settings.parquet_filename_column:
@@ -454,7 +523,8 @@ def _check_entry(e: DatasetEntry, where: str, problems: list[Problem]) -> None:
         problems.append(Problem(f"{where}.{name}", _shown(name, value), message))
 
     if e.type == "local" and e.dataset_type in IMAGE_DATASET_TYPES and not e.instance_data_dir:
-        bad("instance_data_dir", MISSING_VALUE, "is required for a local image dataset: the folder of images")
+        bad("instance_data_dir", MISSING_VALUE, f"is required for a local {e.dataset_type} dataset: the folder "
+            "of its files")
     if e.type == "aws" and not e.aws_bucket_name:
         bad("aws_bucket_name", MISSING_VALUE, "is required when type is 'aws'")
     if e.dataset_type in ("text_embeds", "image_embeds") and e.type == "local" and not e.cache_dir:

@@ -18,6 +18,8 @@ import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from .buckets import bucket_label
+
 if TYPE_CHECKING:
     from .prepare import PreparedDataset
     from .sampler import Sampler
@@ -46,7 +48,7 @@ def log_bucket_decisions(prepared: Iterable[PreparedDataset]) -> None:
         return
     for item in prepared:
         result = item.buckets
-        sizes = ", ".join(f"{w}x{h}: {len(plans)}" for (w, h), plans in result.buckets.items()) or "none"
+        sizes = ", ".join(f"{bucket_label(b)}: {len(plans)}" for b, plans in result.buckets.items()) or "none"
         BUCKETS_LOG.debug("dataset %s: %d samples, repeats %d, buckets %s", item.entry.id, result.sample_count,
                           result.repeats, sizes)
         for (w, h), count in result.pruned.items():

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from .metadata import ImageInfo, MetadataCache, UnreadableImage, is_image_key, probe
 from .storage import ObjectInfo, Storage
+from .video import is_video_key, probe_video
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +35,14 @@ class Discovery:
 def discover(storage: Storage, metadata: MetadataCache, *, trust_cache: bool = False,
              delete_problematic: bool = False, workers: int = 16,
              known_size: Callable[[str], tuple[int, int] | None] | None = None,
-             progress: Callable[[int, int], None] | None = None, save_interval: float = 60.0) -> Discovery:
+             progress: Callable[[int, int], None] | None = None, save_interval: float = 60.0,
+             video: bool = False) -> Discovery:
     """List ``storage``, probe new or changed images in parallel and update ``metadata``.
 
     ``trust_cache`` (``preserve_data_backend_cache`` / ``skip_file_discovery=metadata``) uses the saved
     metadata without listing when it exists. ``known_size`` (e.g. parquet width/height columns) gives
     sizes that need no probing. Progress is saved every ``save_interval`` seconds while probing.
+    ``video`` discovers video clips (``data/video.py``) instead of images; clips are read whole to probe.
     """
     result = Discovery()
     had_cache = metadata.load()
@@ -54,8 +57,9 @@ def discover(storage: Storage, metadata: MetadataCache, *, trust_cache: bool = F
         return result
 
     objects: list[ObjectInfo] = []
+    wanted = is_video_key if video else is_image_key
     for obj in storage.list():
-        if is_image_key(obj.key):
+        if wanted(obj.key):
             objects.append(obj)
         elif not obj.key.lower().endswith(SIDECAR_EXTENSIONS):
             result.ignored.append(obj.key)
@@ -67,7 +71,7 @@ def discover(storage: Storage, metadata: MetadataCache, *, trust_cache: bool = F
         cached = metadata.lookup(obj.key, obj.version)
         if cached is not None:
             found[obj.key] = cached
-        elif known_size is not None and (size := known_size(obj.key)) is not None:
+        elif not video and known_size is not None and (size := known_size(obj.key)) is not None:
             found[obj.key] = ImageInfo(obj.key, obj.version, int(size[0]), int(size[1]))
         else:
             todo.append(obj)
@@ -76,6 +80,10 @@ def discover(storage: Storage, metadata: MetadataCache, *, trust_cache: bool = F
         if obj.size == 0:
             return "empty file"
         try:
+            if video:
+                clip = probe_video(storage.read(obj.key))
+                return ImageInfo(obj.key, obj.version, clip.width, clip.height, 1, clip.frames, clip.duration,
+                                 clip.fps)
             width, height, orientation = probe(storage, obj.key, obj.size)
         except UnreadableImage as error:
             return str(error)

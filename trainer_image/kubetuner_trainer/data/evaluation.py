@@ -93,9 +93,9 @@ class EvalSource:
         """This rank's evaluation batches; each holds samples of one dataset and one bucket."""
         for dataset in self.datasets:
             plans = self.shard(dataset)
-            by_size: dict[tuple[int, int], list[SamplePlan]] = {}
+            by_size: dict[tuple[int, ...], list[SamplePlan]] = {}
             for plan in plans:
-                by_size.setdefault(plan.target_size, []).append(plan)
+                by_size.setdefault(plan.bucket, []).append(plan)
             for size in sorted(by_size):
                 group = by_size[size]
                 for start in range(0, len(group), self.batch_size):

@@ -1,4 +1,4 @@
-"""Decode an image and turn it into the pixels of its sample plan."""
+"""Decode an image (or a clip's frame window) and turn it into the pixels of its sample plan."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from .buckets import SamplePlan
 from .debug_logging import log_file
 from .decode import decode_rgb
 from .storage import Storage
+from .video import decode_window
 
 
 def pixels_from_bytes(data: bytes, plan: SamplePlan) -> torch.Tensor:
@@ -17,7 +18,23 @@ def pixels_from_bytes(data: bytes, plan: SamplePlan) -> torch.Tensor:
 
     Decoding (every Pillow mode to 8-bit RGB) is ``decode.decode_rgb``, shared with discovery and inspect.
     """
-    image = decode_rgb(data, draft_size=plan.intermediate_size)
+    if plan.frames is not None:
+        return video_pixels_from_bytes(data, plan)
+    return pixels_from_image(decode_rgb(data, draft_size=plan.intermediate_size), plan)
+
+
+def video_pixels_from_bytes(data: bytes, plan: SamplePlan) -> torch.Tensor:
+    """[3, F, H, W] float32 in [-1, 1]: the plan's frame window, each frame resized and cropped as an image.
+
+    Raises ``UnreadableImage`` when the clip cannot be decoded (``video.decode_window``).
+    """
+    assert plan.frames is not None
+    frames = [pixels_from_image(image, plan) for image in decode_window(data, plan.frames)]
+    return torch.stack(frames, dim=1)
+
+
+def pixels_from_image(image: Image.Image, plan: SamplePlan) -> torch.Tensor:
+    """[3, H, W] float32 in [-1, 1]: an RGB image resized to cover the plan's target and cropped to it."""
     if image.size != plan.intermediate_size:
         image = image.resize(plan.intermediate_size, Image.Resampling.LANCZOS)
     left, top = plan.crop_left, plan.crop_top

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from .buckets import SamplePlan
+from .buckets import SamplePlan, bucket_label
 from .dataset_config import load_dataset_config
 from .decode import UnreadableImage
 from .prepare import PreparedDataset, drop_unusable, prepare_all
@@ -18,7 +18,8 @@ SAMPLE_CAPTIONS = 3
 
 def inspect_datasets(settings: DataSettings, *, environ: Mapping[str, str] | None = None,
                      use_metadata_cache: bool = False, verify: bool = True) -> dict[str, Any]:
-    """A JSON-ready report of every enabled image dataset (discovery, skips, buckets, captions).
+    """A JSON-ready report of every enabled image or video dataset (discovery, skips, buckets, captions;
+    for video datasets also the clips' frame counts, durations and frame rates, see ``_video_report``).
 
     Every usable image is decoded as the trainer's latent cache decodes it, and left out by the same rule
     (``prepare.drop_unusable``), so "usable" means what training will use. ``verify=False`` reads headers
@@ -70,8 +71,9 @@ def _dataset_report(p: PreparedDataset, effective: int) -> dict[str, Any]:
     samples = buckets.sample_count
     keys = sorted(plan.key for plans in buckets.buckets.values() for plan in plans)[:SAMPLE_CAPTIONS]
     ok = samples > 0
+    noun = "clips" if entry.video is not None else "images"
     if ok:
-        message = (f"{samples} images x {buckets.repeats + 1} (repeats {buckets.repeats}) in "
+        message = (f"{samples} {noun} x {buckets.repeats + 1} (repeats {buckets.repeats}) in "
                    f"{len(buckets.buckets)} buckets fill whole batches of {effective}")
     else:
         message = (f"no bucket reaches the effective batch of {effective}; add images, raise repeats, lower "
@@ -87,13 +89,50 @@ def _dataset_report(p: PreparedDataset, effective: int) -> dict[str, Any]:
         "repeats": buckets.repeats,
         "skipped": [{"file": key, "reason": reason} for key, reason in p.skipped],
         "ignored_files": list(p.discovery.ignored),
-        "buckets": [{"size": f"{w}x{h}", "count": len(v)} for (w, h), v in buckets.buckets.items()],
-        "pruned_buckets": [{"size": f"{w}x{h}", "count": n} for (w, h), n in sorted(buckets.pruned.items())],
+        "buckets": [{"size": bucket_label(b), "count": len(v)} for b, v in buckets.buckets.items()],
+        "pruned_buckets": [{"size": bucket_label(b), "count": n} for b, n in sorted(buckets.pruned.items())],
         "caption_strategy": entry.caption_strategy,
         "sample_captions": [{"file": k, "caption": p.captions[k]} for k in keys],
         "warnings": list(buckets.warnings),
         "batch_check": {"ok": ok, "message": message},
+        "video": _video_report(p) if entry.video is not None else None,
     }
+
+
+def _video_report(p: PreparedDataset) -> dict[str, Any]:
+    """Clip statistics of a video dataset: every readable clip found, and the frames training takes."""
+    spec = p.entry.video
+    assert spec is not None
+    clips = p.discovery.images
+    plans = [plan for plans in p.buckets.buckets.values() for plan in plans]
+    durations = [c.duration for c in clips]
+    rates = sorted({round(c.fps, 3) for c in clips})
+    window = plans[0].frames if plans else None
+    return {
+        "clips_found": len(clips),
+        "clips_usable": len(plans),
+        "seconds_total": round(sum(durations), 3),
+        "seconds_min": round(min(durations), 3) if durations else None,
+        "seconds_max": round(max(durations), 3) if durations else None,
+        "frames_min": min((c.frames for c in clips), default=None),
+        "frames_max": max((c.frames for c in clips), default=None),
+        "frame_rates": rates,
+        "num_frames": window.count if window else spec.num_frames,
+        "min_frames": spec.min_frames,
+        "max_frames": spec.max_frames,
+        "framerate": window.rate if window else None,
+        "is_i2v": spec.is_i2v,
+    }
+
+
+def _format_video(v: dict[str, Any]) -> list[str]:
+    rate = f"resampled to {v['framerate']:g} fps" if v["framerate"] else "at each clip's own rate"
+    limit = f", max_frames {v['max_frames']}" if v["max_frames"] else ""
+    return [f"  clips: {v['clips_found']} readable, {v['clips_usable']} usable; {v['seconds_total']:g} s in all "
+            f"({v['seconds_min']} to {v['seconds_max']} s each, {v['frames_min']} to {v['frames_max']} frames)",
+            f"  frame rates: {', '.join(f'{r:g}' for r in v['frame_rates']) or 'none'} fps",
+            f"  training clips: {v['num_frames']} frames {rate} (min_frames {v['min_frames']}{limit}; "
+            f"is_i2v {v['is_i2v'] if v['is_i2v'] is not None else 'unset: the family decides'})"]
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -106,7 +145,10 @@ def format_report(report: dict[str, Any]) -> str:
     for d in report["datasets"]:
         lines += ["", f"dataset {d['id']} ({d['type']}: {d['location']})",
                   f"  resolution {d['resolution']:g} ({d['resolution_type']})",
-                  f"  files found: {d['files_found']}, usable images: {d['images_usable']}, repeats: {d['repeats']}"]
+                  f"  files found: {d['files_found']}, usable {'clips' if d['video'] else 'images'}: "
+                  f"{d['images_usable']}, repeats: {d['repeats']}"]
+        if d["video"]:
+            lines += _format_video(d["video"])
         if d["buckets"]:
             lines.append("  buckets:")
             lines += [f"    {b['size']:>11}  {b['count']}" for b in d["buckets"]]
@@ -117,7 +159,8 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"  skipped ({len(d['skipped'])}):")
             lines += [f"    {s['file']}: {s['reason']}" for s in d["skipped"]]
         if d["ignored_files"]:
-            lines.append(f"  not images ({len(d['ignored_files'])}): {', '.join(d['ignored_files'][:10])}")
+            kind = "videos" if d["video"] else "images"
+            lines.append(f"  not {kind} ({len(d['ignored_files'])}): {', '.join(d['ignored_files'][:10])}")
         lines.append(f"  captions ({d['caption_strategy']}):")
         lines += [f"    {c['file']}: {c['caption']!r}" for c in d["sample_captions"]]
         lines += [f"  warning: {w}" for w in d["warnings"]]

@@ -31,6 +31,10 @@ class ImageInfo:
     width: int  # after EXIF orientation
     height: int
     orientation: int = 1
+    #: video clips only (``data/video.py``): stored frames, seconds, average frames per second
+    frames: int = 0
+    duration: float = 0.0
+    fps: float = 0.0
 
     @property
     def size(self) -> tuple[int, int]:
@@ -108,11 +112,14 @@ class MetadataCache:
             return None
         if record[1] is None:
             return str(record[3])
-        return ImageInfo(key, version, int(record[1]), int(record[2]), int(record[3]))
+        video = (int(record[4]), float(record[5]), float(record[6])) if len(record) >= 7 else (0, 0.0, 0.0)
+        return ImageInfo(key, version, int(record[1]), int(record[2]), int(record[3]), *video)
 
     def put(self, key: str, version: str, value: ImageInfo | str) -> None:
         if isinstance(value, ImageInfo):
             self.files[key] = [version, value.width, value.height, value.orientation]
+            if value.frames:
+                self.files[key] += [value.frames, value.duration, value.fps]
         else:
             self.files[key] = [version, None, None, value]
 

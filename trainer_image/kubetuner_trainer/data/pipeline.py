@@ -195,7 +195,7 @@ class TrainingData:
 
     def _substitute(self, dataset: _Dataset, bad: SamplePlan) -> tuple[SamplePlan, torch.Tensor]:
         """The next usable sample after ``bad`` in its bucket (deterministic, so every run agrees)."""
-        bucket = dataset.prepared.buckets.buckets[bad.target_size]
+        bucket = dataset.prepared.buckets.buckets[bad.bucket]
         start = next((i for i, p in enumerate(bucket) if p.key == bad.key), 0)
         for offset in range(1, len(bucket) + 1):
             candidate = bucket[(start + offset) % len(bucket)]
@@ -228,6 +228,7 @@ class TrainingData:
             paths=[f"{location}/{p.key}" for p in plans],
             dataset_ids=[dataset.entry.id] * len(plans),
             is_regularisation=[dataset.entry.is_regularisation_data] * len(plans),
+            is_i2v=dataset.entry.video.is_i2v if dataset.entry.video is not None else None,
             epoch=scheduled.epoch,
             position=scheduled.position,
         )
@@ -314,9 +315,9 @@ def _scan(dataset: _Dataset, settings: DataSettings) -> None:
         buckets = dataset.prepared.buckets.buckets
         for size in list(buckets):
             buckets[size] = [report.adopted.get(p.key, p) if p.key in report.adopted else p for p in buckets[size]]
-        moved: dict[tuple[int, int], list[SamplePlan]] = {}
+        moved: dict[tuple[int, ...], list[SamplePlan]] = {}
         for plan in (p for ps in buckets.values() for p in ps):
-            moved.setdefault(plan.target_size, []).append(plan)
+            moved.setdefault(plan.bucket, []).append(plan)
         dataset.prepared.buckets.buckets = {s: sorted(v, key=lambda p: p.key) for s, v in sorted(moved.items())}
         log.warning("dataset %s: %d samples follow the sizes of their existing cache entries (sync)",
                     dataset.entry.id, len(report.adopted))

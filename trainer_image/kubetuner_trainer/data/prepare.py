@@ -82,18 +82,21 @@ def prepare_dataset(entry: DatasetEntry, settings: DataSettings, *, environ: Map
                                           else None, str(error))]) from None
     metadata = MetadataCache(metadata_store, f"{entry.id}.json", entry.id, storage.describe())
     trust = entry.preserve_data_backend_cache or entry.skips("metadata")
+    video = entry.video is not None
     try:
         found = discover(storage, metadata, trust_cache=trust, delete_problematic=settings.delete_problematic_images,
                          workers=settings.max_workers, save_interval=settings.metadata_update_interval,
                          known_size=captioner.known_size if captioner.parquet_sizes else None,
-                         progress=(lambda d, t: progress(entry.id, d, t)) if progress else None)
+                         progress=(lambda d, t: progress(entry.id, d, t)) if progress else None, video=video)
     except StorageError as error:
         raise DataError(f"dataset {entry.id}: cannot list {storage.describe()}: {error}") from error
     keys = [info.key for info in found.images]
     captions, caption_problems = captioner.captions(keys)
     usable = [info for info in found.images if info.key in captions]
     buckets = assign_buckets(usable, entry, alignment=settings.aspect_bucket_alignment,
-                             rounding=settings.aspect_bucket_rounding, seed=settings.seed)
+                             rounding=settings.aspect_bucket_rounding, seed=settings.seed,
+                             num_frames=clip_frames(entry, settings) if video else None,
+                             framerate=settings.framerate if video else None)
     prune_buckets(buckets, entry, effective_batch=settings.effective_batch_size,
                   # an evaluation dataset is read in any batch size: every image counts
                   disable_pruning=settings.disable_bucket_pruning or entry.dataset_type == "eval",
@@ -102,6 +105,30 @@ def prepare_dataset(entry: DatasetEntry, settings: DataSettings, *, environ: Map
         log.warning(message)
     log_skipped(entry.id, [*caption_problems, *buckets.skipped])
     return PreparedDataset(entry, storage, found, captions, buckets, caption_problems)
+
+
+def clip_frames(entry: DatasetEntry, settings: DataSettings) -> int:
+    """Frames per clip of a video entry: its ``num_frames``, shortened to a count the model family encodes
+    whole (``ModelFamily.video_frame_count``; unchanged when the family is unset or not built)."""
+    assert entry.video is not None
+    from kubetuner_trainer.models.registry import implemented_families
+
+    num = entry.video.num_frames
+    if settings.model_family not in implemented_families():
+        return num
+    from kubetuner_trainer.models.registry import family_class
+
+    family = family_class(settings.model_family)
+    if not family.is_video:
+        video_families = [f for f in implemented_families() if family_class(f).is_video]
+        raise DatasetConfigError([Problem(f"datasets[{entry.id}].dataset_type", "video",
+                                          f"model_family {settings.model_family} trains on images; video datasets "
+                                          f"need a video family: {', '.join(video_families) or 'none built yet'}")])
+    usable = family.video_frame_count(num)
+    if usable != num:
+        log.warning("dataset %s: training on %d frames per clip instead of num_frames %d, the nearest count the "
+                    "%s VAE encodes without dropping frames", entry.id, usable, num, settings.model_family)
+    return usable
 
 
 def drop_unusable(item: PreparedDataset, failed: list[tuple[str, str]], settings: DataSettings) -> None:

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .buckets import SamplePlan, Size
+from .buckets import BucketKey, SamplePlan, bucket_label
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class DatasetSamples:
     id: str
-    buckets: dict[Size, list[SamplePlan]]
+    buckets: dict[BucketKey, list[SamplePlan]]
     repeats: int = 0
     probability: float = 1.0
     is_regularisation: bool = False
@@ -80,8 +80,8 @@ class Sampler:
         return self._fingerprint
 
     def _compute_fingerprint(self) -> str:
-        shape = [(d.id, d.repeats, d.probability, sorted((f"{w}x{h}", [p.key for p in ps])
-                                                          for (w, h), ps in d.buckets.items()))
+        shape = [(d.id, d.repeats, d.probability, sorted((bucket_label(b), [p.key for p in ps])
+                                                          for b, ps in d.buckets.items()))
                  for d in self.datasets]
         payload = [shape, self.batch_size, self.world_size, self.seed, self.sampling, self.fill_small_buckets]
         return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:32]

@@ -55,6 +55,7 @@ class DataSettings:
     gradient_accumulation_steps: int = _default("gradient_accumulation_steps")
     num_processes: int = _default("num_processes")
     seed: int = _default("seed")
+    framerate: int | None = _default("framerate")  # video clips are resampled to it (data/video.py)
     cache_dir: str | None = _default("cache_dir")
     cache_dir_vae: str | None = _default("cache_dir_vae")
     cache_dir_text: str | None = _default("cache_dir_text")

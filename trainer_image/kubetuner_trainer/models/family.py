@@ -47,6 +47,9 @@ class FamilyEncoders:
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[B,3,H,W]`` images or ``[B,3,F,H,W]`` clips (video datasets) → latents."""
+        if pixels.dim() == 5:
+            return self._family.encode_videos(pixels)
         return self._family.encode_images(pixels)
 
     @torch.no_grad()
@@ -93,6 +96,12 @@ class ModelFamily(ABC):
     comfyui_single_text_encoder_prefix: ClassVar[str] = "lora_te"
     #: whether ``--validation_noise_scheduler`` may replace the pipeline's scheduler (DDPM-type schedulers)
     swappable_validation_scheduler: ClassVar[bool] = True
+    #: video families train on ``dataset_type: video`` clips (``encode_videos``, 5-D latents ``[B,C,F,h,w]``)
+    #: and render validation clips; image datasets then train as 1-frame clips when ``encode_images`` gives
+    #: ``[B,C,1,h,w]``
+    is_video: ClassVar[bool] = False
+    #: frames per second of rendered clips when ``--framerate`` is unset (the model's native rate)
+    default_framerate: ClassVar[int] = 30
 
     @classmethod
     def denoiser_class(cls) -> type:
@@ -127,6 +136,17 @@ class ModelFamily(ABC):
     def config_problems(cls, cfg: Any) -> list[Problem]:
         """The family's own configuration rules (checked by preflight before anything loads)."""
         return []
+
+    @classmethod
+    def video_frame_count(cls, num_frames: int) -> int:
+        """The frame count a clip of ``num_frames`` trains with: the largest count ≤ ``num_frames`` the
+        family's video VAE encodes without dropping frames (e.g. ``1 + 4k`` for Wan). Identity by default."""
+        return num_frames
+
+    @classmethod
+    def output_framerate(cls, cfg: Any) -> float:
+        """Frames per second of rendered clips: ``--framerate``, else :attr:`default_framerate`."""
+        return float(getattr(cfg, "framerate", None) or cls.default_framerate)
 
     @classmethod
     def config_warnings(cls, cfg: Any) -> list[Problem]:
@@ -235,7 +255,7 @@ class ModelFamily(ABC):
             "vae": src.vae,
             "text_encoders": [type(te).__name__ for te in self.text_encoders],
             "text_config": [te.config.to_dict().get("hidden_size") for te in self.text_encoders],
-            "vae_scaling": self.vae.config.scaling_factor,
+            "vae_scaling": getattr(self.vae.config, "scaling_factor", None),
             "vae_dtype": str(next(self.vae.parameters()).dtype),
         }
         ident.update(self.text_cache_identity())
@@ -257,6 +277,13 @@ class ModelFamily(ABC):
         latents = vae.encode(pixels).latent_dist.mode()
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return ((latents - shift) * vae.config.scaling_factor).float()
+
+    def encode_videos(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Clips ``[B,3,F,H,W]`` in ``[-1,1]`` → latents ``[B,C,F',h,w]`` (video families override this).
+
+        Raises ``NotImplementedError`` for image families (preflight refuses video datasets for them).
+        """
+        raise NotImplementedError(f"model_family {self.family} does not train on video clips")
 
     @abstractmethod
     def encode_text(self, prompts: Sequence[str],

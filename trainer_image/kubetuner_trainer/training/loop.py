@@ -190,7 +190,7 @@ class TrainingLoop:
 
     def compute_loss(self, batch: Any) -> torch.Tensor:
         cfg, objective = self.cfg, self.objective
-        latents = batch.latents.to(self.device, dtype=torch.float32)
+        latents = batch.latents.to(self.device, dtype=torch.float32)  # [B,C,h,w] or [B,C,F,h,w] (video)
         noise = torch.randn(latents.shape, generator=self.generator).to(self.device)
         noise = offset_noise(cfg, noise.cpu(), self.generator).to(self.device) if cfg.noise_offset else noise
         timesteps = objective.sample_timesteps(latents, self.generator).to(self.device)

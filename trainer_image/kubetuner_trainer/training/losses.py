@@ -84,8 +84,9 @@ def offset_noise(cfg: Any, noise: torch.Tensor, generator: torch.Generator | Non
         return noise
     prob = cfg.noise_offset_probability
     b, ch = noise.shape[:2]
-    shift = torch.randn(b, ch, 1, 1, generator=generator, device=noise.device, dtype=noise.dtype)
-    apply = (torch.rand(b, 1, 1, 1, generator=generator, device=noise.device) < prob).to(noise.dtype)
+    ones = [1] * (noise.dim() - 2)  # images [B,C,H,W], clips [B,C,F,H,W]: one shift per sample and channel
+    shift = torch.randn(b, ch, *ones, generator=generator, device=noise.device, dtype=noise.dtype)
+    apply = (torch.rand(b, 1, *ones, generator=generator, device=noise.device) < prob).to(noise.dtype)
     return noise + cfg.noise_offset * shift * apply
 
 
