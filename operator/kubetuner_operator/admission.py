@@ -260,10 +260,12 @@ def tenancy_problems(spec: Mapping[str, Any], policy: TenancyPolicy) -> list[str
 # --- the trainer's own validation ------------------------------------------------------------------------
 
 def trainer_problems(job: Any) -> list[str]:
-    """The trainer's torch-free checks on the translated config.json and multidatabackend.json."""
+    """The trainer's torch-free checks on the translated config.json and multidatabackend.json
+    (options, cross-option rules, the dataset list, and which datasets are held out for evaluation)."""
     from kubetuner_trainer.config.errors import ConfigError
     from kubetuner_trainer.config.trainer_config import Layer, resolve
     from kubetuner_trainer.data.dataset_config import parse_dataset_config
+    from kubetuner_trainer.data.eval_split import split_eval_problems
     from kubetuner_trainer.data.settings import settings_from_config
 
     from .trainer_config import POD_PATHS, render_trainer_files
@@ -274,11 +276,11 @@ def trainer_problems(job: Any) -> list[str]:
     except ConfigError as error:
         return [_config_message(p) for p in error.problems]
     try:
-        parse_dataset_config(files.databackend_json, settings_from_config(config))
+        datasets = parse_dataset_config(files.databackend_json, settings_from_config(config))
     except ConfigError as error:
         ids = [d.id for d in job.datasets]
         return [_dataset_message(p, ids) for p in error.problems]
-    return []
+    return [_config_message(p) for p in split_eval_problems(config, datasets)]
 
 
 def _config_message(problem: Any) -> str:

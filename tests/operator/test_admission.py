@@ -76,6 +76,11 @@ REFUSED = [
                                                                   crop_aspect_buckets=[1.0], crop_style="random",
                                                                   resolution_type="area", resolution=2000.0),
      "spec", "megapixels"),
+    # The evaluation split (data.eval_split): judged on the dataset list alone, no data read.
+    ("eval-dataset-unknown", lambda o: o["spec"]["config"].update(eval_dataset_id="held-out"),
+     "spec.config.eval_dataset_id", "names no enabled image dataset"),
+    ("eval-dataset-only-one", lambda o: o["spec"]["config"].update(eval_dataset_id="images"),
+     "spec.config.eval_dataset_id", "nothing would be left to train on"),
     # Integers beyond int64 and deep nesting: messages, never a traceback.
     ("int64-deadline", lambda o: o["spec"].update(runPolicy={"activeDeadlineSeconds": 10**20}),
      "spec.runPolicy.activeDeadlineSeconds", "64-bit integer"),
@@ -154,6 +159,9 @@ ACCEPTED = [
     ("tokenizers-parallelism", lambda o: o["spec"].update(hooks={"postCheckpoint": [{
         "name": "eval", "image": "i", "command": ["x"],
         "env": [{"name": "TOKENIZERS_PARALLELISM", "value": "false"}, {"name": "SECRET_NAME", "value": "hf"}]}]})),
+    ("eval-dataset-held-out", lambda o: (o["spec"]["config"].update(eval_dataset_id="held-out"),
+                                         o["spec"]["datasets"].append({"id": "held-out", "type": "local",
+                                                                       "pvc": {"claimName": "data"}}))),
     ("signed-quantity", lambda o: o["spec"].update(resources={"cpu": "+2", "memory": "+64Gi"})),
     ("generate-name", lambda o: o["metadata"].update(name=None, generateName="style-")),
     ("publishing-env-indirection", lambda o: o["spec"]["config"].update(publishing_config=[
@@ -292,3 +300,14 @@ def test_any_input_gets_messages_never_a_traceback(replacements, depth):
         obj["spec"][key] = value
     problems = validate_all(obj)
     assert isinstance(problems, list) and all(isinstance(p, str) and ": " in p for p in problems)
+
+
+def test_admission_stays_torch_free():
+    """The webhook answers within its timeout because validation never imports torch (eval split included)."""
+    import subprocess
+    import sys
+
+    program = ("import sys; from kubetuner_operator.admission import validate_all; "
+               f"problems = validate_all({config(eval_dataset_id='held-out')!r}); "
+               "assert problems and 'torch' not in sys.modules, (problems, 'torch' in sys.modules)")
+    subprocess.run([sys.executable, "-c", program], check=True)

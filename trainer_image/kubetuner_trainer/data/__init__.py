@@ -25,7 +25,7 @@ def preflight_problems(cfg: Any) -> list:
     from kubetuner_trainer.config.errors import ConfigError
 
     from .dataset_config import load_dataset_config
-    from .evaluation import split_eval_problems
+    from .eval_split import split_eval_problems
     from .locations import cache_location_problems, location_problems
     from .settings import settings_from_config
 
