@@ -27,15 +27,17 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Callable[[str], Path]:
-    """``tiny_model("sdxl")`` → a diffusers folder saved with ``save_pretrained`` (built once per session)."""
-    from kubetuner_trainer.models import family_class
+    """``tiny_model("sdxl")`` → a diffusers folder saved with ``save_pretrained`` (built once per session);
+    ``tiny_model("sdxl", "refiner-1.0")`` builds a flavour whose layout differs."""
+    from kubetuner_trainer.tiny import build_tiny_model
 
-    built: dict[str, Path] = {}
+    built: dict[tuple[str, str | None], Path] = {}
 
-    def get(family: str) -> Path:
-        if family not in built:
-            built[family] = family_class(family).build_tiny(tmp_path_factory.mktemp(f"tiny-{family}"))
-        return built[family]
+    def get(family: str, flavour: str | None = None) -> Path:
+        if (family, flavour) not in built:
+            built[family, flavour] = build_tiny_model(family, tmp_path_factory.mktemp(f"tiny-{family}"),
+                                                      flavour=flavour)
+        return built[family, flavour]
 
     return get
 

@@ -18,8 +18,8 @@ from kubetuner_trainer.models.loading import resolve_source
 def test_registry_names_allowed_families_and_flavours():
     with pytest.raises(ValueError, match=f"supported: {', '.join(implemented_families())}$"):
         family_class("no-such-family")
-    with pytest.raises(ValueError, match="allowed: base-1.0$"):
-        family_class("sdxl", "refiner-1.0")
+    with pytest.raises(ValueError, match="allowed: base-0.9, base-1.0, refiner-0.9, refiner-1.0$"):
+        family_class("sdxl", "turbo")
     assert family_class("sd2x", "2.1-base").family == "sd2x"
 
 

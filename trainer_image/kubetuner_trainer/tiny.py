@@ -20,11 +20,11 @@ from .models.registry import implemented_families
 _WORDS = ("red", "blue", "green", "yellow", "circle", "square", "stripes", "dots", "sky", "grass")
 
 
-def build_tiny_model(family: str, out: Path, *, seed: int = 0) -> Path:
-    """A random-weight model folder of ``family`` in diffusers layout (the family's ``build_tiny``)."""
+def build_tiny_model(family: str, out: Path, *, seed: int = 0, flavour: str | None = None) -> Path:
+    """A random-weight model folder of ``family`` (of ``flavour``'s layout) in diffusers layout (``build_tiny``)."""
     from .models import family_class
 
-    return family_class(family).build_tiny(Path(out), seed=seed)
+    return family_class(family, flavour).for_flavour(flavour).build_tiny(Path(out), seed=seed)
 
 
 def build_tiny_sd1x(out: Path, *, seed: int = 0) -> Path:
@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     model.add_argument("family", choices=implemented_families())
     model.add_argument("out", type=Path)
     model.add_argument("--seed", type=int, default=0)
+    model.add_argument("--flavour", help="a --model_flavour whose layout differs (e.g. sdxl refiner-1.0)")
     data = sub.add_parser("dataset", help="write a tiny captioned image (or, with --video, clip) folder")
     data.add_argument("out", type=Path)
     data.add_argument("--count", type=int, default=None, help="files to write (16 images or 4 clips)")
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     data.add_argument("--fps", type=int, default=16, help="frame rate of the clips (with --video)")
     args = parser.parse_args(argv)
     if args.what == "model":
-        print(build_tiny_model(args.family, args.out, seed=args.seed))
+        print(build_tiny_model(args.family, args.out, seed=args.seed, flavour=args.flavour))
     elif args.video:
         print(build_tiny_video_dataset(args.out, count=args.count or 4, seed=args.seed, frames=args.frames,
                                        fps=args.fps))

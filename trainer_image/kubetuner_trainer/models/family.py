@@ -128,6 +128,12 @@ class ModelFamily(ABC):
         return (CLIPTokenizer,)
 
     @classmethod
+    def for_flavour(cls, flavour: str | None, location: str | None = None) -> type[ModelFamily]:
+        """The class that loads ``flavour`` (or, none named, the model at ``location``): the family itself
+        unless a flavour has other components (the SDXL refiner)."""
+        return cls
+
+    @classmethod
     @abstractmethod
     def build_tiny(cls, folder: Path, *, seed: int = 0) -> Path:
         """Write a tiny random-weight model of this family in diffusers layout to ``folder``."""
@@ -203,6 +209,9 @@ class ModelFamily(ABC):
         Raises :class:`~kubetuner_trainer.config.ConfigError` when a location is missing or holds
         something else than the family expects.
         """
+        layout = cls.for_flavour(cfg.model_flavour, cfg.pretrained_model_name_or_path)
+        if layout is not cls:
+            return layout.load(cfg, device=device, weight_dtype=weight_dtype)
         components = load_components(cls, cfg, weight_dtype=weight_dtype)
         model = cls(cfg, components, device=device, weight_dtype=weight_dtype)
         model.to(device)

@@ -156,6 +156,26 @@ def build_tiny_sdxl(folder: Path, *, seed: int = 0) -> Path:
     return folder
 
 
+def build_tiny_sdxl_refiner(folder: Path, *, seed: int = 0) -> Path:
+    """An SDXL-refiner-shaped pipeline folder: ``text_encoder_2`` alone, aesthetic-score time ids (5 values)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = tiny_unet_config(cross_attention_dim=32, sdxl=True)
+    config["projection_class_embeddings_input_dim"] = 32 + 5 * config["addition_time_embed_dim"]
+    folder = _save(folder, "StableDiffusionXLImg2ImgPipeline", {
+        "unet": UNet2DConditionModel(**config), "vae": _tiny_vae(), "text_encoder": None, "tokenizer": None,
+        "text_encoder_2": CLIPTextModelWithProjection(_clip_config(32, projection=32)), "scheduler": _scheduler(),
+    })
+    write_clip_tokenizer(folder / "tokenizer_2")
+    _add_index(folder, "tokenizer_2", "transformers", "CLIPTokenizer")
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
 def write_chatglm_tokenizer(folder: Path) -> None:
     """A ChatGLM tokenizer over a tiny sentencepiece model trained here on a few sentences."""
     import io

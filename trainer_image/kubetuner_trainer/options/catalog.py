@@ -1008,12 +1008,11 @@ OPTIONS: list[Option] = [
     Option("refiner_training_invert_schedule", "bool", "families",
            "Flip the timestep schedule for refiner training.", default=False),
     Option("refiner_training_strength", "float", "families",
-           "Portion of the schedule the refiner stage covers.", minimum=0, maximum=1,
-           upstream=Upstream(default=0.2)),
+           "Portion of the schedule the refiner stage covers.", minimum=0, maximum=1, default=0.2),
     Option("sdxl_refiner_uses_full_range", "bool", "families",
            "Let the SDXL refiner train on all timesteps instead of only the late ones.", default=False),
     Option("data_aesthetic_score", "float", "families",
-           "Fixed aesthetic score fed to the SDXL refiner's conditioning.", upstream=Upstream(default=7.0)),
+           "Fixed aesthetic score fed to the SDXL refiner's conditioning.", default=7.0),
 
     # ------------------------------------------------------------------ ControlNet, control & distillation
     Option("controlnet", "bool", "controlnet",

@@ -65,11 +65,12 @@ class DDPMObjective(Objective):
 
     timestep_dtype = torch.long
 
-    def __init__(self, cfg: Any, scheduler: Any, prediction_type: str):
+    def __init__(self, cfg: Any, scheduler: Any, prediction_type: str, *, refiner: bool | None = None):
+        """``refiner``: train only the refiner's timesteps (unset: ``--refiner_training``; see :class:`TimestepSampler`)."""
         self.scheduler = scheduler
         self.prediction_type = prediction_type
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
-        self.sampler = TimestepSampler(cfg, self.num_train_timesteps)
+        self.sampler = TimestepSampler(cfg, self.num_train_timesteps, refiner=refiner)
         self.alphas_cumprod = scheduler.alphas_cumprod
 
     def to(self, device: torch.device | str) -> DDPMObjective:
@@ -164,4 +165,7 @@ def flow_schedule_warnings(cfg: Any) -> list[Problem]:
     if cfg.timestep_bias_strategy not in (None, "none"):
         warnings.append(Problem("timestep_bias_strategy", cfg.timestep_bias_strategy,
                                 "has no effect with flow matching; use the flow_* schedule options"))
+    if cfg.refiner_training:
+        warnings.append(Problem("refiner_training", True, "has no effect with flow matching (SimpleTuner restricts "
+                                                          "DDPM timesteps only); use the flow_* schedule options"))
     return warnings

@@ -130,10 +130,18 @@ FLOW_OPTIONS = ("flow_sigmoid_scale", "flow_use_uniform_schedule", "flow_use_bet
 
 
 def _timestep_problems(cfg: Any) -> list[Problem]:
+    from .timesteps import bias_weights, refiner_timestep_range
+
+    problems = []
+    if cfg.refiner_training:
+        try:
+            refiner_timestep_range(1000, float(cfg.refiner_training_strength),
+                                   invert=bool(cfg.refiner_training_invert_schedule))
+        except ValueError as exc:
+            problems.append(Problem("refiner_training_strength", cfg.refiner_training_strength, str(exc)))
     strategy = cfg.timestep_bias_strategy
     if not strategy or strategy == "none":
-        return []
-    from .timesteps import bias_weights
+        return problems
 
     try:
         bias_weights(1000, strategy,
@@ -142,8 +150,8 @@ def _timestep_problems(cfg: Any) -> list[Problem]:
                      begin=cfg.timestep_bias_begin,
                      end=cfg.timestep_bias_end)
     except ValueError as exc:
-        return [Problem("timestep_bias_strategy", strategy, str(exc))]
-    return []
+        problems.append(Problem("timestep_bias_strategy", strategy, str(exc)))
+    return problems
 
 
 def _looks_local(location: str) -> bool:

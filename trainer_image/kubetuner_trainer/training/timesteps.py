@@ -64,21 +64,47 @@ def sample_timesteps(weights: torch.Tensor, batch_size: int, *, segmented: bool,
     return torch.cat(out)
 
 
-class TimestepSampler:
-    """Timestep sampling configured from the options."""
+def refiner_timestep_range(num_timesteps: int, strength: float, *, invert: bool = False) -> tuple[int, int]:
+    """The half-open timestep range ``[low, high)`` a refiner stage trains on (``--refiner_training*``).
 
-    def __init__(self, cfg: Any, num_timesteps: int):
-        self.weights = bias_weights(
+    A refiner (or the low-noise expert of a mixture) takes the last ``strength`` of denoising: timesteps
+    ``[0, int(T·strength))``. ``invert`` gives the other expert, ``[int(T·strength), T)`` (SimpleTuner's
+    ``segmented_timestep_selection`` bounds). Raises ValueError when the range is empty.
+    """
+    cut = int(num_timesteps * strength)
+    low, high = (cut, num_timesteps) if invert else (0, cut)
+    if high <= low:
+        raise ValueError(f"refiner_training_strength {strength} leaves no timestep of {num_timesteps} to train on")
+    return low, high
+
+
+class TimestepSampler:
+    """Timestep sampling configured from the options.
+
+    ``refiner``: draw only inside :func:`refiner_timestep_range` (unset: ``--refiner_training``). The
+    ``--timestep_bias_*`` weights and segmented sampling then apply within that range.
+    """
+
+    def __init__(self, cfg: Any, num_timesteps: int, *, refiner: bool | None = None):
+        weights = bias_weights(
             num_timesteps, cfg.timestep_bias_strategy,
             multiplier=cfg.timestep_bias_multiplier,
             portion=cfg.timestep_bias_portion,
             begin=cfg.timestep_bias_begin,
             end=cfg.timestep_bias_end if cfg.timestep_bias_end is not None else num_timesteps,
         )
+        self.low, self.high = 0, num_timesteps
+        if cfg.refiner_training if refiner is None else refiner:
+            self.low, self.high = refiner_timestep_range(num_timesteps, float(cfg.refiner_training_strength),
+                                                         invert=bool(cfg.refiner_training_invert_schedule))
+        self.weights = weights[self.low:self.high]
+        if self.weights.sum() <= 0:
+            raise ValueError(f"timestep bias leaves no timestep in [{self.low}, {self.high}) with a positive weight")
         self.segmented = not cfg.disable_segmented_timestep_sampling
 
     def __call__(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        return sample_timesteps(self.weights, batch_size, segmented=self.segmented, generator=generator)
+        drawn = sample_timesteps(self.weights, batch_size, segmented=self.segmented, generator=generator)
+        return drawn + self.low
 
 
 # ----- flow matching ---------------------------------------------------------------------------------

@@ -1,7 +1,17 @@
-"""Stable Diffusion XL: two CLIP encoders, pooled embeddings and size/crop micro-conditioning."""
+"""Stable Diffusion XL: two CLIP encoders, pooled embeddings and size/crop micro-conditioning.
+
+The refiner flavours (``refiner-1.0``/``refiner-0.9``, or a local model folder whose
+``model_index.json`` sets ``requires_aesthetics_score``) load :class:`SDXLRefinerFamily`: only the
+OpenCLIP-bigG encoder (``text_encoder_2``), time ids (original h, w, crop top, left, aesthetic score)
+with ``--data_aesthetic_score`` in the place of the target size, validation through
+``StableDiffusionXLImg2ImgPipeline``, and — as SimpleTuner sets ``refiner_training`` when it finds a
+refiner — timesteps restricted to the refiner's range (``--refiner_training_strength``,
+``--refiner_training_invert_schedule``) unless ``--sdxl_refiner_uses_full_range``.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,6 +20,15 @@ import torch
 
 from ..family import ModelFamily
 from .sd1x import clip_token_ids
+
+#: SimpleTuner 3.1.6's SDXL flavours (the refiners have their own layout: :class:`SDXLRefinerFamily`)
+SDXL_FLAVOURS = {
+    "base-1.0": "stabilityai/stable-diffusion-xl-base-1.0",
+    "refiner-1.0": "stabilityai/stable-diffusion-xl-refiner-1.0",
+    "base-0.9": "stabilityai/stable-diffusion-xl-base-0.9",
+    "refiner-0.9": "stabilityai/stable-diffusion-xl-refiner-0.9",
+}
+REFINER_FLAVOURS = ("refiner-1.0", "refiner-0.9")
 
 
 def _pairs(values: Any, count: int, fallback: tuple[int, int]) -> list[tuple[int, int]]:
@@ -34,14 +53,39 @@ def add_time_ids(batch: Any, latents: torch.Tensor, downscale: int) -> torch.Ten
     return torch.tensor(rows, dtype=latents.dtype, device=latents.device)
 
 
+def refiner_time_ids(batch: Any, latents: torch.Tensor, downscale: int, aesthetic_score: float) -> torch.Tensor:
+    """``[B, 5]`` rows of (original h, w, crop top, left, aesthetic score): the SDXL refiner's time ids."""
+    count = latents.shape[0]
+    pixel_size = (latents.shape[-2] * downscale, latents.shape[-1] * downscale)
+    originals = _pairs(getattr(batch, "original_sizes", None), count, pixel_size)
+    crops = _pairs(getattr(batch, "crop_coords", None), count, (0, 0))
+    rows = [list(o) + list(c) + [aesthetic_score] for o, c in zip(originals, crops, strict=True)]
+    return torch.tensor(rows, dtype=latents.dtype, device=latents.device)
+
+
+def _is_refiner_folder(location: str | None) -> bool:
+    """A local pipeline folder saved from a refiner (its ``model_index.json`` asks for aesthetic scores)."""
+    if not location:
+        return False
+    index = Path(location).expanduser() / "model_index.json"
+    try:
+        return bool(json.loads(index.read_text()).get("requires_aesthetics_score"))
+    except (OSError, ValueError):
+        return False
+
+
 class MicroConditionedFamily(ModelFamily):
     """Shared by SDXL-style UNets: ``text_embeds`` + ``time_ids`` as added conditioning."""
+
+    def time_ids(self, batch: Any, noisy_latents: torch.Tensor) -> torch.Tensor:
+        """The UNet's ``time_ids`` for a batch (``[B, 6]``: sizes and crops, :func:`add_time_ids`)."""
+        return add_time_ids(batch, noisy_latents, self.latent_downscale)
 
     def predict(self, denoiser, noisy_latents, timesteps, text, batch):
         dtype = noisy_latents.dtype
         added = {
             "text_embeds": text["pooled_prompt_embeds"].to(dtype),
-            "time_ids": add_time_ids(batch, noisy_latents, self.latent_downscale),
+            "time_ids": self.time_ids(batch, noisy_latents),
         }
         return denoiser(noisy_latents, timesteps, encoder_hidden_states=text["prompt_embeds"].to(dtype),
                     added_cond_kwargs=added, return_dict=False)[0]
@@ -50,8 +94,7 @@ class MicroConditionedFamily(ModelFamily):
 class SDXLFamily(MicroConditionedFamily):
     family = "sdxl"
     pipeline_class = "StableDiffusionXLPipeline"
-    # the refiner (text_encoder_2 only, aesthetic-score conditioning) is a different layout: not offered
-    flavours = {"base-1.0": "stabilityai/stable-diffusion-xl-base-1.0"}
+    flavours = SDXL_FLAVOURS
     default_flavour = "base-1.0"
     text_encoder_names = ("text_encoder", "text_encoder_2")
     tokenizer_names = ("tokenizer", "tokenizer_2")
@@ -62,6 +105,13 @@ class SDXLFamily(MicroConditionedFamily):
         from ..tiny import build_tiny_sdxl
 
         return build_tiny_sdxl(folder, seed=seed)
+
+    @classmethod
+    def for_flavour(cls, flavour: str | None, location: str | None = None) -> type[ModelFamily]:
+        """The refiner class for a refiner flavour, or (no flavour named) a local refiner folder."""
+        if flavour in REFINER_FLAVOURS or (not flavour and _is_refiner_folder(location)):
+            return SDXLRefinerFamily
+        return cls
 
     @classmethod
     def text_encoder_classes(cls) -> tuple[type, ...]:
@@ -84,6 +134,63 @@ class SDXLFamily(MicroConditionedFamily):
             pooled = out[0]  # the projected pooled output of the last encoder
         assert pooled is not None
         return {"prompt_embeds": torch.cat(hidden, dim=-1), "pooled_prompt_embeds": pooled}
+
+
+class SDXLRefinerFamily(SDXLFamily):
+    """The SDXL refiner: OpenCLIP-bigG alone, aesthetic-score time ids, img2img validation (see module)."""
+
+    pipeline_class = "StableDiffusionXLImg2ImgPipeline"
+    text_encoder_names = ("text_encoder_2",)
+    tokenizer_names = ("tokenizer_2",)
+    modelspec_architecture = "stable-diffusion-xl-v1-refiner"
+
+    @classmethod
+    def for_flavour(cls, flavour: str | None, location: str | None = None) -> type[ModelFamily]:
+        return cls
+
+    @classmethod
+    def build_tiny(cls, folder: Path, *, seed: int = 0) -> Path:
+        from ..tiny import build_tiny_sdxl_refiner
+
+        return build_tiny_sdxl_refiner(folder, seed=seed)
+
+    @classmethod
+    def text_encoder_classes(cls) -> tuple[type, ...]:
+        from transformers import CLIPTextModelWithProjection
+
+        return (CLIPTextModelWithProjection,)
+
+    @classmethod
+    def tokenizer_classes(cls) -> tuple[type, ...]:
+        from transformers import CLIPTokenizer
+
+        return (CLIPTokenizer,)
+
+    def make_objective(self) -> Any:
+        """DDPM on the refiner's timesteps (all of them with ``--sdxl_refiner_uses_full_range``)."""
+        from ...training.objectives import DDPMObjective
+
+        refiner = None if self.cfg.sdxl_refiner_uses_full_range else True
+        return DDPMObjective(self.cfg, self.noise_scheduler, self.prediction_type, refiner=refiner)
+
+    def time_ids(self, batch: Any, noisy_latents: torch.Tensor) -> torch.Tensor:
+        return refiner_time_ids(batch, noisy_latents, self.latent_downscale, float(self.cfg.data_aesthetic_score))
+
+    def extra_pipeline_components(self) -> dict[str, Any]:
+        # the refiner's published pipeline settings (its model_index.json)
+        return {"text_encoder": None, "tokenizer": None, "requires_aesthetics_score": True,
+                "force_zeros_for_empty_prompt": False}
+
+    def pipeline_call_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Img2img from a flat grey image at strength 1 (a full render from noise, as SimpleTuner's text-to-image
+        validation of a refiner), conditioned on ``--data_aesthetic_score``; the size comes from the image."""
+        from PIL import Image
+
+        kwargs = dict(kwargs)
+        width, height = kwargs.pop("width"), kwargs.pop("height")
+        kwargs.update(image=Image.new("RGB", (int(width), int(height)), (128, 128, 128)), strength=1.0,
+                      aesthetic_score=float(self.cfg.data_aesthetic_score))
+        return kwargs
 
 
 FAMILY = SDXLFamily
