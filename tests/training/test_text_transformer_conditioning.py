@@ -1,0 +1,89 @@
+"""What each text-transformer family feeds its transformer, its own options, and its LoRA key names."""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load_file
+from training_helpers import InMemoryData, train_in_process
+
+from kubetuner_trainer.models import family_class, load_family
+from kubetuner_trainer.models.loading import resolve_source
+from kubetuner_trainer.training.preflight import core_problems, core_warnings
+
+COMMON = {"aspect_bucket_alignment": 16, "lr_scheduler": "constant"}
+PROMPTS = ["a red cat", "a blue dog on a white background"]
+
+
+def _family(make_cfg, name: str, **overrides):
+    return load_family(make_cfg(name, **{**COMMON, **overrides}))
+
+
+def _mask_is_respected(family, embeds_key: str, mask_key: str) -> None:
+    """Changing the states of padding tokens leaves the prediction alone; changing a real token's does not."""
+    text = family.encode_text(PROMPTS)
+    mask = text[mask_key]
+    assert mask.dtype in (torch.long, torch.int64, torch.int32, torch.bool)
+    assert 0 < int(mask[0].sum()) < int(mask[1].sum()) < mask.shape[1]
+    latents = torch.randn(2, family.denoiser.config.in_channels, 8, 8)
+    steps = torch.tensor([300, 700]).to(family.objective.timestep_dtype)
+    with torch.no_grad():
+        base = family.predict(family.denoiser, latents, steps, text, None)
+        padded = dict(text)
+        padded[embeds_key] = text[embeds_key] + 5.0 * (1 - mask).unsqueeze(-1).to(text[embeds_key].dtype)
+        torch.testing.assert_close(family.predict(family.denoiser, latents, steps, padded, None), base)
+        token = dict(text)
+        token[embeds_key] = text[embeds_key] + 5.0 * mask.unsqueeze(-1).to(text[embeds_key].dtype)
+        assert not torch.allclose(family.predict(family.denoiser, latents, steps, token, None), base)
+    assert base.shape == latents.shape
+
+
+def _comfyui_keys(make_cfg, tmp_path, name: str) -> dict[str, torch.Tensor]:
+    cfg = make_cfg(name, **COMMON, max_train_steps=1, lora_alpha=2, lora_format="comfyui",
+                   output_dir=str(tmp_path / "comfy"))
+    train_in_process(cfg, data_factory=lambda enc: InMemoryData(enc, count=2, batch_size=2))
+    return load_file(str(tmp_path / "comfy" / "pytorch_lora_weights.safetensors"))
+
+
+# ----- PixArt Sigma ---------------------------------------------------------------------------------
+
+def test_pixart_flavours_and_options(make_cfg):
+    cls = family_class("pixart_sigma")
+    cfg = make_cfg("pixart_sigma", pretrained_model_name_or_path=None, model_flavour="600M-512")
+    assert resolve_source(cls, cfg).model == "PixArt-alpha/PixArt-Sigma-XL-2-512-MS"
+    assert cls.flavours[cls.default_flavour] == "terminusresearch/pixart-900m-1024-ft-v0.6"
+    stage = make_cfg("pixart_sigma", model_flavour="900M-1024-v0.7-stage1")
+    assert [p.option for p in core_problems(stage)] == ["model_flavour"]
+    assert [p.option for p in core_problems(make_cfg("pixart_sigma", train_text_encoder=True))] == [
+        "train_text_encoder"]
+    warned = {p.option for p in core_warnings(make_cfg("pixart_sigma", tokenizer_max_length=77,
+                                                       aspect_bucket_alignment=32))}
+    assert {"tokenizer_max_length", "max_grad_norm", "aspect_bucket_alignment"} <= warned
+
+
+def test_pixart_conditioning_is_t5_with_its_mask_and_the_learned_sigma_is_dropped(make_cfg):
+    family = _family(make_cfg, "pixart_sigma")
+    text = family.encode_text(PROMPTS)
+    assert text["prompt_embeds"].shape == (2, 300, 32) and text["prompt_attention_mask"].shape == (2, 300)
+    _mask_is_respected(family, "prompt_embeds", "prompt_attention_mask")
+    zeroed = _family(make_cfg, "pixart_sigma", t5_padding="zero")
+    z = zeroed.encode_text(PROMPTS)
+    padding = z["prompt_attention_mask"] == 0
+    assert z["prompt_embeds"][padding].abs().sum() == 0 and text["prompt_embeds"][padding].abs().sum() > 0
+    assert zeroed.cache_key != family.cache_key
+    latents = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        raw = family.denoiser(latents, encoder_hidden_states=text["prompt_embeds"],
+                              encoder_attention_mask=text["prompt_attention_mask"], timestep=torch.tensor([10, 900]),
+                              added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+        pred = family.predict(family.denoiser, latents, torch.tensor([10, 900]), text, None)
+    assert raw.shape[1] == 8 and torch.equal(pred, raw[:, :4])
+    assert family.prediction_type == "epsilon"
+
+
+def test_pixart_comfyui_export_uses_the_diffusers_names_comfyui_maps(make_cfg, tmp_path):
+    comfy = _comfyui_keys(make_cfg, tmp_path, "pixart_sigma")
+    layers = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in comfy}
+    # ComfyUI's PixArt rule: "transformer." + the diffusers layer name, kohya's lora_down/lora_up and alpha
+    assert layers == {f"transformer.transformer_blocks.{b}.{attn}.{proj}" for b in (0, 1) for attn in ("attn1", "attn2")
+                      for proj in ("to_q", "to_k", "to_v", "to_out.0")}
+    assert all(f"{layer}.lora_down.weight" in comfy and float(comfy[f"{layer}.alpha"]) == 2.0 for layer in layers)
