@@ -303,6 +303,14 @@ class ModelFamily(ABC):
         """
 
     # ----- training --------------------------------------------------------------------------
+    def sample_timesteps(self, batch: Any, latents: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Noise levels of a training batch on the objective's scale, as a CPU tensor.
+
+        ``[B]`` (the objective's draw) by default. A family whose objective and :meth:`predict` take finer
+        levels may return more dimensions, e.g. ``[B, F]`` per video frame (first-frame conditioning).
+        """
+        return self.objective.sample_timesteps(latents, generator)
+
     @abstractmethod
     def predict(self, denoiser: torch.nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
                 text: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:

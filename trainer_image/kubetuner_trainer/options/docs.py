@@ -180,6 +180,12 @@ the latest checkpoint). These are the deliberate differences:
   kubetuner does).
 - **Final checkpoint.** SimpleTuner also writes a checkpoint at the last step; kubetuner writes the
   final model only (the checkpoint at the last step is not built yet).
+- **LTX-Video image-to-video.** SimpleTuner 3.1.6 declares `--ltx_i2v_prob`,
+  `--ltx_partial_noise_fraction` and `--ltx_protect_first_frame` but never applies them; kubetuner
+  conditions i2v samples on their first latent frame (kept clean, or lightly noised with
+  probability `ltx_i2v_prob`) and leaves that frame out of the loss. `--flow_schedule_auto_shift`
+  counts all of a clip's latent tokens (frames x height x width, as LTXPipeline does) where
+  SimpleTuner counts one frame's height x width / 4.
 
 Options whose default differs from SimpleTuner's, and why:
 

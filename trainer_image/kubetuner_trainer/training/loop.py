@@ -193,7 +193,7 @@ class TrainingLoop:
         latents = batch.latents.to(self.device, dtype=torch.float32)  # [B,C,h,w] or [B,C,F,h,w] (video)
         noise = torch.randn(latents.shape, generator=self.generator).to(self.device)
         noise = offset_noise(cfg, noise.cpu(), self.generator).to(self.device) if cfg.noise_offset else noise
-        timesteps = objective.sample_timesteps(latents, self.generator).to(self.device)
+        timesteps = self.family.sample_timesteps(batch, latents, self.generator).to(self.device)
         model_noise = noise
         scale = input_perturbation_scale(cfg, self.state.global_step)
         if scale:

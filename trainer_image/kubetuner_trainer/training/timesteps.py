@@ -119,14 +119,16 @@ def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
 
 
 def resolution_shift(latent_hw: tuple[int, int], *, base_seq_len: int = 256, max_seq_len: int = 4096,
-                     base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+                     base_shift: float = 0.5, max_shift: float = 1.15, seq_len: int | None = None) -> float:
     """``--flow_schedule_auto_shift``: ``exp(mu)`` with mu linear in the packed image sequence length.
 
-    The sequence length is ``H·W/4`` for a ``H×W`` latent (2×2 patches); the line through
+    The sequence length is ``H·W/4`` for a ``H×W`` latent (2×2 patches) unless ``seq_len`` gives the
+    family's own token count (e.g. frames·H·W for LTX-Video); the line through
     ``(base_seq_len, base_shift)`` and ``(max_seq_len, max_shift)`` is the one Flux inference uses
     (``FlowMatchEulerDiscreteScheduler``'s config supplies the four numbers).
     """
-    seq_len = latent_hw[0] * latent_hw[1] // 4
+    if seq_len is None:
+        seq_len = latent_hw[0] * latent_hw[1] // 4
     slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
     mu = base_shift + slope * (seq_len - base_seq_len)
     return math.exp(mu)
@@ -172,9 +174,10 @@ class FlowSchedule:
                    shift=float(shift) if shift else None, auto_shift=bool(cfg.flow_schedule_auto_shift),
                    shift_line=line)  # type: ignore[arg-type]
 
-    def sample(self, batch_size: int, generator: torch.Generator | None, latent_hw: tuple[int, int]
-               ) -> torch.Tensor:
-        """``batch_size`` sigmas (float32, CPU) for latents of spatial size ``latent_hw``."""
+    def sample(self, batch_size: int, generator: torch.Generator | None, latent_hw: tuple[int, int], *,
+               seq_len: int | None = None) -> torch.Tensor:
+        """``batch_size`` sigmas (float32, CPU) for latents of spatial size ``latent_hw`` (``seq_len``: the
+        denoiser's token count for the auto shift, when it is not ``H·W/4``)."""
         if self.kind == "fast":
             index = torch.randint(len(FAST_SCHEDULE_SIGMAS), (batch_size,), generator=generator)
             return torch.tensor(FAST_SCHEDULE_SIGMAS, dtype=torch.float32)[index]
@@ -190,7 +193,8 @@ class FlowSchedule:
         if self.auto_shift:
             base_len, max_len, base_shift, max_shift = self.shift_line
             sigmas = shift_sigmas(sigmas, resolution_shift(latent_hw, base_seq_len=base_len, max_seq_len=max_len,
-                                                           base_shift=base_shift, max_shift=max_shift))
+                                                           base_shift=base_shift, max_shift=max_shift,
+                                                           seq_len=seq_len))
         elif self.shift:
             sigmas = shift_sigmas(sigmas, self.shift)
         return sigmas
