@@ -37,6 +37,19 @@ DENOISER_LOCATION_OPTIONS = {
 }
 
 
+class DiffusersClass:
+    """A class attribute naming a diffusers class, imported on first access (family modules are listed
+    without torch): ``vae_class = DiffusersClass("AutoencoderKLQwenImage")``."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> type:
+        import diffusers
+
+        return getattr(diffusers, self.name)
+
+
 class FamilyEncoders:
     """What the data pipeline needs from the model (the ``Encoders`` protocol)."""
 
