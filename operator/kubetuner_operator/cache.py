@@ -21,12 +21,14 @@ from typing import Any
 import kopf
 
 from .builders.common import LABEL_COMPONENT, LABEL_JOB
+from .builders.jobset import JOBSET_GROUP, JOBSET_PLURAL, JOBSET_VERSION
 from .builders.multinode import COMPLETION_INDEX_ANNOTATION
 from .reconcile import Counters, Observed
 from .spec import GROUP, PLURAL, VERSION
 
 Key = tuple[str, str]  # (namespace, TrainingJob name)
-TRAININGJOBS, PODS, JOBS = "kubetuner_trainingjobs", "kubetuner_trainer_pods", "kubetuner_jobs"
+TRAININGJOBS, PODS, JOBS, JOBSETS = "kubetuner_trainingjobs", "kubetuner_trainer_pods", "kubetuner_jobs", \
+    "kubetuner_jobsets"
 # Children the reconciler only needs to know exist: kind -> (API group, version, plural).
 OWNED = {"ConfigMap": ("", "v1", "configmaps"), "PersistentVolumeClaim": ("", "v1", "persistentvolumeclaims"),
          "Service": ("", "v1", "services")}
@@ -64,9 +66,9 @@ def pod_view(body: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def job_view(body: Mapping[str, Any]) -> dict[str, Any]:
-    """A trainer or hook Job: its conditions, start time and whether it is suspended."""
+    """A trainer or hook Job, or a trainer JobSet: its kind, conditions, start time and whether it is suspended."""
     suspend = (body.get("spec") or {}).get("suspend")
-    return {"metadata": _meta(body, "name", "labels", "deletionTimestamp"),
+    return {"kind": body.get("kind", "Job"), "metadata": _meta(body, "name", "labels", "deletionTimestamp"),
             "spec": {"suspend": suspend} if suspend is not None else {},
             "status": copy.deepcopy(body.get("status") or {})}
 
@@ -94,6 +96,11 @@ def register_indexes(registry: kopf.OperatorRegistry, *, network_policies: bool 
 
     @kopf.index("batch", "v1", "jobs", id=JOBS, labels=children, registry=registry)
     def jobs(namespace: str, labels: Mapping[str, str], body: Any, **_: Any) -> dict[Key, Any]:
+        return {_job_key(namespace, labels): job_view(body)}
+
+    # kopf watches it only where the API is installed (its discovery at start-up); else it stays empty.
+    @kopf.index(JOBSET_GROUP, JOBSET_VERSION, JOBSET_PLURAL, id=JOBSETS, labels=children, registry=registry)
+    def jobsets(namespace: str, labels: Mapping[str, str], body: Any, **_: Any) -> dict[Key, Any]:
         return {_job_key(namespace, labels): job_view(body)}
 
     for kind, (group, version, plural) in owned_kinds(network_policies=network_policies).items():
@@ -134,7 +141,7 @@ class ClusterCache:
     def capture(self, kwargs: Mapping[str, Any]) -> None:
         """Keep the index objects kopf passes to handlers (they are live, updated in place)."""
         if self.indexes is None and TRAININGJOBS in kwargs:
-            names = (TRAININGJOBS, PODS, JOBS, *map(_owned_id, {**OWNED, **NETWORK_POLICY}))
+            names = (TRAININGJOBS, PODS, JOBS, JOBSETS, *map(_owned_id, {**OWNED, **NETWORK_POLICY}))
             self.indexes = {name: kwargs[name] for name in names if name in kwargs}
 
     def _values(self, index: str, key: Key) -> list[Any]:
@@ -163,7 +170,7 @@ class ClusterCache:
         def component(obj: Mapping[str, Any]) -> str:
             return (obj.get("metadata", {}).get("labels") or {}).get(LABEL_COMPONENT, "")
 
-        jobs = self._values(JOBS, key)
+        jobs = self._values(JOBS, key) + self._values(JOBSETS, key)
         indexed = {ref for kind in {**OWNED, **NETWORK_POLICY} for ref in self._values(_owned_id(kind), key)}
         pending = self.pending.get(key, set())
         pending -= indexed  # seen now: from here on the index says whether it still exists

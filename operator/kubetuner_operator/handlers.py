@@ -22,6 +22,7 @@ import kopf
 
 from .admission import TenancyPolicy, policy_problems
 from .builders.common import LABEL_COMPONENT, LABEL_JOB
+from .builders.jobset import JOBSET_GROUP, JOBSET_PLURAL, JOBSET_VERSION
 from .builders.network_policy import NetworkPolicySettings
 from .cache import ClusterCache, register_indexes
 from .kube_api import ApiError, KubeApi
@@ -52,6 +53,7 @@ class OperatorSettings:
     webhook: WebhookSettings | None = None  # None: no admission webhook (the reconciler still checks)
     webhook_fail_closed: bool = True  # failurePolicy Fail (else Ignore)
     network_policy: NetworkPolicySettings | None = None  # None: no per-job NetworkPolicy
+    jobset: bool | None = None  # multi-node jobs as JobSets; None: when the API server serves jobset.x-k8s.io
 
 
 class Reconciler:
@@ -70,6 +72,8 @@ class Reconciler:
         self.events = EventRecorder()
         self._checked: dict[tuple[str, str], tuple[Any, list[str]]] = {}
         self.cache = ClusterCache()
+        self.jobset: bool | None = settings.jobset
+        self._discovery = asyncio.Lock()
 
     @staticmethod
     def _fingerprint(body: Any) -> tuple[Any, ...]:
@@ -112,10 +116,11 @@ class Reconciler:
         if self.cache.ready:
             return self.cache.observed((ns, name))
         selector = {LABEL_JOB: name}
-        pods, jobs, cms, pvcs, svcs, nps = await asyncio.gather(
+        pods, jobs, cms, pvcs, svcs, nps, jobsets = await asyncio.gather(
             api.list("Pod", ns, selector), api.list("Job", ns, selector), api.list("ConfigMap", ns, selector),
             api.list("PersistentVolumeClaim", ns, selector), api.list("Service", ns, selector),
-            api.list("NetworkPolicy", ns, selector) if self.settings.network_policy else _nothing())
+            api.list("NetworkPolicy", ns, selector) if self.settings.network_policy else _nothing(),
+            api.list("JobSet", ns, selector) if self.jobset else _nothing())
 
         def component(obj: dict[str, Any]) -> str:
             return (obj.get("metadata", {}).get("labels") or {}).get(LABEL_COMPONENT, "")
@@ -124,7 +129,8 @@ class Reconciler:
                              for kind, group in (("ConfigMap", cms), ("PersistentVolumeClaim", pvcs),
                                                  ("Service", svcs), ("NetworkPolicy", nps)) for obj in group)
         return Observed(pods=[p for p in pods if component(p) == "trainer"],
-                        trainer_jobs=[j for j in jobs if component(j) == "trainer"],
+                        trainer_jobs=[{"kind": "Job", **j} for j in jobs if component(j) == "trainer"] +
+                        [{"kind": "JobSet", **j} for j in jobsets if component(j) == "trainer"],
                         hook_jobs=[j for j in jobs if component(j) == "hook"],
                         existing=existing)
 
@@ -162,12 +168,24 @@ class Reconciler:
             await self._invalid_spec(api, body, previous, "; ".join(invalid), now, reason="InvalidConfig")
             return
         counters = Counters.from_annotations(body["metadata"].get("annotations"))
+        jobset = job.nodes > 1 and await self._jobset_served(api)
         observed = await self._observe(api, namespace, name)
         endpoint = status_endpoint(job, counters, observed)
         trainer = await self.trainer.fetch(*endpoint) if endpoint else None
         result = plan(job, counters=counters, observed=observed, trainer=trainer, previous_status=previous, now=now,
-                      network=self.settings.network_policy)
+                      network=self.settings.network_policy, jobset=jobset)
         await self._apply(api, body, result, previous)
+
+    async def _jobset_served(self, api: KubeApi) -> bool:
+        """Whether JobSets are served, asked once per process (API discovery; installing the JobSet
+        CRD later takes an operator restart, like kopf's own view of the resources it watches)."""
+        async with self._discovery:
+            if self.jobset is None:
+                self.jobset = await api.serves("JobSet")
+                log.info("JobSet API (%s/%s) %s: multi-node jobs run as %s", JOBSET_GROUP, JOBSET_VERSION,
+                         "found" if self.jobset else "not found",
+                         "JobSets" if self.jobset else "Indexed Jobs with a headless Service")
+            return self.jobset
 
     async def _apply(self, api: KubeApi, body: dict[str, Any], result: Plan, previous: dict[str, Any]) -> None:
         meta = body["metadata"]
@@ -357,6 +375,11 @@ def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
 
     @kopf.on.event("batch", "v1", "jobs", labels={LABEL_JOB: kopf.PRESENT}, registry=registry)
     async def job_event(labels: dict[str, str], namespace: str, **kwargs: Any) -> None:
+        reconciler.cache.capture(kwargs)
+        await _reconcile_or_retry(reconciler, namespace, labels[LABEL_JOB])
+
+    @kopf.on.event(JOBSET_GROUP, JOBSET_VERSION, JOBSET_PLURAL, labels={LABEL_JOB: kopf.PRESENT}, registry=registry)
+    async def jobset_event(labels: dict[str, str], namespace: str, **kwargs: Any) -> None:
         reconciler.cache.capture(kwargs)
         await _reconcile_or_retry(reconciler, namespace, labels[LABEL_JOB])
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 
+from .builders.jobset import JOBSET_API_VERSION, JOBSET_PLURAL
 from .spec import GROUP, PLURAL, VERSION
 
 RESOURCES: dict[str, tuple[str, str]] = {  # kind -> (API prefix, plural)
@@ -24,6 +25,7 @@ RESOURCES: dict[str, tuple[str, str]] = {  # kind -> (API prefix, plural)
     "Event": ("/api/v1", "events"),
     "Job": ("/apis/batch/v1", "jobs"),
     "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies"),
+    "JobSet": (f"/apis/{JOBSET_API_VERSION}", JOBSET_PLURAL),
     "TrainingJob": (f"/apis/{GROUP}/{VERSION}", PLURAL),
 }
 # Cluster-scoped kinds the operator touches: kind -> collection path.
@@ -132,6 +134,20 @@ class KubeApi:
                     subresource: str | None = None) -> dict[str, Any]:
         path = object_path(kind, namespace, name) + (f"/{subresource}" if subresource else "")
         return await self._request("PATCH", path, body=patch, content_type=MERGE_PATCH)
+
+    async def serves(self, kind: str) -> bool:
+        """Whether the API server serves ``kind`` (RESOURCES), by API discovery (no RBAC needed).
+
+        Raises ApiError when discovery itself fails (other than 404, which means "not served").
+        """
+        prefix, plural = RESOURCES[kind]
+        try:
+            found = await self._request("GET", prefix)
+        except ApiError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return any(r.get("name") == plural for r in found.get("resources") or ())
 
     async def get_cluster(self, kind: str, name: str) -> dict[str, Any]:
         """A cluster-scoped object (CLUSTER_RESOURCES); ApiError when missing."""

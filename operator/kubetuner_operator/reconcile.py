@@ -36,10 +36,12 @@ from .builders import (
     build_headless_service,
     build_hook_job,
     build_indexed_job,
+    build_jobset,
     build_network_policy,
     build_pvcs,
     build_trainer_pod,
     hook_job_name,
+    jobset_name,
     trainer_name,
 )
 from .builders.common import LABEL_ATTEMPT, TRAINER_CONTAINER
@@ -56,6 +58,8 @@ SPEC_FAILURES = frozenset({"InvalidSpec", "InvalidConfig", "CreateRejected"})
 DISRUPTION_REASONS = frozenset({"Evicted", "Preempting", "Preempted", "Shutdown", "NodeShutdown", "Terminated",
                                 "DeletionByTaintManager", "TerminationByKubelet"})
 MESSAGE_LIMIT = 512
+# What runs one attempt: a Pod (one node), an Indexed Job, or a JobSet (several nodes, JobSet installed).
+TRAINER_KINDS = ("Pod", "Job", "JobSet")
 
 
 class RunState(StrEnum):
@@ -94,7 +98,7 @@ class Observed:
     """Children of one TrainingJob as listed from the API (by the ``kubetuner.dev/job`` label)."""
 
     pods: Sequence[Mapping[str, Any]] = ()  # trainer pods, every attempt (also multi-node pods)
-    trainer_jobs: Sequence[Mapping[str, Any]] = ()  # multi-node Indexed Jobs, every attempt
+    trainer_jobs: Sequence[Mapping[str, Any]] = ()  # multi-node Indexed Jobs and JobSets, every attempt
     hook_jobs: Sequence[Mapping[str, Any]] = ()
     existing: frozenset[tuple[str, str]] = frozenset()  # (kind, name) of ConfigMap/PVC/Service/NetworkPolicy
 
@@ -139,6 +143,19 @@ def _name(obj: Mapping[str, Any]) -> str:
 def _attempt_of(obj: Mapping[str, Any]) -> int | None:
     value = (obj.get("metadata", {}).get("labels") or {}).get(LABEL_ATTEMPT)
     return int(value) if value is not None and str(value).isdigit() else None
+
+
+def _kind(obj: Mapping[str, Any]) -> str:
+    return str(obj.get("kind") or "Job")
+
+
+def _group_finished(obj: Mapping[str, Any]) -> bool:
+    """An Indexed Job or JobSet that completed (Job: ``Complete``, JobSet: ``Completed``) or failed."""
+    return bool(_group_succeeded(obj) or _true_condition(obj, "Failed"))
+
+
+def _group_succeeded(obj: Mapping[str, Any]) -> bool:
+    return bool(_true_condition(obj, "Complete") or _true_condition(obj, "Completed"))
 
 
 def _true_condition(obj: Mapping[str, Any], ctype: str) -> Mapping[str, Any] | None:
@@ -228,13 +245,14 @@ def classify_run(job: TrainingJobSpec, attempt: int, observed: Observed) -> Run:
         name = trainer_name(job, attempt)
         pod = next((p for p in pods if _name(p) == name), None)
         return classify_pod(pod) if pod is not None else Run(RunState.MISSING)
-    tjob = next((j for j in observed.trainer_jobs if _name(j) == trainer_name(job, attempt)), None)
+    tjob = _trainer_group(job, attempt, observed)
     if tjob is None:
         return Run(RunState.MISSING)
-    started = (tjob.get("status") or {}).get("startTime")
+    started = (tjob.get("status") or {}).get("startTime") or next(
+        (p.get("status", {}).get("startTime") for p in pods if (p.get("status") or {}).get("startTime")), None)
     if tjob.get("metadata", {}).get("deletionTimestamp"):
         return Run(RunState.TERMINATING, "trainer job is being deleted", started, ran=started is not None)
-    if _true_condition(tjob, "Complete"):
+    if _group_succeeded(tjob):
         return Run(RunState.SUCCEEDED, "", started)
     if _true_condition(tjob, "Failed"):
         # Decide once every node has stopped: watch events of pods and Jobs arrive in no set order,
@@ -258,6 +276,22 @@ def classify_run(job: TrainingJobSpec, attempt: int, observed: Observed) -> Run:
         return Run(RunState.RUNNING, "", started)
     detail = next((r.detail for r in runs if r.detail), "")
     return Run(RunState.PENDING, detail, started)
+
+
+def _trainer_group(job: TrainingJobSpec, attempt: int, observed: Observed) -> Mapping[str, Any] | None:
+    """The Indexed Job or JobSet of ``attempt``, whichever exists (the kind is chosen when it is created)."""
+    names = {trainer_name(job, attempt), jobset_name(job, attempt)}
+    return next((j for j in observed.trainer_jobs if _name(j) in names), None)
+
+
+def _trainer_ref(job: TrainingJobSpec, attempt: int, observed: Observed, *, jobset: bool) -> tuple[str, str]:
+    """(kind, name) of the trainer of ``attempt``: as observed, else as it would be created."""
+    if job.nodes == 1:
+        return "Pod", trainer_name(job, attempt)
+    found = _trainer_group(job, attempt, observed)
+    if found is not None:
+        return _kind(found), _name(found)
+    return ("JobSet", jobset_name(job, attempt)) if jobset else ("Job", trainer_name(job, attempt))
 
 
 def status_endpoint(job: TrainingJobSpec, counters: Counters, observed: Observed) -> tuple[str, int] | None:
@@ -329,11 +363,12 @@ def hook_job_result(obj: Mapping[str, Any]) -> str:
 
 # ---------------------------------------------------------------- planning
 
-def _trainer_objects(job: TrainingJobSpec, attempt: int, *, resume: bool) -> list[dict[str, Any]]:
+def _trainer_objects(job: TrainingJobSpec, attempt: int, *, resume: bool, jobset: bool) -> list[dict[str, Any]]:
     if job.nodes == 1:
         return [build_trainer_pod(job, attempt, resume=resume)]
     # A queued Job may be stopped and re-admitted by Kueue with the same template: always resume then.
-    return [build_indexed_job(job, attempt, resume=resume or bool(job.queue_name))]
+    build = build_jobset if jobset else build_indexed_job
+    return [build(job, attempt, resume=resume or bool(job.queue_name))]
 
 
 def _active_trainers(job: TrainingJobSpec, observed: Observed, *, keep: int | None) -> list[tuple[str, str]]:
@@ -349,8 +384,8 @@ def _active_trainers(job: TrainingJobSpec, observed: Observed, *, keep: int | No
         for tjob in observed.trainer_jobs:
             if _attempt_of(tjob) == keep or tjob.get("metadata", {}).get("deletionTimestamp"):
                 continue
-            if not (_true_condition(tjob, "Complete") or _true_condition(tjob, "Failed")):
-                out.append(("Job", _name(tjob)))
+            if not _group_finished(tjob):
+                out.append((_kind(tjob), _name(tjob)))
     return out
 
 
@@ -363,7 +398,7 @@ def _lingering(job: TrainingJobSpec, observed: Observed, attempt: int) -> list[s
         return sorted(pods)
     return sorted(pods + [_name(j) for j in observed.trainer_jobs if (_attempt_of(j) or 0) < attempt
                           and not j.get("metadata", {}).get("deletionTimestamp")
-                          and not (_true_condition(j, "Complete") or _true_condition(j, "Failed"))])
+                          and not _group_finished(j)])
 
 
 def _hooks(job: TrainingJobSpec, observed: Observed, checkpoints: Sequence[CheckpointInfo],
@@ -409,10 +444,12 @@ def _hooks(job: TrainingJobSpec, observed: Observed, checkpoints: Sequence[Check
 
 def plan(job: TrainingJobSpec, *, counters: Counters, observed: Observed, trainer: TrainerStatus | None,
          previous_status: Mapping[str, Any] | None, now: datetime,
-         network: NetworkPolicySettings | None = None) -> Plan:
+         network: NetworkPolicySettings | None = None, jobset: bool = False) -> Plan:
     """Decide what to create/delete and what the status is. Pure and deterministic.
 
     ``network``: the operator's NetworkPolicy settings (None: it creates no per-job policy).
+    ``jobset``: the JobSet API is installed; a new multi-node attempt is then a JobSet (an attempt
+    that exists keeps its kind).
     """
     trainer = trainer_report(trainer, counters, observed)
     prev = dict(previous_status or {})
@@ -437,14 +474,13 @@ def plan(job: TrainingJobSpec, *, counters: Counters, observed: Observed, traine
         delete += _active_trainers(job, observed, keep=None)
     else:
         desired = [build_configmap(job), *build_pvcs(job)]
-        if job.nodes > 1:
-            desired.append(build_headless_service(job))
+        if job.nodes > 1 and not jobset:
+            desired.append(build_headless_service(job))  # JobSet makes its own
         if network is not None:
             desired.append(build_network_policy(job, network))
         create += [c for c in desired if (c["kind"], c["metadata"]["name"]) not in observed.existing]
         delete += _active_trainers(job, observed, keep=counters.attempt)
-        current = trainer_name(job, counters.attempt)
-        current_kind = "Pod" if job.nodes == 1 else "Job"
+        current_kind, current = _trainer_ref(job, counters.attempt, observed, jobset=jobset)
         if deadline and start and now >= start + timedelta(seconds=deadline):
             if run.state not in FINISHED_STATES | {RunState.MISSING}:
                 delete.append((current_kind, current))
@@ -465,20 +501,21 @@ def plan(job: TrainingJobSpec, *, counters: Counters, observed: Observed, traine
                               "latest checkpoint.")
         elif run.state == RunState.MISSING and prev_phase in ACTIVE and fresh:
             run = Run(RunState.EVICTED, "trainer disappeared while running (deleted or preempted)")
-            outcome, new_counters, extra = _retry(job, counters, run, prev_phase)
+            outcome, new_counters, extra = _retry(job, counters, run, prev_phase, jobset=jobset)
             create += extra if not _lingering(job, observed, new_counters.attempt) else []
         elif run.state == RunState.MISSING and (lingering := _lingering(job, observed, counters.attempt)):
             outcome = _waiting(prev_phase if fresh else Phase.RESTARTING, "TrainerPending",
                                f"Waiting for {', '.join(lingering)} to stop before starting {current}.")
         elif run.state == RunState.MISSING:
-            create += _trainer_objects(job, counters.attempt, resume=counters.attempt > 0 or has_checkpoint)
+            create += _trainer_objects(job, counters.attempt, resume=counters.attempt > 0 or has_checkpoint,
+                                       jobset=jobset)
             # Reported as already pending: the pod's own watch event then changes nothing (no second write).
             outcome = _waiting(prev_phase if fresh else Phase.RESTARTING, "TrainerPending",
                                f"Trainer {current} is pending.")
         elif run.state == RunState.TERMINATING and run.ran:
             # Lost while running (deleted, drained): a new attempt resumes from the checkpoint the
             # trainer writes on SIGTERM, so it is created once this one is gone.
-            outcome, new_counters, _ = _retry(job, counters, run, prev_phase)
+            outcome, new_counters, _ = _retry(job, counters, run, prev_phase, jobset=jobset)
         elif run.state == RunState.QUEUED:
             outcome = Outcome(Phase.PENDING, "Queued",
                               f"Waiting for Kueue admission in queue {job.queue_name}." if job.queue_name
@@ -491,9 +528,9 @@ def plan(job: TrainingJobSpec, *, counters: Counters, observed: Observed, traine
             outcome = Outcome(Phase.CACHING if caching else Phase.RUNNING, "Caching" if caching else "Training",
                               _running_message(trainer))
         else:
-            outcome, new_counters, extra = _retry(job, counters, run, prev_phase)
+            outcome, new_counters, extra = _retry(job, counters, run, prev_phase, jobset=jobset)
             if job.nodes > 1 and new_counters.attempt != counters.attempt:
-                delete.append(("Job", current))  # stops every node of the old attempt at once
+                delete.append((current_kind, current))  # stops every node of the old attempt at once
             # The next attempt starts once every node of this one has stopped (checkpoint on SIGTERM).
             create += extra if not _lingering(job, observed, new_counters.attempt) else []
 
@@ -533,7 +570,7 @@ def _waiting(prev_phase: Phase | None, reason: str, message: str) -> Outcome:
     return Outcome(Phase.PENDING, reason, message)
 
 
-def _retry(job: TrainingJobSpec, counters: Counters, run: Run, prev_phase: Phase | None
+def _retry(job: TrainingJobSpec, counters: Counters, run: Run, prev_phase: Phase | None, *, jobset: bool
            ) -> tuple[Outcome, Counters, list[dict[str, Any]]]:
     reason = {RunState.INTERRUPTED: "Interrupted", RunState.EVICTED: "Preempted"}.get(run.state, "Crashed")
     limit = job.run_policy.backoff_limit
@@ -542,9 +579,10 @@ def _retry(job: TrainingJobSpec, counters: Counters, run: Run, prev_phase: Phase
                         f"{reason}: {run.detail}; giving up after {counters.restarts} restart(s) "
                         f"(backoffLimit {limit})."), counters, [])
     new = Counters(counters.attempt + 1, counters.restarts + 1)
+    objs = _trainer_objects(job, new.attempt, resume=True, jobset=jobset)
     message = (f"{reason}: {run.detail}; restarting from the latest checkpoint as "
-               f"{trainer_name(job, new.attempt)} (restart {new.restarts} of {limit}).")
-    return Outcome(Phase.RESTARTING, reason, message), new, _trainer_objects(job, new.attempt, resume=True)
+               f"{objs[0]['metadata']['name']} (restart {new.restarts} of {limit}).")
+    return Outcome(Phase.RESTARTING, reason, message), new, objs
 
 
 def _running_message(trainer: TrainerStatus | None) -> str:

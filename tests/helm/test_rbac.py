@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from test_chart import by_kind, render
 
+from kubetuner_operator import handlers, reconcile
 from kubetuner_operator.cache import owned_kinds
 from kubetuner_operator.kube_api import CLUSTER_RESOURCES, RESOURCES
 
@@ -41,10 +42,8 @@ def _dynamic_kinds(method: str) -> set[str]:
         for path in [*(PACKAGE / "builders").glob("*.py"), PACKAGE / "handlers.py"]:
             kinds |= _kind_literals(path, r'"kind":\s*"(\w+)"')
         return kinds
-    # delete: the (kind, name) pairs the planner schedules
-    return _kind_literals(PACKAGE / "reconcile.py", r'\("(\w+)",') | \
-        _kind_literals(PACKAGE / "reconcile.py", r'current_kind = "(\w+)" if .* else "(\w+)"') | \
-        set(re.findall(r'"(Pod|Job)"', (PACKAGE / "reconcile.py").read_text(encoding="utf-8")))
+    # delete: the (kind, name) pairs the planner schedules: literal ones and trainers of every kind
+    return _kind_literals(PACKAGE / "reconcile.py", r'\("(\w+)",') | set(reconcile.TRAINER_KINDS)
 
 
 def used_by_the_client() -> set[Grant]:
@@ -77,13 +76,12 @@ def watched_by_kopf(*, network_policies: bool = True) -> set[Grant]:
     (the owned kinds of :mod:`kubetuner_operator.cache`; NetworkPolicies only when it creates them)."""
     source = (PACKAGE / "handlers.py").read_text(encoding="utf-8")
     grants: set[Grant] = set()
+    module = vars(handlers)
     for args in re.findall(r"@kopf\.on\.event\(([^)]*)\)", source):
-        positional = [a.strip() for a in args.split(",") if "=" not in a]
-        if positional[:3] == ["GROUP", "VERSION", "PLURAL"]:
-            group, plural = "kubetuner.dev", "trainingjobs"
-        else:
-            literal = [p.strip('"') for p in positional]
-            group, plural = ("", literal[1]) if literal[0] == "v1" else (literal[0], literal[2])
+        positional = [a.strip() for a in re.split(r"\b\w+=", args)[0].split(",") if a.strip()]
+        # string literals, or the names of module-level constants the handlers module imports
+        literal = [p.strip('"') if p.startswith('"') else module[p] for p in positional]
+        group, plural = ("", literal[1]) if literal[0] == "v1" else (literal[0], literal[2])
         grants |= {(group, plural, "list"), (group, plural, "watch")}
     for group, _version, plural in owned_kinds(network_policies=network_policies).values():
         grants |= {(group, plural, "list"), (group, plural, "watch")}
@@ -109,6 +107,8 @@ def test_the_derivation_finds_the_calls_it_must():
     assert ("admissionregistration.k8s.io", "validatingwebhookconfigurations", "patch") in used
     assert ("kubetuner.dev", "trainingjobs", "watch") in watched_by_kopf()
     assert ("", "configmaps", "watch") in watched_by_kopf()  # kopf's index of owned children
+    assert ("jobset.x-k8s.io", "jobsets", "watch") in watched_by_kopf()
+    assert {("jobset.x-k8s.io", "jobsets", verb) for verb in ("create", "delete", "list")} <= used
     assert ("networking.k8s.io", "networkpolicies", "create") in used
     assert ("networking.k8s.io", "networkpolicies", "watch") not in watched_by_kopf(network_policies=False)
 

@@ -37,15 +37,15 @@ def _completion_index() -> dict[str, Any]:
     return {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}}
 
 
-def rendezvous_env(job: TrainingJobSpec, attempt: int) -> list[dict[str, Any]]:
-    """Where and how the nodes meet; ``NODE_RANK`` comes from the pod's completion index.
+def rendezvous_env(job: TrainingJobSpec, master: str) -> list[dict[str, Any]]:
+    """Where and how the nodes meet (``master``: node 0's DNS name); ``NODE_RANK`` comes from the pod's
+    completion index.
 
     ``kubetuner-train`` runs directly in every pod (no torchrun, whose exit code 1 would hide the
     trainer's "interrupted"/"config error" codes): it starts ``NPROC_PER_NODE`` local workers as
     global ranks ``NODE_RANK * NPROC_PER_NODE + local rank`` of ``NUM_NODES * NPROC_PER_NODE``
     (the rendered ``num_processes``) and gives the pod one exit code by the trainer contract.
     """
-    master = f"{trainer_name(job, attempt)}-0.{resource_names(job)['service']}"
     return [
         {"name": "MASTER_ADDR", "value": master},
         {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
@@ -62,7 +62,8 @@ def processes_per_node(job: TrainingJobSpec) -> int:
 
 def build_indexed_job(job: TrainingJobSpec, attempt: int, *, resume: bool) -> dict[str, Any]:
     name = trainer_name(job, attempt)
-    pod_spec = trainer_pod_spec(job, resume=resume, extra_env=rendezvous_env(job, attempt))
+    master = f"{name}-0.{resource_names(job)['service']}"  # Indexed Job pod hostnames: <job>-<index>
+    pod_spec = trainer_pod_spec(job, resume=resume, extra_env=rendezvous_env(job, master))
     pod_spec["subdomain"] = resource_names(job)["service"]
     extra = {LABEL_ATTEMPT: str(attempt)}
     if job.queue_name:

@@ -266,7 +266,7 @@ def spec_schema() -> Schema:
             "config": config,
             "datasets": datasets_schema(),
             "resources": resources_schema(),
-            "nodes": integer("Nodes (pods); more than one runs an Indexed Job with a rendezvous.", minimum=1,
+            "nodes": integer("Nodes (pods); more than one runs a JobSet (where installed) or an Indexed Job, with a rendezvous.", minimum=1,
                              maximum=256, default=1),
             "caches": obj("Persistent caches, shareable across TrainingJobs.", {
                 "models": volume("Hugging Face model cache (HF_HOME)."),
