@@ -250,3 +250,66 @@ def test_flavours_options_and_validation_arguments(make_cfg):
     assert kwargs == {"prompt": "x", "width": 32, "height": 64, "num_frames": 17, "frame_rate": 24,
                       "max_sequence_length": 128}
     assert family.rope_interpolation_scale() == (4 / 24, 4, 4)
+
+
+def test_comfyui_export_names_the_original_checkpoints_layers(make_cfg):
+    """ComfyUI loads ``diffusion_model.<layer>`` LoRA keys in the original LTX-Video names; diffusers' single-file
+    converter maps those names back onto exactly the layers we trained."""
+    from diffusers.loaders.single_file_utils import convert_ltx_transformer_checkpoint_to_diffusers
+
+    cfg = _cfg(make_cfg, max_train_steps=1, lora_format="comfyui",
+               peft_lora_target_modules='["to_q", "to_out.0", "proj_in", "time_embed.linear", "ff.net.2"]')
+    result, family, _ = train_in_process(cfg, data_factory=lambda enc: ClipData(enc))
+    tensors = load_file(str(result.final_path / "pytorch_lora_weights.safetensors"))
+    layers = {key.rsplit(".", 2)[0] if key.endswith(".weight") else key.rsplit(".", 1)[0] for key in tensors}
+    assert {"diffusion_model.patchify_proj", "diffusion_model.adaln_single.linear",
+            "diffusion_model.transformer_blocks.0.attn1.to_q"} <= layers
+    assert all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in tensors)
+    original = {f"model.{layer}.weight": torch.zeros(1) for layer in layers}
+    converted = {k.removesuffix(".weight") for k in convert_ltx_transformer_checkpoint_to_diffusers(original)}
+    trained = {name for name, module in family.denoiser.named_modules() if hasattr(module, "lora_A")}
+    assert converted == trained
+
+
+def test_a_simpletuner_ltx_lora_config_with_clips_and_images_trains_through_kubetuner_train(tmp_path, tiny_model,
+                                                                                              monkeypatch):
+    """A SimpleTuner-style LTX-Video LoRA config (paths swapped, a short run) over a video dataset and an image
+    dataset: clips cache as 3-frame latents, images as one-frame clips, and the LoRA loads into LTXPipeline."""
+    import gzip
+    import json
+
+    from diffusers import LTXPipeline
+    from safetensors.torch import load
+
+    from kubetuner_trainer.cli import main
+    from kubetuner_trainer.tiny import build_tiny_dataset, build_tiny_video_dataset
+
+    monkeypatch.chdir(tmp_path)
+    clips = build_tiny_video_dataset(tmp_path / "clips", count=2, frames=FRAMES, sizes=((32, 32),))
+    images = build_tiny_dataset(tmp_path / "images", count=1, sizes=((32, 32),))
+    datasets = tmp_path / "multidatabackend.json"
+    datasets.write_text(json.dumps([
+        {"id": "clips", "type": "local", "dataset_type": "video", "instance_data_dir": str(clips),
+         "caption_strategy": "textfile", "cache_dir_vae": str(tmp_path / "cache" / "vae" / "{model_family}" / "clips"),
+         "video": {"num_frames": FRAMES, "is_i2v": True}},
+        {"id": "images", "type": "local", "instance_data_dir": str(images), "caption_strategy": "textfile",
+         "cache_dir_vae": str(tmp_path / "cache" / "vae" / "{model_family}" / "images")},
+    ]))
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({
+        "model_family": "ltxvideo", "model_flavour": "0.9.5", "model_type": "lora", "lora_rank": 4,
+        "pretrained_model_name_or_path": str(tiny_model("ltxvideo")), "output_dir": str(tmp_path / "out"),
+        "data_backend_config": str(datasets), "cache_dir": str(tmp_path / "cache"), "max_train_steps": 3,
+        "train_batch_size": 1, "learning_rate": 1e-3, "optimizer": "adamw_bf16", "mixed_precision": "no",
+        "resolution": 0.001024, "resolution_type": "area", "aspect_bucket_alignment": 16,
+        "ltx_train_mode": "i2v", "ltx_i2v_prob": 0.1, "ltx_partial_noise_fraction": 0.05, "framerate": 25,
+        "flow_schedule_auto_shift": True, "flow_schedule_shift": 0, "validation_num_video_frames": FRAMES,
+        "seed": 3, "metrics_port": 0,
+    }))
+    assert main(["--config", str(config)]) == ExitCode.SUCCESS
+    shapes = {path.parent.name: tuple(load(gzip.decompress(path.read_bytes()))["latents"].shape)
+              for path in (tmp_path / "cache" / "vae" / "ltxvideo").rglob("*.safetensors.gz")}
+    assert shapes == {"clips": (8, 3, 8, 8), "images": (8, 1, 8, 8)}
+    pipe = LTXPipeline.from_pretrained(str(tiny_model("ltxvideo")))
+    pipe.load_lora_weights(str(tmp_path / "out"))
+    assert "default_0" in pipe.transformer.peft_config

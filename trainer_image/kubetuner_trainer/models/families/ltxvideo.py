@@ -55,6 +55,9 @@ MAX_VALIDATION_FRAMES = 125
 TEMPORAL_COMPRESSION = 8
 #: LTXPipeline refuses sizes that are not multiples of this (its ``check_inputs``)
 PIPELINE_SIZE_MULTIPLE = 32
+#: diffusers name → original LTX-Video checkpoint name of the transformer's top-level layers that differ
+#: (the reverse of diffusers' ``convert_ltx_transformer_checkpoint_to_diffusers`` renames)
+ORIGINAL_LAYER_NAMES = {"proj_in": "patchify_proj", "time_embed": "adaln_single"}
 #: SimpleTuner's LTX LoRA targets: self- and cross-attention projections of every block
 LTX_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 
@@ -328,8 +331,11 @@ class LTXVideoFamily(ModelFamily):
 
     @classmethod
     def comfyui_key(cls, module_name: str, module_path: str, trained: Sequence[str]) -> str:
-        """ComfyUI's generic layer name for an LTX-Video transformer layer: ``diffusion_model.<layer path>``."""
-        return f"{cls.comfyui_prefixes[module_name]}.{module_path}"
+        """ComfyUI's generic layer name for an LTX-Video transformer layer: ``diffusion_model.<layer path>`` in the
+        original checkpoint's names, which ComfyUI's LTXV model keeps (:data:`ORIGINAL_LAYER_NAMES`)."""
+        head, _, rest = module_path.partition(".")
+        head = ORIGINAL_LAYER_NAMES.get(head, head)
+        return f"{cls.comfyui_prefixes[module_name]}.{head}{'.' + rest if rest else ''}"
 
 
 def tiny_ltxvideo_configs() -> tuple[dict[str, Any], dict[str, Any]]:
