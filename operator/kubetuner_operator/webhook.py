@@ -32,7 +32,8 @@ class WebhookSettings:
 
     ``cert_dir`` holds ``tls.crt``/``tls.key`` (cert-manager); without it a self-signed certificate
     is made for ``hostnames``. ``configuration`` names the ValidatingWebhookConfiguration whose
-    ``caBundle`` the operator fills in self-signed mode. ``cadump`` writes the CA (tests, curl).
+    ``caBundle`` the operator fills in self-signed mode. ``cadump`` writes the CA (tests, curl), whole
+    and before the server starts listening.
     """
 
     addr: str = "0.0.0.0"
@@ -84,9 +85,22 @@ def build_server(settings: WebhookSettings) -> tuple[kopf.WebhookServer, bytes]:
         keyfile.chmod(0o600)
         ca = certfile
     server = kopf.WebhookServer(addr=settings.addr, port=settings.port, host=settings.hostnames[0],
-                                certfile=str(certfile), pkeyfile=str(keyfile), cafile=str(ca),
-                                cadump=settings.cadump)
-    return server, ca.read_bytes()
+                                certfile=str(certfile), pkeyfile=str(keyfile), cafile=str(ca))
+    ca_bytes = ca.read_bytes()
+    if settings.cadump:
+        dump_ca(Path(settings.cadump), ca_bytes)
+    return server, ca_bytes
+
+
+def dump_ca(path: Path, ca: bytes) -> None:
+    """Write the CA bundle so that readers never see a partial file: a temporary file renamed into place.
+
+    kopf's own ``cadump`` writes in place (create, then fill), so a reader polling for the file could
+    open it empty, which ssl reports as ``NO_CERTIFICATE_OR_CRL_FOUND``.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(ca)
+    tmp.replace(path)
 
 
 def review(body: dict[str, Any], old: dict[str, Any] | None, policy: TenancyPolicy) -> list[str]:

@@ -135,3 +135,17 @@ async def test_ca_bundle_is_written_into_every_webhook_of_the_configuration():
     assert name == "kubetuner" and [h["clientConfig"]["caBundle"] for h in patch["webhooks"]] == \
         [base64.b64encode(b"CA").decode()] * 2
     assert all(h["clientConfig"]["service"]["name"] == "s" for h in patch["webhooks"])
+
+
+def test_the_ca_is_dumped_whole_before_the_server_listens(tmp_path: Path):
+    """The flaky NO_CERTIFICATE_OR_CRL_FOUND: kopf's cadump creates the file, then fills it, so a poller
+    could load it empty. build_server writes it itself, complete, by rename, before kopf starts."""
+    from kubetuner_operator.webhook import build_server
+
+    cadump = tmp_path / "ca.pem"
+    server, ca = build_server(WebhookSettings(addr="127.0.0.1", port=free_port(), hostnames=("127.0.0.1",),
+                                              cadump=str(cadump)))
+    assert server.cadump is None  # not kopf's in-place write
+    assert cadump.read_bytes() == ca and ca.rstrip().endswith(b"-----END CERTIFICATE-----")
+    ssl.create_default_context(cafile=str(cadump))
+    assert [p.name for p in tmp_path.iterdir()] == ["ca.pem"]  # no temporary file left behind
