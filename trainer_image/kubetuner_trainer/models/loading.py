@@ -208,17 +208,33 @@ def _from_folder(family_cls: type[ModelFamily], src: ModelSource, weight_dtype: 
             text_encoders.append(load_part(te_cls, location, src, subfolder=subfolder, option=options[te_name],
                                            what=f"a {te_cls.__name__} folder or a pipeline folder with "
                                                 f"{te_name}/", torch_dtype=weight_dtype))
+        elif separate := _separate_source(family_cls, model, te_name):
+            text_encoders.append(load_part(te_cls, separate, ModelSource(separate), subfolder=None,
+                                           option=MODEL_OPTION, what=f"a {te_cls.__name__} repository",
+                                           torch_dtype=weight_dtype))
         else:
             text_encoders.append(load_part(te_cls, model, src, subfolder=te_name, option=MODEL_OPTION,
                                            what=PIPELINE_LAYOUT, torch_dtype=weight_dtype))
-    tokenizers = [
-        load_part(tok_cls, model, src, subfolder=tok_name, option=MODEL_OPTION, what=PIPELINE_LAYOUT,
-                  use_variant=False)
-        for tok_cls, tok_name in zip(family_cls.tokenizer_classes(), family_cls.tokenizer_names, strict=True)
-    ]
+    tokenizers = []
+    for tok_cls, tok_name in zip(family_cls.tokenizer_classes(), family_cls.tokenizer_names, strict=True):
+        if separate := _separate_source(family_cls, model, tok_name):
+            tokenizers.append(load_part(tok_cls, separate, ModelSource(separate), subfolder=None, option=MODEL_OPTION,
+                                        what=f"a {tok_cls.__name__} repository", use_variant=False))
+        else:
+            tokenizers.append(load_part(tok_cls, model, src, subfolder=tok_name, option=MODEL_OPTION,
+                                        what=PIPELINE_LAYOUT, use_variant=False))
     scheduler = load_part(family_cls.scheduler_class(), model, src, subfolder="scheduler", option=MODEL_OPTION,
                           what=PIPELINE_LAYOUT, use_variant=False)
     return Components(denoiser, vae, text_encoders, tokenizers, scheduler, src)
+
+
+def _separate_source(family_cls: type[ModelFamily], model: str, name: str) -> str | None:
+    """The repository of a component the family's model repositories do not ship (``separate_sources``, e.g.
+    HiDream's Llama), unless ``model`` is a local folder holding ``name/``; else None."""
+    location = getattr(family_cls, "separate_sources", {}).get(name)
+    if location and _is_local(model) and (Path(model) / name).is_dir():
+        return None
+    return location
 
 
 def vae_dtype(cfg: Any) -> torch.dtype:
