@@ -243,8 +243,9 @@ def test_flavours_options_and_validation_arguments(make_cfg):
                                                     prediction_type="epsilon"))}
     assert refused == {"train_text_encoder", "model_flavour", "prediction_type"}
     warned = {p.option for p in all_warnings(_cfg(make_cfg, tokenizer_max_length=226, t5_padding="zero",
-                                                  validation_num_video_frames=200))}
-    assert {"tokenizer_max_length", "t5_padding", "validation_num_video_frames"} <= warned
+                                                  validation_num_video_frames=200, aspect_bucket_alignment=16))}
+    assert {"tokenizer_max_length", "t5_padding", "validation_num_video_frames", "aspect_bucket_alignment"} <= warned
+    assert not {p.option for p in all_warnings(_cfg(make_cfg, aspect_bucket_alignment=64))} & warned
     family = load_family(_cfg(make_cfg, framerate=24, validation_num_video_frames=17))
     kwargs = family.pipeline_call_kwargs({"prompt": "x", "width": 48, "height": 64})
     assert kwargs == {"prompt": "x", "width": 32, "height": 64, "num_frames": 17, "frame_rate": 24,

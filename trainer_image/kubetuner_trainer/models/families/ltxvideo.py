@@ -222,6 +222,12 @@ class LTXVideoFamily(ModelFamily):
         if cfg.validation_noise_scheduler:
             warnings.append(Problem("validation_noise_scheduler", cfg.validation_noise_scheduler,
                                     "has no effect for ltxvideo: validation uses FlowMatchEulerDiscreteScheduler"))
+        alignment = cfg.aspect_bucket_alignment
+        if alignment and alignment % PIPELINE_SIZE_MULTIPLE:
+            warnings.append(Problem("aspect_bucket_alignment", alignment,
+                                    f"LTX-Video's VAE encodes {PIPELINE_SIZE_MULTIPLE}x{PIPELINE_SIZE_MULTIPLE}-pixel "
+                                    f"blocks: sizes that are not multiples of {PIPELINE_SIZE_MULTIPLE} lose or pad "
+                                    "pixels (SimpleTuner forces 64)"))
         frames = cfg.validation_num_video_frames
         if frames and frames > MAX_VALIDATION_FRAMES:
             warnings.append(Problem("validation_num_video_frames", frames,
