@@ -10,7 +10,7 @@
   which OpenAPI cannot constrain and CEL could only check at a cost the API server refuses);
 * literal credentials anywhere in options, hook env values or arguments, judged by the value;
 * pod annotations that change the pod's security profile;
-* the size of the rendered ConfigMap (the API server stores at most 1 MiB of data);
+* the size of the trainer pod's annotations, which carry the rendered files (the API server allows 256 KiB);
 * the cluster's tenancy policy (allowed images and ServiceAccounts, see :class:`TenancyPolicy`).
 
 Every message starts with the field path, like the API server's.
@@ -31,8 +31,8 @@ MAX_DEPTH = 64
 # Values beyond this many nodes are refused before any other check (a YAML alias bomb expands to billions).
 MAX_NODES = 100_000
 INT64 = (-(2**63), 2**63 - 1)
-# corev1 ConfigMap: the API server refuses more than 1 MiB of data.
-CONFIGMAP_MAX_BYTES = 1024 * 1024
+# apimachinery ValidateAnnotationsSize (TotalAnnotationSizeLimitB): keys and values of one object together.
+ANNOTATIONS_MAX_BYTES = 256 * 1024
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -141,7 +141,7 @@ def policy_problems(obj: Mapping[str, Any], policy: TenancyPolicy | None = None)
         job = parse_training_job(obj)
     except SpecError as error:
         return problems + [str(error)]
-    return problems + trainer_problems(job) + configmap_problems(job)
+    return problems + trainer_problems(job) + annotation_problems(job)
 
 
 # --- Kubernetes syntax the schema cannot express ------------------------------------------------------
@@ -314,18 +314,19 @@ def _problem_text(problem: Any) -> str:
 
 # --- object size -----------------------------------------------------------------------------------------
 
-def configmap_problems(job: Any) -> list[str]:
-    """The rendered ConfigMap must fit the API server's 1 MiB limit on ConfigMap data."""
-    from .builders.configmap import build_configmap
+def annotation_problems(job: Any) -> list[str]:
+    """The trainer pod's annotations (the user's, plus config.json and multidatabackend.json, see
+    ``builders.trainer_files``) must fit the API server's 256 KiB limit."""
+    from .builders.trainer_pod import pod_annotations
 
-    size = configmap_size(build_configmap(job))
-    if size > CONFIGMAP_MAX_BYTES:
-        return [f"spec.config: Too long: the trainer's config.json and multidatabackend.json would take {size} "
-                f"bytes; a ConfigMap holds at most {CONFIGMAP_MAX_BYTES} (shorten prompts or JSON options)"]
+    size = annotations_size(pod_annotations(job))
+    if size > ANNOTATIONS_MAX_BYTES:
+        return [f"spec.config: Too long: the trainer pod's annotations, which carry its config.json and "
+                f"multidatabackend.json, would take {size} bytes; at most {ANNOTATIONS_MAX_BYTES} are allowed "
+                "(shorten prompts, JSON options or spec.podTemplate.annotations)"]
     return []
 
 
-def configmap_size(configmap: Mapping[str, Any]) -> int:
-    """Bytes of a ConfigMap's data as the API server counts them (keys and values, UTF-8)."""
-    data = configmap.get("data") or {}
-    return sum(len(k.encode()) + len(str(v).encode()) for k, v in data.items())
+def annotations_size(annotations: Mapping[str, str]) -> int:
+    """Bytes of an object's annotations as the API server counts them (keys and values, UTF-8)."""
+    return sum(len(k.encode()) + len(str(v).encode()) for k, v in annotations.items())

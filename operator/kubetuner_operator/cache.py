@@ -30,8 +30,7 @@ Key = tuple[str, str]  # (namespace, TrainingJob name)
 TRAININGJOBS, PODS, JOBS, JOBSETS = "kubetuner_trainingjobs", "kubetuner_trainer_pods", "kubetuner_jobs", \
     "kubetuner_jobsets"
 # Children the reconciler only needs to know exist: kind -> (API group, version, plural).
-OWNED = {"ConfigMap": ("", "v1", "configmaps"), "PersistentVolumeClaim": ("", "v1", "persistentvolumeclaims"),
-         "Service": ("", "v1", "services")}
+OWNED = {"PersistentVolumeClaim": ("", "v1", "persistentvolumeclaims"), "Service": ("", "v1", "services")}
 # Watched only when the operator creates per-job NetworkPolicies (the chart grants it only then).
 NETWORK_POLICY = {"NetworkPolicy": ("networking.k8s.io", "v1", "networkpolicies")}
 DROPPED_ANNOTATIONS = ("kubectl.kubernetes.io/last-applied-configuration", f"{GROUP}/last-handled-configuration")
@@ -131,7 +130,7 @@ class ClusterCache:
     def __init__(self) -> None:
         self.indexes: Mapping[str, Any] | None = None
         self.written: dict[Key, Written] = {}
-        # ConfigMaps/PVCs/Services we created (or found) that the index has not shown yet.
+        # PVCs/Services/NetworkPolicies we created (or found) that the index has not shown yet.
         self.pending: dict[Key, set[tuple[str, str]]] = {}
 
     @property

@@ -116,8 +116,8 @@ class Reconciler:
         if self.cache.ready:
             return self.cache.observed((ns, name))
         selector = {LABEL_JOB: name}
-        pods, jobs, cms, pvcs, svcs, nps, jobsets = await asyncio.gather(
-            api.list("Pod", ns, selector), api.list("Job", ns, selector), api.list("ConfigMap", ns, selector),
+        pods, jobs, pvcs, svcs, nps, jobsets = await asyncio.gather(
+            api.list("Pod", ns, selector), api.list("Job", ns, selector),
             api.list("PersistentVolumeClaim", ns, selector), api.list("Service", ns, selector),
             api.list("NetworkPolicy", ns, selector) if self.settings.network_policy else _nothing(),
             api.list("JobSet", ns, selector) if self.jobset else _nothing())
@@ -126,7 +126,7 @@ class Reconciler:
             return (obj.get("metadata", {}).get("labels") or {}).get(LABEL_COMPONENT, "")
 
         existing = frozenset((kind, obj["metadata"]["name"])
-                             for kind, group in (("ConfigMap", cms), ("PersistentVolumeClaim", pvcs),
+                             for kind, group in (("PersistentVolumeClaim", pvcs),
                                                  ("Service", svcs), ("NetworkPolicy", nps)) for obj in group)
         return Observed(pods=[p for p in pods if component(p) == "trainer"],
                         trainer_jobs=[{"kind": "Job", **j} for j in jobs if component(j) == "trainer"] +
@@ -238,7 +238,7 @@ class Reconciler:
             except ApiError as exc:
                 if exc.transient:
                     raise
-                # A refused trainer, ConfigMap or PVC cannot train: permanent for this spec. A refused
+                # A refused trainer or PVC cannot train: permanent for this spec. A refused
                 # hook Job stalls its hooks only; other refusals (quota, RBAC) may be lifted later.
                 permanent = exc.status in PERMANENT_STATUSES and not _is_hook(obj)
                 return created, Refusal(permanent, f"The API server refused {what}: {exc}")

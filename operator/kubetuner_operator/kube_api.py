@@ -19,7 +19,6 @@ from .spec import GROUP, PLURAL, VERSION
 
 RESOURCES: dict[str, tuple[str, str]] = {  # kind -> (API prefix, plural)
     "Pod": ("/api/v1", "pods"),
-    "ConfigMap": ("/api/v1", "configmaps"),
     "PersistentVolumeClaim": ("/api/v1", "persistentvolumeclaims"),
     "Service": ("/api/v1", "services"),
     "Event": ("/api/v1", "events"),

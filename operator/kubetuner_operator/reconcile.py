@@ -32,7 +32,6 @@ from kubetuner_trainer.contract import CheckpointInfo, ExitCode, TrainerState, T
 from kubetuner_trainer.termination import from_termination_message
 
 from .builders import (
-    build_configmap,
     build_headless_service,
     build_hook_job,
     build_indexed_job,
@@ -100,7 +99,7 @@ class Observed:
     pods: Sequence[Mapping[str, Any]] = ()  # trainer pods, every attempt (also multi-node pods)
     trainer_jobs: Sequence[Mapping[str, Any]] = ()  # multi-node Indexed Jobs and JobSets, every attempt
     hook_jobs: Sequence[Mapping[str, Any]] = ()
-    existing: frozenset[tuple[str, str]] = frozenset()  # (kind, name) of ConfigMap/PVC/Service/NetworkPolicy
+    existing: frozenset[tuple[str, str]] = frozenset()  # (kind, name) of PVC/Service/NetworkPolicy
 
 
 @dataclass(frozen=True)
@@ -473,7 +472,7 @@ def plan(job: TrainingJobSpec, *, counters: Counters, observed: Observed, traine
         outcome = Outcome(prev_phase, ready_reason or str(prev_phase), prev.get("message", ""))  # type: ignore[arg-type]
         delete += _active_trainers(job, observed, keep=None)
     else:
-        desired = [build_configmap(job), *build_pvcs(job)]
+        desired = [*build_pvcs(job)]
         if job.nodes > 1 and not jobset:
             desired.append(build_headless_service(job))  # JobSet makes its own
         if network is not None:

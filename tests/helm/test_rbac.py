@@ -103,10 +103,11 @@ def test_the_derivation_finds_the_calls_it_must():
     used = used_by_the_client()
     assert ("kubetuner.dev", "trainingjobs/status", "patch") in used
     assert ("", "pods", "create") in used and ("batch", "jobs", "delete") in used
-    assert ("", "events", "create") in used and ("", "configmaps", "list") in used
+    assert ("", "events", "create") in used and ("", "persistentvolumeclaims", "list") in used
     assert ("admissionregistration.k8s.io", "validatingwebhookconfigurations", "patch") in used
     assert ("kubetuner.dev", "trainingjobs", "watch") in watched_by_kopf()
-    assert ("", "configmaps", "watch") in watched_by_kopf()  # kopf's index of owned children
+    assert ("", "persistentvolumeclaims", "watch") in watched_by_kopf()  # kopf's index of owned children
+    assert not any(resource == "configmaps" for _, resource, _ in used | watched_by_kopf())  # files ride on the pod
     assert ("jobset.x-k8s.io", "jobsets", "watch") in watched_by_kopf()
     assert {("jobset.x-k8s.io", "jobsets", verb) for verb in ("create", "delete", "list")} <= used
     assert ("networking.k8s.io", "networkpolicies", "create") in used

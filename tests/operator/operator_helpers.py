@@ -72,6 +72,27 @@ def make_trainingjob(name: str = "sdxl-style", namespace: str = "team-a", **spec
             "spec": spec}
 
 
+def mounted_files(pod: dict[str, Any]) -> dict[str, str]:
+    """The files of a trainer pod's config volume as the kubelet writes them: downwardAPI items, each
+    the value of the pod annotation its fieldRef names (what the container finds in its config folder)."""
+    (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == "config"]
+    annotations = pod["metadata"].get("annotations") or {}
+    files = {}
+    for item in volume["downwardAPI"]["items"]:
+        path = item["fieldRef"]["fieldPath"]
+        prefix = "metadata.annotations['"
+        assert path.startswith(prefix) and path.endswith("']"), path
+        files[item["path"]] = annotations[path[len(prefix):-2]]
+    return files
+
+
+def trainer_files(job: Any) -> dict[str, str]:
+    """config.json and multidatabackend.json as the first trainer pod of ``job`` (a parsed spec) sees them."""
+    from kubetuner_operator.builders import build_trainer_pod
+
+    return mounted_files(build_trainer_pod(job, 0, resume=False))
+
+
 @pytest.fixture
 def trainingjob() -> dict[str, Any]:
     return make_trainingjob()

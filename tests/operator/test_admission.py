@@ -15,16 +15,16 @@ from operator_helpers import UNBUILT_FAMILY
 
 from kubetuner_operator import cli
 from kubetuner_operator.admission import (
-    CONFIGMAP_MAX_BYTES,
+    ANNOTATIONS_MAX_BYTES,
     MAX_DEPTH,
     MAX_NODES,
     TenancyPolicy,
-    configmap_size,
+    annotations_size,
     credential_kind,
     policy_problems,
     validate_all,
 )
-from kubetuner_operator.builders.configmap import build_configmap
+from kubetuner_operator.builders import build_trainer_pod
 from kubetuner_operator.local_run import RunError, validate_manifest
 from kubetuner_operator.spec import parse_training_job
 
@@ -215,11 +215,11 @@ def test_huge_integers_in_yaml_get_a_message(tmp_path: Path, capsys):
     assert "spec.runPolicy.activeDeadlineSeconds: Invalid value: 100000000000000000000" in capsys.readouterr().out
 
 
-def test_rendered_configmap_must_fit_one_mebibyte():
-    big = {"first": {"factor": "x" * 600_000}, "second": {"factor": "y" * 600_000}}
+def test_rendered_files_must_fit_the_pods_annotations():
+    big = {"first": {"factor": "x" * 140_000}, "second": {"factor": "y" * 140_000}}
     obj = config(lycoris_config=big)
-    size = configmap_size(build_configmap(parse_training_job(obj)))
-    assert size > CONFIGMAP_MAX_BYTES
+    size = annotations_size(build_trainer_pod(parse_training_job(obj), 0, resume=False)["metadata"]["annotations"])
+    assert size > ANNOTATIONS_MAX_BYTES
     problems = validate_all(obj)
     assert any(p.startswith("spec.config: Too long") and str(size) in p for p in problems), problems
     small = config(lycoris_config={"layer": {"factor": "x" * 1000}})

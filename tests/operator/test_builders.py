@@ -9,10 +9,9 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from operator_helpers import TRAININGJOB_UID, make_trainingjob
+from operator_helpers import TRAININGJOB_UID, make_trainingjob, mounted_files, trainer_files
 
 from kubetuner_operator.builders import (
-    build_configmap,
     build_headless_service,
     build_hook_job,
     build_indexed_job,
@@ -60,7 +59,7 @@ SPEC_MATRIX: dict[str, dict[str, Any]] = {
 
 def all_children(obj: dict[str, Any]) -> list[dict[str, Any]]:
     job = parse_training_job(obj)
-    children = [build_configmap(job), *build_pvcs(job), build_network_policy(job, NETWORK)]
+    children = [*build_pvcs(job), build_network_policy(job, NETWORK)]
     if job.nodes > 1:
         children += [build_headless_service(job), build_indexed_job(job, 0, resume=False),
                      build_indexed_job(job, 2, resume=True)]
@@ -121,7 +120,7 @@ def test_pods_meet_restricted_pod_security(case: str) -> None:
 SECRET_VALUES = ["hunter2-secret-value", "AKIAEXAMPLEKEY", "wJalrXUtnFEMI/K7MDENG"]
 
 
-def test_secret_values_never_reach_configmap_or_env() -> None:
+def test_secret_values_never_reach_the_config_files_or_env() -> None:
     # Inline credentials are refused with the field named.
     bad = make_trainingjob()
     bad["spec"]["datasets"][0]["aws_secret_access_key"] = SECRET_VALUES[2]
@@ -135,8 +134,9 @@ def test_secret_values_never_reach_configmap_or_env() -> None:
         for child in all_children(make_trainingjob(**SPEC_MATRIX[case])):
             text = json.dumps(child)
             assert not any(value in text for value in SECRET_VALUES)
-            if child["kind"] == "ConfigMap":
-                assert "credentialsSecret" not in text and "aws_access_key" not in text
+            if child["kind"] == "Pod":
+                files = json.dumps(mounted_files(child))
+                assert "credentialsSecret" not in files and "aws_access_key" not in files
             for spec in pod_specs(child):
                 for container in spec["containers"] + spec.get("initContainers", []):
                     for env in container["env"]:
@@ -170,23 +170,31 @@ def test_tracker_keys_reach_the_trainer_only_as_secret_references() -> None:
     assert env["WANDB_API_KEY"] == {"name": "WANDB_API_KEY",
                                     "valueFrom": {"secretKeyRef": {"name": "trackers", "key": "wandb"}}}
     assert env["COMET_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "trackers", "key": "comet"}}
-    config_map = build_configmap(spec)
-    config = json.loads(config_map["data"]["config.json"])
+    files = trainer_files(spec)
+    config = json.loads(files["config.json"])
     assert (config["report_to"], config["tracker_project_name"]) == ("wandb,comet_ml", "styles")
-    assert "API_KEY" not in json.dumps(config_map) and "trackers" not in json.dumps(config_map)
+    assert "API_KEY" not in json.dumps(files) and "trackers" not in json.dumps(files)
 
 
-def test_configmap_holds_trainer_files_with_mounted_paths() -> None:
-    cm = build_configmap(parse_training_job(make_trainingjob()))
-    config = json.loads(cm["data"]["config.json"])
-    backends = json.loads(cm["data"]["multidatabackend.json"])
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_the_pod_carries_trainer_files_with_mounted_paths(nodes: int) -> None:
+    job = parse_training_job(make_trainingjob(nodes=nodes))
+    pod = build_trainer_pod(job, 0, resume=False) if nodes == 1 else \
+        {"kind": "Pod", **build_indexed_job(job, 0, resume=False)["spec"]["template"]}
+    files = mounted_files(pod)
+    (mount,) = [m for m in pod["spec"]["containers"][0]["volumeMounts"] if m["name"] == "config"]
+    assert mount == {"name": "config", "mountPath": POD_PATHS.config_dir, "readOnly": True}
+    assert {f"{POD_PATHS.config_dir}/{name}" for name in files} == {POD_PATHS.config_file,
+                                                                    f"{POD_PATHS.config_dir}/multidatabackend.json"}
+    config = json.loads(files["config.json"])
+    backends = json.loads(files["multidatabackend.json"])
     assert config["model_family"] == "sdxl" and config["model_type"] == "lora"
     assert config["pretrained_model_name_or_path"] == "stabilityai/stable-diffusion-xl-base-1.0"
     assert config["variant"] == "fp16" and "revision" not in config
     assert config["output_dir"] == POD_PATHS.output_dir
     assert config["data_backend_config"] == "/etc/kubetuner/multidatabackend.json"
     assert config["learning_rate"] == 1e-4 and config["max_train_steps"] == 2000
-    assert config["metrics_port"] == 9400 and config["num_processes"] == 1
+    assert config["metrics_port"] == 9400 and config["num_processes"] == nodes
     assert "resume_from_checkpoint" not in config  # resume is a per-attempt command-line flag
     by_id = {b["id"]: b for b in backends}
     assert by_id["local.set"]["instance_data_dir"] == "/workspace/datasets/local.set"  # user path rewritten
@@ -205,14 +213,14 @@ def test_operator_owned_option_in_config_is_refused() -> None:
 
 def test_model_sources_set_the_pretrained_path_and_mounts() -> None:
     pvc_job = parse_training_job(make_trainingjob(**SPEC_MATRIX["pvc-model-new-claims"]))
-    config = json.loads(build_configmap(pvc_job)["data"]["config.json"])
+    config = json.loads(trainer_files(pvc_job)["config.json"])
     assert config["pretrained_model_name_or_path"] == POD_PATHS.model_dir
     pod = build_trainer_pod(pvc_job, 0, resume=False)
     [mount] = [m for m in pod["spec"]["containers"][0]["volumeMounts"] if m["name"] == "model"]
     assert mount == {"name": "model", "mountPath": POD_PATHS.model_dir, "readOnly": True, "subPath": "sd3"}
 
     s3_job = parse_training_job(make_trainingjob(**SPEC_MATRIX["s3-model"]))
-    config = json.loads(build_configmap(s3_job)["data"]["config.json"])
+    config = json.loads(trainer_files(s3_job)["config.json"])
     assert config["pretrained_model_name_or_path"] == "/workspace/cache/models/s3/models/flux"
     [init] = build_trainer_pod(s3_job, 0, resume=False)["spec"]["initContainers"]
     assert init["command"] == ["python", "-c", FETCH_PROGRAM, "s3://models/flux/", config["pretrained_model_name_or_path"]]
@@ -391,25 +399,25 @@ def test_trainer_accepts_the_generated_files(case: str) -> None:
     from kubetuner_trainer.data.dataset_config import load_dataset_config
 
     job = parse_training_job(make_trainingjob(**SPEC_MATRIX[case]))
-    cm = build_configmap(job)
-    config = TrainerConfig.from_mapping(json.loads(cm["data"]["config.json"]))
+    files = trainer_files(job)
+    config = TrainerConfig.from_mapping(json.loads(files["config.json"]))
     assert config.model_family == "sdxl" and config.output_dir == POD_PATHS.output_dir
     assert config.num_processes == max(1, job.resources.gpus) * job.nodes
-    datasets = load_dataset_config(json.loads(cm["data"]["multidatabackend.json"]))
+    datasets = load_dataset_config(json.loads(files["multidatabackend.json"]))
     assert {e.id for e in datasets.entries} == {"style-images", "local.set", "kubetuner-text-embeds"}
     resumed = TrainerConfig.from_mapping(render_trainer_files(job, POD_PATHS, resume=True).config_json)
     assert resumed.resume_from_checkpoint == "latest"
 
 
 def test_pod_command_line_and_env_as_the_trainer_reads_them(tmp_path: Path) -> None:
-    """The resumed pod's args and plain env, with its ConfigMap mounted, through the trainer's loader."""
+    """The resumed pod's args and plain env, with its config volume's files, through the trainer's loader."""
     from kubetuner_trainer.config import load_config
     from kubetuner_trainer.data.credentials import credential_env_prefix
 
     job = parse_training_job(make_trainingjob())
     for ds in job.datasets:
         assert ds.env_prefix == credential_env_prefix(ds.id)
-    for key, text in build_configmap(job)["data"].items():
+    for key, text in trainer_files(job).items():
         (tmp_path / key).write_text(text)
     container = build_trainer_pod(job, 1, resume=True)["spec"]["containers"][0]
     args = [str(tmp_path / "config.json") if a == POD_PATHS.config_file else a for a in container["args"]]
@@ -424,7 +432,7 @@ def test_output_s3_becomes_a_secret_free_publishing_target(monkeypatch) -> None:
     from kubetuner_trainer.runtime.publishing import parse_publishing_config
 
     job = parse_training_job(make_trainingjob(**SPEC_MATRIX["output-s3"]))
-    config = json.loads(build_configmap(job)["data"]["config.json"])
+    config = json.loads(trainer_files(job)["config.json"])
     (target,) = config["publishing_config"]
     assert target["provider"] == "s3" and target["bucket"] == job.output_s3.bucket
     assert target["access_key_env"] == "KUBETUNER_OUTPUT_AWS_ACCESS_KEY_ID"

@@ -190,9 +190,9 @@ def test_every_string_and_list_a_trainingjob_rule_touches_is_bounded():
 
 
 def test_every_string_list_and_map_of_the_trainingjob_is_bounded():
-    # Sizes bound the API server's CEL cost estimates and keep objects and the rendered ConfigMap small.
-    # Only the JSON-valued trainer options are free-form (preserve-unknown); the rendered ConfigMap's size
-    # check covers them (admission.configmap_problems).
+    # Sizes bound the API server's CEL cost estimates and keep objects and the rendered files small.
+    # Only the JSON-valued trainer options are free-form (preserve-unknown); the size check of the pod
+    # annotations carrying the rendered files covers them (admission.annotation_problems).
     unbounded, free = [], []
 
     def walk(node: dict[str, Any], path: str) -> None:

@@ -10,6 +10,7 @@ itself never deletes children of a deleted TrainingJob.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -28,6 +29,7 @@ from operator_helpers import (
     evicted,
     jobs,
     make_trainingjob,
+    mounted_files,
     patch_spec,
     pods,
     printer_columns,
@@ -50,12 +52,12 @@ async def test_lifecycle_progress_hooks_preemption_and_success(cluster: Cluster)
         # create -> children appear, labelled and owned by the TrainingJob
         await eventually(lambda: "sdxl-style-t0" in pods(cluster), "trainer pod t0")
         owner_uid = cluster.server.get(TJ, NS, "sdxl-style")["metadata"]["uid"]
-        cm = await eventually(lambda: cluster.server.get("v1/configmaps", NS, "sdxl-style-config"), "configmap")
         pvcs = {p["metadata"]["name"] for p in cluster.server.live("v1/persistentvolumeclaims", NS)}
         assert pvcs == {"sdxl-style-output", "sdxl-style-latents"}  # hf-models is an existing claim
         pod = pods(cluster)["sdxl-style-t0"]
-        for child in (cm, pod):
-            assert child["metadata"]["ownerReferences"][0]["uid"] == owner_uid
+        assert pod["metadata"]["ownerReferences"][0]["uid"] == owner_uid
+        config = json.loads(mounted_files(pod)["config.json"])  # the trainer's files ride on the pod
+        assert config["max_train_steps"] == 2000 and not cluster.server.requests["create configmaps"]
         assert "--resume_from_checkpoint" not in pod["spec"]["containers"][0]["args"]
         await eventually(lambda: status(cluster).get("phase") == "Pending", "Pending")
 
@@ -227,10 +229,8 @@ async def test_delete_removes_owned_children_only(cluster: Cluster) -> None:
                                           "resources": {"requests": {"storage": "1Ti"}}}})
     await create(cluster, make_trainingjob(hooks=None))
     await eventually(lambda: "sdxl-style-t0" in pods(cluster), "t0")
-    await eventually(lambda: cluster.server.get("v1/configmaps", NS, "sdxl-style-config"), "configmap")
     await cluster.client.delete("TrainingJob", NS, "sdxl-style")
     await eventually(lambda: not pods(cluster), "pods collected")
-    assert not cluster.server.get("v1/configmaps", NS, "sdxl-style-config")
     assert {p["metadata"]["name"] for p in cluster.server.live("v1/persistentvolumeclaims", NS)} == {"hf-models"}
     await eventually(lambda: ("team-a", "sdxl-style") not in cluster.reconciler.polled, "operator forgot the job")
 
@@ -333,7 +333,7 @@ async def test_config_the_trainer_refuses_fails_before_any_pod(cluster: Cluster)
     assert condition(cluster, "Failed")["reason"] == "InvalidConfig"
     assert "spec.config.optimizer" in status(cluster)["message"]
     await eventually(lambda: "InvalidConfig" in {e["reason"] for e in events(cluster)}, "InvalidConfig event")
-    assert not pods(cluster) and not cluster.server.get("v1/configmaps", NS, "sdxl-style-config")
+    assert not pods(cluster) and not cluster.server.live("v1/persistentvolumeclaims", NS)
 
 
 async def test_invalid_spec_is_reported(cluster: Cluster) -> None:
@@ -472,7 +472,7 @@ async def test_kube_api_retries_transient_errors_only() -> None:
 
 async def test_lost_create_responses_never_duplicate_children(cluster: Cluster) -> None:
     """A create that succeeded server-side but whose answer was lost is retried and adopted (409)."""
-    lost = {"pods": 1, "jobs": 2, "configmaps": 1, "persistentvolumeclaims": 1}
+    lost = {"pods": 1, "jobs": 2, "persistentvolumeclaims": 1}
     cluster.server.lose_create_responses.update(lost)
     async with FakeTrainer() as trainer:
         await cluster.start_operator()

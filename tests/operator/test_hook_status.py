@@ -16,7 +16,7 @@ from kubetuner_trainer.contract import CheckpointInfo, TrainerState, TrainerStat
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 JOB = parse_training_job(make_trainingjob())
-EXISTING = frozenset({("ConfigMap", "sdxl-style-config"), ("PersistentVolumeClaim", "sdxl-style-output"),
+EXISTING = frozenset({("PersistentVolumeClaim", "sdxl-style-output"),
                       ("PersistentVolumeClaim", "sdxl-style-latents")})
 RUNNING_POD = {"metadata": {"name": "sdxl-style-t0", "labels": {"kubetuner.dev/attempt": "0"}},
                "status": {"phase": "Running", "containerStatuses": [{"name": "trainer", "state": {"running": {}}}]}}

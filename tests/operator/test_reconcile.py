@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from operator_helpers import make_trainingjob
 
-from kubetuner_operator.builders import build_configmap, build_pvcs, build_trainer_pod, hook_job_name
+from kubetuner_operator.builders import build_pvcs, build_trainer_pod, hook_job_name
 from kubetuner_operator.reconcile import (
     Counters,
     Observed,
@@ -23,8 +23,7 @@ from kubetuner_trainer.contract import CheckpointInfo, TrainerState, TrainerStat
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 JOB = parse_training_job(make_trainingjob())
-BASE = frozenset({("ConfigMap", "sdxl-style-config"), ("PersistentVolumeClaim", "sdxl-style-output"),
-                  ("PersistentVolumeClaim", "sdxl-style-latents")})
+BASE = frozenset({("PersistentVolumeClaim", "sdxl-style-output"), ("PersistentVolumeClaim", "sdxl-style-latents")})
 
 
 def pod(attempt: int, **status: Any) -> dict[str, Any]:
@@ -70,7 +69,7 @@ def test_classify_pod(status: dict, spec: dict, meta: dict, state: RunState) -> 
 
 def test_fresh_job_creates_everything_once() -> None:
     first = run_plan(existing=frozenset())
-    assert [o["kind"] for o in first.create] == ["ConfigMap", "PersistentVolumeClaim", "PersistentVolumeClaim", "Pod"]
+    assert [o["kind"] for o in first.create] == ["PersistentVolumeClaim", "PersistentVolumeClaim", "Pod"]
     assert first.status["phase"] == "Pending" and first.counters is None and not first.delete
     assert "--resume_from_checkpoint" not in first.create[-1]["spec"]["containers"][0]["args"]
     # Replaying with what was created observed converges: nothing more to create.
@@ -202,7 +201,7 @@ def test_multinode_queued_by_kueue() -> None:
 
 def test_children_match_the_builders() -> None:
     result = run_plan(existing=frozenset())
-    assert result.create[0] == build_configmap(JOB) and result.create[1:3] == build_pvcs(JOB)
+    assert result.create[0:2] == build_pvcs(JOB) and result.create[2] == build_trainer_pod(JOB, 0, resume=False)
 
 
 def test_invalid_spec_failure_ends_when_the_spec_changes() -> None:

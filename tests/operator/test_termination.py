@@ -34,8 +34,7 @@ from kubetuner_trainer.termination import (
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 JOB = parse_training_job(make_trainingjob())
-BASE = frozenset({("ConfigMap", "sdxl-style-config"), ("PersistentVolumeClaim", "sdxl-style-output"),
-                  ("PersistentVolumeClaim", "sdxl-style-latents")})
+BASE = frozenset({("PersistentVolumeClaim", "sdxl-style-output"), ("PersistentVolumeClaim", "sdxl-style-latents")})
 
 
 def checkpoint(step: int, complete: bool = True) -> CheckpointInfo:

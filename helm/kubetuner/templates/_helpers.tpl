@@ -57,7 +57,7 @@ app.kubernetes.io/part-of: kubetuner
   resources: ["jobsets"]
   verbs: ["list", "watch", "create", "delete"]
 - apiGroups: [""]
-  resources: ["services", "configmaps", "persistentvolumeclaims"]
+  resources: ["services", "persistentvolumeclaims"]
   verbs: ["list", "watch", "create"]
 {{- if .Values.networkPolicy.enabled }}
 - apiGroups: ["networking.k8s.io"]

@@ -69,7 +69,6 @@ def container_security_context(*, read_only_root: bool = True) -> dict[str, Any]
 def resource_names(job: TrainingJobSpec) -> dict[str, str]:
     """Deterministic names of the per-job children (hook Jobs are named in hook_job)."""
     return {
-        "configmap": dns_name(job.name, "config"),
         "output": dns_name(job.name, "output"),
         "models": dns_name(job.name, "models"),
         "latents": dns_name(job.name, "latents"),

@@ -21,10 +21,10 @@ from .common import (
     metadata,
     owner_reference,
     pod_security_context,
-    resource_names,
     trainer_name,
 )
 from .model_fetch import model_fetch_init_container
+from .trainer_files import CONFIG_VOLUME, config_volume, trainer_files_annotations
 from .volumes import VOLUME_LATENTS, VOLUME_MODELS, VOLUME_OUTPUT, cache_and_output_volumes
 
 TRAINER_COMMAND = ["kubetuner-train"]
@@ -75,11 +75,11 @@ def trainer_env(job: TrainingJobSpec, paths: MountPaths = POD_PATHS) -> list[dic
 
 def _mounts(job: TrainingJobSpec, paths: MountPaths) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(volumes, volumeMounts) of the trainer container."""
-    volumes = [{"name": "config", "configMap": {"name": resource_names(job)["configmap"]}},
+    volumes = [config_volume(),
                *cache_and_output_volumes(job),
                {"name": "tmp", "emptyDir": {}},
                {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": job.resources.shared_memory}}]
-    mounts = [{"name": "config", "mountPath": paths.config_dir, "readOnly": True},
+    mounts = [{"name": CONFIG_VOLUME, "mountPath": paths.config_dir, "readOnly": True},
               {"name": VOLUME_OUTPUT, "mountPath": paths.output_dir},
               {"name": VOLUME_MODELS, "mountPath": paths.model_cache_dir},
               {"name": VOLUME_LATENTS, "mountPath": paths.data_cache_dir},
@@ -131,8 +131,10 @@ def pod_labels(job: TrainingJobSpec, attempt: int) -> dict[str, str]:
 
 
 def pod_annotations(job: TrainingJobSpec) -> dict[str, str]:
+    """The user's annotations, Prometheus scraping hints and the trainer's files (see trainer_files)."""
     return {**job.pod_template.annotations, "prometheus.io/scrape": "true",
-            "prometheus.io/port": str(job.metrics_port), "prometheus.io/path": "/metrics"}
+            "prometheus.io/port": str(job.metrics_port), "prometheus.io/path": "/metrics",
+            **trainer_files_annotations(job)}
 
 
 def trainer_pod_spec(job: TrainingJobSpec, *, resume: bool, extra_env: list[dict[str, Any]] | None = None,
