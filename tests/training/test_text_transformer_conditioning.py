@@ -87,3 +87,43 @@ def test_pixart_comfyui_export_uses_the_diffusers_names_comfyui_maps(make_cfg, t
     assert layers == {f"transformer.transformer_blocks.{b}.{attn}.{proj}" for b in (0, 1) for attn in ("attn1", "attn2")
                       for proj in ("to_q", "to_k", "to_v", "to_out.0")}
     assert all(f"{layer}.lora_down.weight" in comfy and float(comfy[f"{layer}.alpha"]) == 2.0 for layer in layers)
+
+
+# ----- AuraFlow -------------------------------------------------------------------------------------
+
+def test_auraflow_flavours_and_prompt_length(make_cfg):
+    cls = family_class("auraflow")
+    assert resolve_source(cls, make_cfg("auraflow", pretrained_model_name_or_path=None)).model == \
+        "terminusresearch/auraflow-v0.3"
+    assert _family(make_cfg, "auraflow").max_sequence_length == 120
+    long = make_cfg("auraflow", **COMMON, tokenizer_max_length=300)
+    assert "tokenizer_max_length" in {p.option for p in core_warnings(long)}
+    assert load_family(long).max_sequence_length == 120  # cut back, as SimpleTuner does
+    assert _family(make_cfg, "auraflow", tokenizer_max_length=300,
+                   i_know_what_i_am_doing=True).max_sequence_length == 300
+    assert _family(make_cfg, "auraflow", tokenizer_max_length=16).max_sequence_length == 16
+
+
+def test_auraflow_conditioning_zeroes_padding_and_the_transformer_sees_sigma(make_cfg):
+    family = _family(make_cfg, "auraflow", tokenizer_max_length=40)
+    text = family.encode_text(PROMPTS)
+    mask = text["prompt_attention_mask"]
+    assert text["prompt_embeds"].shape == (2, 40, 32) and 0 < int(mask[0].sum()) < int(mask[1].sum()) < 40
+    assert text["prompt_embeds"][mask == 0].abs().sum() == 0 and text["prompt_embeds"][mask == 1].abs().sum() > 0
+    latents = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        pred = family.predict(family.denoiser, latents, torch.tensor([250.0, 750.0]), text, None)
+        raw = family.denoiser(latents, encoder_hidden_states=text["prompt_embeds"],
+                              timestep=torch.tensor([0.25, 0.75]), return_dict=False)[0]
+    torch.testing.assert_close(pred, raw)
+    assert family.prediction_type == "flow_matching"
+
+
+def test_auraflow_comfyui_export_uses_the_diffusers_names_comfyui_maps(make_cfg, tmp_path):
+    comfy = _comfyui_keys(make_cfg, tmp_path, "auraflow")
+    layers = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in comfy}
+    # ComfyUI's AuraFlow rule maps these diffusers layers (auraflow_to_diffusers) under "transformer."
+    joint = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    assert layers == ({f"transformer.joint_transformer_blocks.0.attn.{p}" for p in joint}
+                      | {f"transformer.single_transformer_blocks.0.attn.{p}" for p in joint[:4]})
+    assert all(f"{layer}.lora_up.weight" in comfy and float(comfy[f"{layer}.alpha"]) == 2.0 for layer in layers)

@@ -19,9 +19,12 @@ from kubetuner_trainer.contract import ExitCode
 from kubetuner_trainer.models import load_family
 from kubetuner_trainer.training import checkpoints as ckpt
 
-FAMILIES = ["pixart_sigma"]
+FAMILIES = ["pixart_sigma", "auraflow"]
 #: options every run here shares: bucket alignment the tiny models fit, a constant learning rate
 COMMON = {"aspect_bucket_alignment": 16, "lr_scheduler": "constant"}
+#: the least a 12-step run must cut the fixed-noise loss by (the loss after it, as a fraction of before);
+#: in the tiny AuraFlow the attention layers (its LoRA targets) carry only a few % of the output
+LOSS_AFTER_OVERFIT = {("auraflow", "lora"): 0.99}
 
 
 def _cfg(make_cfg, family: str, **overrides):
@@ -60,7 +63,7 @@ def test_steps_are_finite_and_the_loss_falls_on_an_overfit_batch(make_cfg, famil
     after = _fixed_loss(family, data)
     assert result.exit_code == ExitCode.SUCCESS
     assert all(np.isfinite(result.losses)) and len(result.losses) == 12
-    assert after < before * 0.9, (before, after)
+    assert after < before * LOSS_AFTER_OVERFIT.get((family_name, model_type), 0.9), (before, after)
     if model_type == "full":  # the saved pipeline names the upstream classes: plain diffusers loads it
         from diffusers import DiffusionPipeline
 
