@@ -1,10 +1,11 @@
-"""``kubetuner run`` trains the SDXL refiner flavour (tiny model from the family builder) end to end."""
+"""``kubetuner run`` trains the SDXL refiner flavour and DeepFloyd IF (tiny models from the family builders) end to end."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+import pytest
 import yaml
 
 from kubetuner_operator.local_run import main
@@ -37,11 +38,13 @@ def _run(tmp_path: Path, job: dict, volumes: dict[str, Path]) -> dict:
     return yaml.safe_load((workdir / "status.yaml").read_text())
 
 
-def test_the_sdxl_refiner_trains_through_kubetuner_run(tmp_path):
+@pytest.mark.parametrize("family, flavour, config", [("sdxl", "refiner-1.0", {"data_aesthetic_score": 6.5}),
+                                                     ("deepfloyd", "i-medium-400m", {})])
+def test_a_refiner_or_pixel_space_family_trains_through_kubetuner_run(tmp_path, family, flavour, config):
     models, datasets = tmp_path / "models", tmp_path / "datasets"
-    build_tiny_model("sdxl", models / "tiny-refiner", flavour="refiner-1.0")
+    build_tiny_model(family, models / "tiny", flavour=flavour)
     build_tiny_dataset(datasets / "shapes", count=4, sizes=((64, 64),))
-    job = _job("sdxl", "refiner-1.0", "tiny-refiner", {"data_aesthetic_score": 6.5})
+    job = _job(family, flavour, "tiny", config)
     status = _run(tmp_path, job, {"models": models, "datasets": datasets})
     assert status["phase"] == "Succeeded" and status["step"] == 2 and status["loss"] > 0
     assert (tmp_path / "work" / "output" / "pytorch_lora_weights.safetensors").is_file()

@@ -83,6 +83,9 @@ class ModelFamily(ABC):
     denoiser_name: ClassVar[str] = "unet"
     denoiser_class_name: ClassVar[str] = "UNet2DConditionModel"
     scheduler_class_name: ClassVar[str] = "DDPMScheduler"
+    #: False for a pixel-space family (DeepFloyd IF): no VAE is loaded, the latent cache stores the
+    #: pixels ``[-1, 1]`` themselves and the pipeline gets no ``vae``
+    uses_vae: ClassVar[bool] = True
     #: the text encoder / tokenizer subfolders, in pipeline order
     text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder",)
     tokenizer_names: ClassVar[tuple[str, ...]] = ("tokenizer",)
@@ -234,7 +237,8 @@ class ModelFamily(ABC):
         self.device = torch.device(device)
         c = self.components
         c.denoiser.to(self.device)
-        c.vae.to(self.device)
+        if c.vae is not None:
+            c.vae.to(self.device)
         for te in c.text_encoders:
             te.to(self.device)
         self.objective.to(self.device)
@@ -263,6 +267,8 @@ class ModelFamily(ABC):
     # ----- data-pipeline bridge --------------------------------------------------------------
     @property
     def latent_downscale(self) -> int:
+        if self.vae is None:
+            return 1  # pixel space
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
@@ -277,8 +283,8 @@ class ModelFamily(ABC):
             "vae": src.vae,
             "text_encoders": [type(te).__name__ for te in self.text_encoders],
             "text_config": [te.config.to_dict().get("hidden_size") for te in self.text_encoders],
-            "vae_scaling": getattr(self.vae.config, "scaling_factor", None),
-            "vae_dtype": str(next(self.vae.parameters()).dtype),
+            "vae_scaling": getattr(self.vae.config, "scaling_factor", None) if self.vae is not None else None,
+            "vae_dtype": str(next(self.vae.parameters()).dtype) if self.vae is not None else None,
         }
         ident.update(self.text_cache_identity())
         digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -292,8 +298,11 @@ class ModelFamily(ABC):
         return FamilyEncoders(self)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels ``[B,3,H,W]`` in ``[-1,1]`` → scaled latents (the VAE posterior mean)."""
+        """Pixels ``[B,3,H,W]`` in ``[-1,1]`` → scaled latents (the VAE posterior mean); the pixels themselves
+        (float32) for a pixel-space family."""
         vae = self.vae
+        if vae is None:
+            return pixels.to(self.device, dtype=torch.float32)
         pixels = pixels.to(self.device, dtype=next(vae.parameters()).dtype)
         # the posterior mean: cached latents must not depend on RNG state or encoding order
         latents = vae.encode(pixels).latent_dist.mode()
@@ -360,8 +369,9 @@ class ModelFamily(ABC):
     # ----- saving / validation -------------------------------------------------------------
     def pipeline_components(self, *, denoiser: torch.nn.Module | None = None,
                             text_encoders: Sequence[torch.nn.Module] | None = None) -> dict[str, Any]:
-        comps: dict[str, Any] = {self.denoiser_name: denoiser or self.denoiser, "vae": self.vae,
-                                 "scheduler": self.inference_scheduler()}
+        comps: dict[str, Any] = {self.denoiser_name: denoiser or self.denoiser, "scheduler": self.inference_scheduler()}
+        if self.uses_vae:
+            comps["vae"] = self.vae
         for name, te in zip(self.text_encoder_names, text_encoders or self.text_encoders, strict=True):
             comps[name] = te
         for name, tok in zip(self.tokenizer_names, self.tokenizers, strict=True):

@@ -176,9 +176,10 @@ def load_components(family_cls: type[ModelFamily], cfg: Any, *,
     else:
         comps = _from_folder(family_cls, src, weight_dtype)
     comps.noise_scheduler = family_cls.training_scheduler(comps.noise_scheduler, cfg)
-    comps.vae.requires_grad_(False)
-    comps.vae.eval()
-    comps.vae.to(dtype=vae_dtype(cfg))
+    if comps.vae is not None:
+        comps.vae.requires_grad_(False)
+        comps.vae.eval()
+        comps.vae.to(dtype=vae_dtype(cfg))
     for te in comps.text_encoders:
         te.requires_grad_(False)
         te.eval()
@@ -197,7 +198,7 @@ def _from_folder(family_cls: type[ModelFamily], src: ModelSource, weight_dtype: 
     else:
         denoiser = load_part(family_cls.denoiser_class(), model, src, subfolder=src.denoiser_subfolder or name,
                              option=MODEL_OPTION, what=PIPELINE_LAYOUT, torch_dtype=weight_dtype)
-    vae = load_vae(family_cls, src, model)
+    vae = load_vae(family_cls, src, model) if family_cls.uses_vae else None
     relocated = dict(src.text_encoders)
     options = {te_name: option for option, te_name in family_cls.text_encoder_location_options.items()}
     text_encoders = []

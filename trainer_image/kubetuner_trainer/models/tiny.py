@@ -176,6 +176,55 @@ def build_tiny_sdxl_refiner(folder: Path, *, seed: int = 0) -> Path:
     return folder
 
 
+def tiny_if_unet_config(*, stage: int = 1, text_dim: int = 32) -> dict[str, Any]:
+    """A DeepFloyd IF ``UNet2DConditionModel`` config (the layout of diffusers' IF test models): RGB in,
+    ε and variance out (6 channels), T5 states projected by ``encoder_hid_dim``; stage II also takes the
+    upscaled low-resolution image (6 input channels) and a noise-level class embedding."""
+    config: dict[str, Any] = dict(
+        sample_size=32, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        in_channels=3, out_channels=6, cross_attention_dim=32, encoder_hid_dim=text_dim, attention_head_dim=8,
+        addition_embed_type="text", addition_embed_type_num_heads=2, cross_attention_norm="group_norm",
+        resnet_time_scale_shift="scale_shift", act_fn="gelu", norm_num_groups=8,
+    )
+    if stage == 2:
+        config.update(in_channels=6, class_embed_type="timestep", mid_block_scale_factor=1.414,
+                      time_embedding_act_fn="gelu", time_embedding_dim=32)
+    return config
+
+
+def _if_scheduler(*, learned_variance: bool = True):
+    """IF's cosine DDPM schedule; the denoising scheduler reads the learned variance and thresholds."""
+    from diffusers import DDPMScheduler
+
+    extra = dict(thresholding=True, dynamic_thresholding_ratio=0.95, sample_max_value=1.0,
+                 prediction_type="epsilon", variance_type="learned_range") if learned_variance else {}
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", **extra)
+
+
+def build_tiny_deepfloyd(folder: Path, *, stage: int = 1, seed: int = 0) -> Path:
+    """A DeepFloyd-IF-shaped pipeline folder (pixel space, no VAE): T5 encoder, IF UNet, IF schedulers.
+    Stage 2 writes an ``IFSuperResolutionPipeline`` folder (with its ``image_noising_scheduler``)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    components: dict[str, Any] = {
+        "unet": UNet2DConditionModel(**tiny_if_unet_config(stage=stage)), "text_encoder": tiny_t5_encoder(32),
+        "scheduler": _if_scheduler(), "safety_checker": None, "feature_extractor": None, "watermarker": None,
+    }
+    if stage == 2:
+        components["image_noising_scheduler"] = _if_scheduler(learned_variance=False)
+    folder = _save(folder, "IFSuperResolutionPipeline" if stage == 2 else "IFPipeline", components)
+    write_t5_tokenizer(folder / "tokenizer")
+    _add_index(folder, "tokenizer", "transformers", "T5TokenizerFast")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["requires_safety_checker"] = False
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
 def write_chatglm_tokenizer(folder: Path) -> None:
     """A ChatGLM tokenizer over a tiny sentencepiece model trained here on a few sentences."""
     import io
