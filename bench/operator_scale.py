@@ -7,7 +7,9 @@ the emulator accepted the trainer pod's create. Then every trainer pod is marked
 the kubelet would) and the benchmark waits for every TrainingJob to report Succeeded: the API
 requests the operator made over that whole path, divided by N, are its requests per job.
 
-    python bench/operator_scale.py [--jobs 500] [--concurrency 50] [--output bench/results/x.txt]
+    python bench/operator_scale.py [--jobs 500] [--concurrency 50] [--network-policy] [--output bench/results/x.txt]
+
+``--network-policy`` runs the operator as the chart does by default: one NetworkPolicy per job.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "operator"))
 from operator_helpers import BUILTIN_RESOURCES, ApiServer, make_trainingjob, register_crd, terminated
 
+from kubetuner_operator.builders.network_policy import NETWORK_POLICY_ENV
 from kubetuner_operator.kube_api import KubeApi
 
 NS = "bench"
@@ -58,7 +61,7 @@ async def _wait(probe: Any, timeout: float) -> bool:
     return True
 
 
-async def bench(jobs: int, concurrency: int, timeout: float) -> dict[str, Any]:
+async def bench(jobs: int, concurrency: int, timeout: float, network_policy: bool = False) -> dict[str, Any]:
     async with ApiServer() as server, kmock.Server(server) as http:
         for name, info in BUILTIN_RESOURCES.items():
             server.resources[name] = info
@@ -70,9 +73,11 @@ async def bench(jobs: int, concurrency: int, timeout: float) -> dict[str, Any]:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "kubetuner_operator.cli", "operator", "--kubeconfig", str(kubeconfig),
                 "--health-port", "0", "--metrics-port", "0", "--poll-interval", "30", "--log-level", "WARNING",
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                env={**os.environ, **({NETWORK_POLICY_ENV: '{"metricsFrom": []}'} if network_policy else {})})
             try:
-                return await _measure(server, url, proc, jobs, concurrency, timeout)
+                return {**await _measure(server, url, proc, jobs, concurrency, timeout),
+                        "network_policy": network_policy}
             finally:
                 if proc.returncode is None:
                     proc.terminate()
@@ -153,6 +158,7 @@ def report(r: dict[str, Any]) -> str:
     rows = [
         f"operator scale benchmark ({os.cpu_count()} CPUs, kmock emulator over HTTP, operator in a subprocess)",
         f"{'TrainingJobs':<34}{jobs:>12d}",
+        f"{'per-job NetworkPolicy':<34}{'on' if r['network_policy'] else 'off':>12}",
         f"{'trainer pods created':<34}{r['pods']:>12d}",
         f"{'TrainingJobs Succeeded':<34}{r['succeeded']:>12d}",
         f"{'time to create all jobs':<34}{r['create_s']:>11.2f}s",
@@ -179,8 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=50, help="parallel creates / pod status writes")
     parser.add_argument("--timeout", type=float, default=900, help="seconds to wait for each phase")
     parser.add_argument("--output", type=Path, help="also write the table to this file")
+    parser.add_argument("--network-policy", action="store_true", help="one NetworkPolicy per job (chart default)")
     args = parser.parse_args(argv)
-    result = asyncio.run(bench(args.jobs, args.concurrency, args.timeout))
+    result = asyncio.run(bench(args.jobs, args.concurrency, args.timeout, args.network_policy))
     table = report(result)
     print(table)
     if args.output:

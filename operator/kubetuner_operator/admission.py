@@ -31,8 +31,9 @@ MAX_DEPTH = 64
 # Values beyond this many nodes are refused before any other check (a YAML alias bomb expands to billions).
 MAX_NODES = 100_000
 INT64 = (-(2**63), 2**63 - 1)
-# apimachinery ValidateAnnotationsSize (TotalAnnotationSizeLimitB): keys and values of one object together.
-ANNOTATIONS_MAX_BYTES = 256 * 1024
+# apimachinery ValidateAnnotationsSize (TotalAnnotationSizeLimitB): keys and values of one object together,
+# less room for what other controllers add to the trainer pod (the Job and JobSet controllers, Kueue, a mesh).
+ANNOTATIONS_MAX_BYTES = 256 * 1024 - 16 * 1024
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -322,8 +323,9 @@ def annotation_problems(job: Any) -> list[str]:
     size = annotations_size(pod_annotations(job))
     if size > ANNOTATIONS_MAX_BYTES:
         return [f"spec.config: Too long: the trainer pod's annotations, which carry its config.json and "
-                f"multidatabackend.json, would take {size} bytes; at most {ANNOTATIONS_MAX_BYTES} are allowed "
-                "(shorten prompts, JSON options or spec.podTemplate.annotations)"]
+                f"multidatabackend.json, would take {size} bytes; at most {ANNOTATIONS_MAX_BYTES} are allowed (the "
+                "API server's 256 KiB, less room for annotations other controllers add): shorten prompts, JSON "
+                "options or spec.podTemplate.annotations"]
     return []
 
 

@@ -210,3 +210,27 @@ async def test_without_the_jobset_api_multinode_falls_back_to_an_indexed_job(clu
     await eventually(lambda: jobs(cluster).get("sdxl-style-t0"), "Indexed Job t0")
     await eventually(lambda: cluster.server.get("v1/services", NS, "sdxl-style-nodes"), "headless Service")
     assert cluster.server.requests["create jobsets"] == 0 and cluster.server.requests["list jobsets"] == 0
+
+
+def test_an_attempt_keeps_its_kind_when_the_jobset_api_appears() -> None:
+    """Replay safety: a restarted operator that now finds JobSet never starts a second group for an
+    attempt whose Indexed Job exists; the next attempt is a JobSet."""
+    from datetime import UTC, datetime
+
+    from kubetuner_operator.builders import build_headless_service, build_indexed_job, build_pvcs
+    from kubetuner_operator.reconcile import Counters, Observed, plan
+
+    job = _job(2, 1)
+    indexed = build_indexed_job(job, 0, resume=False)
+    existing = frozenset((o["kind"], o["metadata"]["name"]) for o in [build_headless_service(job), *build_pvcs(job)])
+    now = datetime(2026, 3, 1, tzinfo=UTC)
+    first = plan(job, counters=Counters(), observed=Observed(trainer_jobs=[indexed], existing=existing),
+                 trainer=None, previous_status=None, now=now, jobset=True)
+    assert first.create == [] and first.delete == []
+    failed = {**indexed, "status": {"conditions": [{"type": "Failed", "status": "True"}]}}
+    pods = [{"metadata": {"name": f"n{i}", "labels": indexed["spec"]["template"]["metadata"]["labels"]},
+             "status": {"phase": "Failed", "reason": "Evicted"}} for i in range(2)]
+    retry = plan(job, counters=Counters(), observed=Observed(pods=pods, trainer_jobs=[failed], existing=existing),
+                 trainer=None, previous_status=first.status, now=now, jobset=True)
+    assert [(o["kind"], o["metadata"]["name"]) for o in retry.create] == [("JobSet", jobset_name(job, 1))]
+    assert retry.counters == Counters(1, 1)
