@@ -56,17 +56,16 @@ def write_qwen2_tokenizer(folder: Path, corpus: Sequence[str] = ()) -> dict[str,
 
 
 def write_fast_bpe_tokenizer(folder: Path, *, bos: str, eos: str, pad: str | None = None,
-                             extra: Sequence[str] = (), **kwargs: Any) -> dict[str, int]:
-    """A ``PreTrainedTokenizerFast`` over byte-level BPE (what ``AutoTokenizer`` loads for Llama 3);
-    ``bos`` is prepended to every text. Returns the ids of the special tokens."""
+                             extra: Sequence[str] = (), corpus: Sequence[str] = (), **kwargs: Any) -> dict[str, int]:
+    """A ``PreTrainedTokenizerFast`` over byte-level BPE learnt from ``corpus`` (what ``AutoTokenizer`` loads
+    for Llama 3 and Phi-3); ``bos`` is prepended to every text, ``extra`` are special tokens. Returns the ids of
+    the special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    specials = [bos, eos, *([pad] if pad and pad not in (bos, eos) else []), *extra]
-    vocab = byte_vocab()
-    for token in specials:
-        vocab.setdefault(token, len(vocab))
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    specials = list(dict.fromkeys([bos, eos, *([pad] if pad else []), *extra]))
+    vocab, merges = train_byte_bpe(corpus, specials)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",

@@ -141,7 +141,7 @@ class HiDreamFamily(ModelFamily):
                 projection_dim=16))
 
         llama = LlamaForCausalLM(LlamaConfig(
-            vocab_size=max(ids.values()) + 1, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            vocab_size=len(AutoTokenizer.from_pretrained(folder / "tokenizer_4")), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
             bos_token_id=ids["<|begin_of_text|>"], eos_token_id=ids["<|eot_id|>"]))
         transformer = HiDreamImageTransformer2DModel(
