@@ -382,7 +382,7 @@ BAD_JOBS = [
     ("dangling-text-embeds", _set("spec.datasets.0.text_embeds", "nope"), "spec.datasets",
      "text_embeds must name the id"),
     ("only-text-embeds", _set("spec.datasets", [{"id": "te", "type": "local", "dataset_type": "text_embeds"}]),
-     "spec.datasets", "at least one enabled image dataset"),
+     "spec.datasets", "at least one enabled image or video dataset"),
     ("image-size-without-downsample", _set("spec.datasets.0.maximum_image_size", 2048), "spec",
      "a dataset fails: maximum_image_size needs target_downsample_size"),
     ("operator-cache-dir", _set("spec.datasets.0.cache_dir_vae", "/cache"), "spec.datasets[0]",

@@ -103,6 +103,14 @@ def dataset_schema() -> Schema:
                                       pattern=rf"^({DISCOVERY_STAGE}( ?, ?{DISCOVERY_STAGE})*)?$"),
         "preserve_data_backend_cache": boolean("Keep the discovery cache even when the config changes."),
         "scan_for_errors": boolean("Check cached latents against the samples at startup."),
+        "video": obj("Clips of a dataset_type video entry (SimpleTuner's video block).", {
+            "num_frames": integer("Frames per training clip (default: 5 seconds at framerate, else 30 fps).",
+                                  minimum=1),
+            "min_frames": integer("Clips with fewer frames are skipped (default and lowest value: num_frames).",
+                                  minimum=1),
+            "max_frames": integer("Clips with more frames are skipped.", minimum=1),
+            "is_i2v": boolean("Train these clips image-to-video (unset: the model family decides)."),
+        }),
     }
     for key in INLINE_CREDENTIALS:
         properties[key] = string("Not allowed: reference a Secret with credentialsSecret instead.",
@@ -130,6 +138,8 @@ def dataset_schema() -> Schema:
         rule("!has(self.crop) || !self.crop || !has(self.crop_aspect) || "
              "!(self.crop_aspect in ['closest', 'random']) || has(self.crop_aspect_buckets)",
              "crop_aspect closest/random needs crop_aspect_buckets, e.g. [0.75, 1.0, 1.33]"),
+        rule("!has(self.video) || self.dataset_type == 'video'", "video applies to dataset_type video only",
+             fieldPath=".video"),
         rule("!has(self.minimum_aspect_ratio) || !has(self.maximum_aspect_ratio) || "
              "self.minimum_aspect_ratio <= self.maximum_aspect_ratio",
              "minimum_aspect_ratio must not exceed maximum_aspect_ratio"),
@@ -148,9 +158,9 @@ def datasets_schema() -> Schema:
             "x-kubernetes-list-type": "map",
             "x-kubernetes-list-map-keys": ["id"],
             "x-kubernetes-validations": [
-                rule("self.exists(d, d.dataset_type == 'image' && "
+                rule("self.exists(d, d.dataset_type in ['image', 'video'] && "
                      "!(has(d.disabled) && d.disabled) && !(has(d.disable) && d.disable))",
-                     "at least one enabled image dataset is needed"),
+                     "at least one enabled image or video dataset is needed"),
                 rule("self.filter(d, d.dataset_type == 'text_embeds' && has(d.default) && d.default && "
                      "!(has(d.disabled) && d.disabled)).size() <= 1",
                      "only one text_embeds dataset may be the default"),

@@ -4,7 +4,9 @@ The loop asks :meth:`Validator.due` after each step (and at epoch ends) and call
 :meth:`Validator.run` (or :meth:`Validator.run_and_report`) with a factory that builds the
 pipeline around the current weights — ``lambda: family.build_pipeline(denoiser=unwrapped_denoiser)``.
 Images land in ``output_dir/validation/step-<n>/`` with an ``index.json`` describing each file
-(prompt, seed, size, variant).
+(prompt, seed, size, variant). Video families' pipelines return clips (``.frames``): each is written as
+``<name>.mp4``, ``<name>.gif`` and its first frame ``<name>.png`` (the PNG is what trackers receive) at
+the family's ``output_framerate``.
 """
 
 from __future__ import annotations
@@ -376,15 +378,31 @@ class Validator:
                     if self.family is not None:
                         kwargs = self.family.pipeline_call_kwargs(kwargs)
                     with torch.no_grad():
-                        image = pipeline(**kwargs).images[0]
+                        output = pipeline(**kwargs)
                     stem = "-".join(p for p in (label, short_name, f"{width}x{height}", str(number)) if p)
                     path = folder / f"{stem}.png"
-                    image.save(path)
+                    entry: dict[str, Any] = {"file": path.name, "prompt": prompt, "negative_prompt": negative,
+                                             "seed": image_seed, "width": width, "height": height, "variant": label,
+                                             "steps": steps, "guidance": guidance}
+                    if getattr(output, "frames", None) is not None:
+                        entry.update(self._save_clip(output.frames[0], folder, stem))
+                    else:
+                        output.images[0].save(path)
                     files.append(path)
-                    index.append({"file": path.name, "prompt": prompt, "negative_prompt": negative,
-                                  "seed": image_seed, "width": width, "height": height, "variant": label,
-                                  "steps": steps, "guidance": guidance})
+                    index.append(entry)
         return files
+
+    def _save_clip(self, frames: Any, folder: Path, stem: str) -> dict[str, Any]:
+        """Write a rendered clip (PIL frames) as MP4 + GIF + first-frame PNG; returns its index fields."""
+        from ..data.video import DEFAULT_FRAMERATE, write_gif, write_mp4
+
+        fps = self.family.output_framerate(self.cfg) if self.family is not None else float(
+            option(self.cfg, "framerate") or DEFAULT_FRAMERATE)
+        frames = list(frames)
+        write_mp4(frames, folder / f"{stem}.mp4", fps)
+        write_gif(frames, folder / f"{stem}.gif", fps)
+        frames[0].save(folder / f"{stem}.png")
+        return {"video": f"{stem}.mp4", "gif": f"{stem}.gif", "frames": len(frames), "fps": fps}
 
     def _run_external(self, step: int) -> None:
         command = command_of(self.cfg, "validation_external_script")
