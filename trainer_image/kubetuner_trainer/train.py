@@ -118,14 +118,16 @@ def run_process(cfg: TrainerConfig, events: TrainingEvents) -> ExitCode:
     from .collectives import process_group_kwargs
     from .models import load_family
     from .training.loop import TrainingLoop, weight_dtype_for
+    from .training.precision import accelerator_kwargs_handlers, apply_tf32
 
     events.state(TrainerState.STARTING, "loading the model")
     try:
         use_cpu = not torch.cuda.is_available()
         # accelerate keeps its settings process-wide; a second run in this process may use others
         AcceleratorState._reset_state()
+        apply_tf32(cfg)
         accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), cpu=use_cpu,
-                                  kwargs_handlers=process_group_kwargs())
+                                  kwargs_handlers=[*process_group_kwargs(), *accelerator_kwargs_handlers(cfg)])
         rank, world = accelerator.process_index, accelerator.num_processes
         seeds = [_seed(cfg)]
         if world > 1:

@@ -20,6 +20,8 @@ COMPLETENESS_RULES: list[Rule] = []
 
 PIPELINE_ONLY_PRESETS = frozenset({"nf4-bnb"})
 UNQUANTIZED = (None, "no_change")
+#: the quantization preset options: the base model's, then one per text encoder in pipeline order
+PRECISION_OPTIONS = ("base_model_precision", *(f"text_encoder_{i}_precision" for i in range(1, 5)))
 
 
 def rule(fn: Rule) -> Rule:
@@ -153,7 +155,7 @@ def quantization_presets_are_exclusive(values: Values) -> list[Problem]:
         problems.append(
             Problem("quantization_config", "<set>", f"only applies with --quantize_via=pipeline (got {via!r})")
         )
-    precision_options = ["base_model_precision"] + [f"text_encoder_{i}_precision" for i in range(1, 5)]
+    precision_options = PRECISION_OPTIONS
     for name in precision_options:
         preset = values.get(name)
         if preset in PIPELINE_ONLY_PRESETS and via is not None and via != "pipeline":

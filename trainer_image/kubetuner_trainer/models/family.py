@@ -110,6 +110,8 @@ class ModelFamily(ABC):
                                                   "text_encoder_2": "lora_te2"}
     #: the prefix of a lone text encoder (kohya: ``lora_te`` when there is only one)
     comfyui_single_text_encoder_prefix: ClassVar[str] = "lora_te"
+    #: denoiser module-name patterns (fnmatch) a quantization preset leaves in full precision
+    quantization_exclude: ClassVar[tuple[str, ...]] = ()
     #: whether ``--validation_noise_scheduler`` may replace the pipeline's scheduler (DDPM-type schedulers)
     swappable_validation_scheduler: ClassVar[bool] = True
     #: video families train on ``dataset_type: video`` clips (``encode_videos``, 5-D latents ``[B,C,F,h,w]``)
@@ -225,10 +227,13 @@ class ModelFamily(ABC):
         Raises :class:`~kubetuner_trainer.config.ConfigError` when a location is missing or holds
         something else than the family expects.
         """
+        from .quantization import quantize_components
+
         layout = cls.for_flavour(cfg.model_flavour, cfg.pretrained_model_name_or_path)
         if layout is not cls:
             return layout.load(cfg, device=device, weight_dtype=weight_dtype)
         components = load_components(cls, cfg, weight_dtype=weight_dtype)
+        quantize_components(cls, cfg, components, device)
         model = cls(cfg, components, device=device, weight_dtype=weight_dtype)
         model.to(device)
         return model

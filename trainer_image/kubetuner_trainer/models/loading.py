@@ -112,8 +112,9 @@ def _load_failure(exc: BaseException, location: str) -> bool:
 
 
 def load_part(cls: Any, location: str, src: ModelSource, *, subfolder: str | None, option: str,
-              what: str, torch_dtype: torch.dtype | None = None, use_variant: bool = True) -> Any:
-    """``cls.from_pretrained`` with the configured revision/variant.
+              what: str, torch_dtype: torch.dtype | None = None, use_variant: bool = True,
+              quantization_config: Any = None) -> Any:
+    """``cls.from_pretrained`` with the configured revision/variant (and a quantization config to load with).
 
     A missing subfolder, an unreadable or mismatched component, or an unknown hub id raises
     :class:`ConfigError` for ``option`` naming ``location`` and ``what`` was expected there.
@@ -123,6 +124,8 @@ def load_part(cls: Any, location: str, src: ModelSource, *, subfolder: str | Non
         kwargs.pop("variant", None)
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
     local = Path(location)
     if _is_local(location):
         if not local.exists():
@@ -170,11 +173,13 @@ def load_vae(family_cls: type[ModelFamily], src: ModelSource, model: str) -> Any
 def load_components(family_cls: type[ModelFamily], cfg: Any, *,
                     weight_dtype: torch.dtype = torch.float32) -> Components:
     """Load the denoiser, VAE, text encoders, tokenizers and the training noise scheduler."""
+    from .quantization import pipeline_quantization
+
     src = resolve_source(family_cls, cfg)
     if src.single_file:
         comps = _from_single_file(family_cls, src, cfg, weight_dtype)
     else:
-        comps = _from_folder(family_cls, src, weight_dtype)
+        comps = _from_folder(family_cls, src, weight_dtype, pipeline_quantization(family_cls, cfg, weight_dtype))
     comps.noise_scheduler = family_cls.training_scheduler(comps.noise_scheduler, cfg)
     if comps.vae is not None:
         comps.vae.requires_grad_(False)
@@ -187,17 +192,22 @@ def load_components(family_cls: type[ModelFamily], cfg: Any, *,
     return comps
 
 
-def _from_folder(family_cls: type[ModelFamily], src: ModelSource, weight_dtype: torch.dtype) -> Components:
+def _from_folder(family_cls: type[ModelFamily], src: ModelSource, weight_dtype: torch.dtype,
+                 quantization: dict[str, Any] | None = None) -> Components:
+    """``quantization``: component name → the quantization config it loads with (``--quantize_via pipeline``)."""
+    quantization = quantization or {}
     model = src.model
     location_option, _ = denoiser_options(family_cls)
     name = family_cls.denoiser_name
     if src.denoiser:
         denoiser = load_part(family_cls.denoiser_class(), src.denoiser, src, subfolder=src.denoiser_subfolder,
                              option=location_option, torch_dtype=weight_dtype,
-                             what=f"a {family_cls.denoiser_class_name} folder (config.json and weights)")
+                             what=f"a {family_cls.denoiser_class_name} folder (config.json and weights)",
+                             quantization_config=quantization.get(name))
     else:
         denoiser = load_part(family_cls.denoiser_class(), model, src, subfolder=src.denoiser_subfolder or name,
-                             option=MODEL_OPTION, what=PIPELINE_LAYOUT, torch_dtype=weight_dtype)
+                             option=MODEL_OPTION, what=PIPELINE_LAYOUT, torch_dtype=weight_dtype,
+                             quantization_config=quantization.get(name))
     vae = load_vae(family_cls, src, model) if family_cls.uses_vae else None
     relocated = dict(src.text_encoders)
     options = {te_name: option for option, te_name in family_cls.text_encoder_location_options.items()}
@@ -208,14 +218,16 @@ def _from_folder(family_cls: type[ModelFamily], src: ModelSource, weight_dtype: 
             subfolder = te_name if _is_local(location) and (Path(location) / te_name).is_dir() else None
             text_encoders.append(load_part(te_cls, location, src, subfolder=subfolder, option=options[te_name],
                                            what=f"a {te_cls.__name__} folder or a pipeline folder with "
-                                                f"{te_name}/", torch_dtype=weight_dtype))
+                                                f"{te_name}/", torch_dtype=weight_dtype,
+                                           quantization_config=quantization.get(te_name)))
         elif separate := _separate_source(family_cls, model, te_name):
             text_encoders.append(load_part(te_cls, separate, ModelSource(separate), subfolder=None,
                                            option=MODEL_OPTION, what=f"a {te_cls.__name__} repository",
-                                           torch_dtype=weight_dtype))
+                                           torch_dtype=weight_dtype, quantization_config=quantization.get(te_name)))
         else:
             text_encoders.append(load_part(te_cls, model, src, subfolder=te_name, option=MODEL_OPTION,
-                                           what=PIPELINE_LAYOUT, torch_dtype=weight_dtype))
+                                           what=PIPELINE_LAYOUT, torch_dtype=weight_dtype,
+                                           quantization_config=quantization.get(te_name)))
     tokenizers = []
     for tok_cls, tok_name in zip(family_cls.tokenizer_classes(), family_cls.tokenizer_names, strict=True):
         if separate := _separate_source(family_cls, model, tok_name):

@@ -33,10 +33,17 @@ log = logging.getLogger(__name__)
 
 
 def weight_dtype_for(cfg: Any) -> torch.dtype:
-    """Frozen base weights follow ``--mixed_precision`` for LoRA; full fine-tuning keeps fp32 masters."""
+    """Frozen base weights follow ``--mixed_precision`` for LoRA (bf16 under fp8), or
+    ``--base_model_default_dtype`` when the base is quantized and the computation is not plain fp32;
+    full fine-tuning keeps fp32 masters."""
+    from ..models.quantization import base_weight_dtype, is_quantized
+
     if cfg.model_type == "full":
         return torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
+    if is_quantized(cfg) and cfg.mixed_precision != "no":
+        return base_weight_dtype(cfg)
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}.get(cfg.mixed_precision,
+                                                                                      torch.float32)
 
 
 @dataclass
@@ -366,6 +373,9 @@ class TrainingLoop:
         return self.schedule.epoch_limit is not None and self.state.epoch >= self.schedule.epoch_limit
 
     def _optimizer_step(self, losses: list[torch.Tensor], step_started: float, wait_before: float) -> None:
+        from .precision import cast_gradients
+
+        cast_gradients(self.cfg, self.params)
         grad_norm = self._clip()
         self.optimizer.step()
         self.lr_scheduler.step()

@@ -23,8 +23,6 @@ AREAS = ("kubetuner_trainer.optim", "kubetuner_trainer.data", "kubetuner_trainer
 
 def core_problems(cfg: Any) -> list[Problem]:
     """Problems with the model, loop and checkpoint options."""
-    import torch
-
     from ..models import family_class, implemented_families
 
     problems: list[Problem] = []
@@ -42,11 +40,11 @@ def core_problems(cfg: Any) -> list[Problem]:
     location = cfg.pretrained_model_name_or_path
     if location and _looks_local(location) and not Path(location).exists():
         problems.append(Problem("pretrained_model_name_or_path", location, "no such file or folder"))
-    precision = cfg.mixed_precision
-    if precision == "fp8":
-        problems.append(Problem("mixed_precision", precision, "fp8 training is not supported; use bf16, fp16 or no"))
-    if precision == "fp16" and not torch.cuda.is_available():
-        problems.append(Problem("mixed_precision", precision, "fp16 needs a CUDA GPU; use bf16 or no on CPU"))
+    from ..models.quantization import quantization_problems
+    from .precision import precision_problems
+
+    problems += precision_problems(cfg)
+    problems += quantization_problems(cfg, cls)
     if not (cfg.max_train_steps or 0) > 0 and not (cfg.num_train_epochs or 0) > 0:
         problems.append(Problem("max_train_steps", cfg.max_train_steps,
                                 "set max_train_steps or num_train_epochs to a positive number"))
@@ -180,7 +178,9 @@ def core_warnings(cfg: Any) -> list[Problem]:
         cls = family_class(cfg.model_family)
     except ValueError:
         return []
-    warnings = list(cls.config_warnings(cfg))
+    from ..models.quantization import quantization_warnings
+
+    warnings = list(cls.config_warnings(cfg)) + quantization_warnings(cfg, cls)
     if "flow_matching" in cls.prediction_types:
         from .objectives import flow_schedule_warnings
 
