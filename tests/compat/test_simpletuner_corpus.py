@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from kubetuner_trainer.cli import main
 from kubetuner_trainer.config import ConfigError, TrainerConfig
@@ -73,6 +74,10 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("sdxl-scheduled-sampling", {"model_family": "sdxl", "scheduled_sampling_max_step_offset": 10}),
     ("sd1x-fp16", {"model_family": "sd1x", "mixed_precision": "fp16"}),
 ]
+
+
+# Cases that are built but need a CUDA GPU (fp16 loss scaling runs there).
+NEEDS_CUDA = {"sd1x-fp16"}
 
 
 def _unbuilt(settings: dict[str, Any]) -> set[str]:
@@ -136,6 +141,12 @@ def test_case_trains_or_names_only_what_is_missing(case, settings, tmp_path, ima
                                                    monkeypatch):
     monkeypatch.chdir(tmp_path)
     trains = _trains(settings)
+    if trains and case in NEEDS_CUDA and not torch.cuda.is_available():
+        # built, but it needs a CUDA GPU: refused here at configuration time, saying so
+        argv = ["--config", _write_case(tmp_path, settings, images, str(tiny_model(settings["model_family"])))]
+        code, said = _start(argv, capsys, caplog)
+        assert code == ExitCode.CONFIG_ERROR and "needs a CUDA GPU" in said, said
+        return
     model = str(tiny_model(settings["model_family"])) if trains else "someone/some-model"
     argv = ["--config", _write_case(tmp_path, settings, images, model)]
     printed_code, printed = _start([*argv, "--print-config"], capsys, caplog)
