@@ -275,7 +275,8 @@ def test_comfyui_export_names_the_original_checkpoints_layers(make_cfg):
 def test_a_simpletuner_ltx_lora_config_with_clips_and_images_trains_through_kubetuner_train(tmp_path, tiny_model,
                                                                                               monkeypatch):
     """A SimpleTuner-style LTX-Video LoRA config (paths swapped, a short run) over a video dataset and an image
-    dataset: clips cache as 3-frame latents, images as one-frame clips, and the LoRA loads into LTXPipeline."""
+    dataset: clips cache as 3-frame latents, images as one-frame clips, validation renders a clip through
+    LTXPipeline, and the LoRA loads into LTXPipeline."""
     import gzip
     import json
 
@@ -305,9 +306,12 @@ def test_a_simpletuner_ltx_lora_config_with_clips_and_images_trains_through_kube
         "resolution": 0.001024, "resolution_type": "area", "aspect_bucket_alignment": 16,
         "ltx_train_mode": "i2v", "ltx_i2v_prob": 0.1, "ltx_partial_noise_fraction": 0.05, "framerate": 25,
         "flow_schedule_auto_shift": True, "flow_schedule_shift": 0, "validation_num_video_frames": FRAMES,
-        "seed": 3, "metrics_port": 0,
+        "seed": 3, "metrics_port": 0, "validation_prompt": "a disc moving", "validation_step_interval": 3,
+        "validation_resolution": "32", "validation_num_inference_steps": 2,
     }))
     assert main(["--config", str(config)]) == ExitCode.SUCCESS
+    (clip,) = json.loads((tmp_path / "out" / "validation" / "step-3" / "index.json").read_text())
+    assert (clip["frames"], clip["fps"]) == (FRAMES, 25) and clip["video"].endswith(".mp4")
     shapes = {path.parent.name: tuple(load(gzip.decompress(path.read_bytes()))["latents"].shape)
               for path in (tmp_path / "cache" / "vae" / "ltxvideo").rglob("*.safetensors.gz")}
     assert shapes == {"clips": (8, 3, 8, 8), "images": (8, 1, 8, 8)}
