@@ -16,6 +16,9 @@ loop: ε-MSE on a UNet, or for Flux the rectified-flow loop of diffusers' Flux L
         --gradient-checkpointing          # CUDA: the FLUX.1-dev transformer layout (12B, random weights)
     python bench/train_step.py --family sd3 --arch sd3-medium --resolution 1024 --batch 1,max --dtype bf16 \
         --gradient-checkpointing          # CUDA: the SD 3.5 Medium (or sd3-large) transformer layout
+    python bench/train_step.py --family flux --arch flux --resolution 1024 --batch 1 --dtype bf16 \
+        --gradient-checkpointing --blocks-to-swap 20   # or --group-offload block_level: our loop offloads,
+                                                       # the reference keeps every weight resident
 
 Peak memory is CUDA ``max_memory_allocated`` on GPUs and the process's peak resident set (sampled)
 on CPU (where subnormal floats are flushed to zero for both loops). MFU divides achieved FLOP/s by ``--peak-tflops`` (default: the GPU's dense bf16 peak from
@@ -392,7 +395,21 @@ def bench_config(args, workdir: Path) -> TrainerConfig:
         "output_dir": str(workdir / "out"), "optimizer": args.optimizer, "learning_rate": 1e-4, "lora_rank": args.rank,
         "mixed_precision": mp, "max_train_steps": args.steps, "seed": 0, "lr_scheduler": "constant",
         "max_grad_norm": 1.0, "grad_clip_method": "norm", "gradient_checkpointing": args.gradient_checkpointing,
+        **offload_options(args),
     }, require=False)
+
+
+def offload_options(args) -> dict:
+    """The trainer options of ``--blocks-to-swap`` / ``--group-offload`` / ``--attention`` (our loop only)."""
+    options: dict = {}
+    if args.blocks_to_swap:
+        options["musubi_blocks_to_swap"] = args.blocks_to_swap
+    if args.group_offload != "none":
+        options.update(enable_group_offload=True, group_offload_type=args.group_offload,
+                       group_offload_blocks_per_group=args.group_offload_blocks)
+    if args.attention:
+        options["attention_mechanism"] = args.attention
+    return options
 
 
 def run_case(args, batch_size: int, cfg: TrainerConfig, model, device: torch.device,
@@ -405,7 +422,7 @@ def run_case(args, batch_size: int, cfg: TrainerConfig, model, device: torch.dev
             model.components.denoiser = copy.deepcopy(pristine)
             ours.append(bench_kubetuner(cfg, model, SyntheticData(model, batch_size, args.resolution, args.text_tokens),
                                         args.steps, args.warmup))
-            model.components.denoiser = copy.deepcopy(pristine)
+            model.components.denoiser = copy.deepcopy(pristine).to(device)  # the reference keeps every weight resident
             _free(device)
             ref.append(bench_reference(model, model.denoiser, SyntheticData(model, batch_size, args.resolution, args.text_tokens),
                                        args.steps, args.warmup, rank=args.rank, lr=1e-4,
@@ -439,6 +456,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--output", type=Path, default=None, help="also write the table to this file")
+    parser.add_argument("--blocks-to-swap", type=int, default=0,
+                        help="our loop: --musubi_blocks_to_swap (the last N transformer blocks wait on the CPU)")
+    parser.add_argument("--group-offload", default="none", choices=("none", "block_level", "leaf_level"),
+                        help="our loop: --enable_group_offload with this --group_offload_type")
+    parser.add_argument("--group-offload-blocks", type=int, default=1, help="--group_offload_blocks_per_group")
+    parser.add_argument("--attention", default=None, help="our loop: --attention_mechanism")
     args = parser.parse_args(argv)
     if args.arch != "tiny" and args.family != REAL_SIZE_ARCHES[args.arch]:
         parser.error(f"--arch {args.arch} needs --family {REAL_SIZE_ARCHES[args.arch]}")
@@ -478,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
               f"device={device} lora_rank={args.rank} optimizer={args.optimizer} "
               f"gradient_checkpointing={args.gradient_checkpointing} steps={args.steps} warmup={args.warmup} "
               f"repeats={args.repeats} text_tokens={args.text_tokens if args.family == 'flux' else 'n/a'}\n"
+              f"ours only: blocks_to_swap={args.blocks_to_swap} group_offload={args.group_offload}"
+              f"/{args.group_offload_blocks} attention={args.attention or 'diffusers'}\n"
               f"peak for MFU: {peak:.2f} TFLOP/s ({peak_note})\n")
     lines = [f"{'batch':>5} {'loop':<10} {'samples/s':>10} {'s/step':>8} {'peak mem MiB':>13} "
              f"{'data wait s':>11} {'GFLOP/step':>11} {'MFU %':>7} {'ours/ref':>9}"]

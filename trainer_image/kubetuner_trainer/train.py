@@ -115,6 +115,7 @@ def run_process(cfg: TrainerConfig, events: TrainingEvents) -> ExitCode:
     from accelerate.state import AcceleratorState
     from accelerate.utils import broadcast_object_list, set_seed
 
+    from .acceleration import MemoryPlan
     from .collectives import process_group_kwargs
     from .models import load_family
     from .training.loop import TrainingLoop, weight_dtype_for
@@ -139,10 +140,13 @@ def run_process(cfg: TrainerConfig, events: TrainingEvents) -> ExitCode:
 
         family = load_family(cfg, device=accelerator.device, weight_dtype=weight_dtype_for(cfg))
         events.state(TrainerState.CACHING, "preparing datasets and caches")
-        data = build_data(cfg, family, rank=rank, world=world)
+        memory = MemoryPlan(cfg, family, accelerator.device)
+        memory.before_caching()
+        data = build_data(cfg, family, rank=rank, world=world, encoders=memory.encoders(family.encoders()))
+        memory.after_caching()
         validator = build_validator(cfg, family)  # every process decides when; the main one renders
 
-        loop = TrainingLoop(cfg, accelerator, family, data, events, validator=validator, seed=seed)
+        loop = TrainingLoop(cfg, accelerator, family, data, events, validator=validator, seed=seed, memory=memory)
         result = loop.run(resume)
         if result.exit_code == ExitCode.SUCCESS:
             events.state(TrainerState.FINISHED, f"saved the model to {result.final_path}")
@@ -186,10 +190,11 @@ def _mixed_precision(cfg: Any) -> str:
     return cfg.mixed_precision
 
 
-def build_data(cfg: Any, family: Any, *, rank: int, world: int) -> Any:
+def build_data(cfg: Any, family: Any, *, rank: int, world: int, encoders: Any = None) -> Any:
+    """This rank's batch source; ``encoders`` (default: the family's) encode what the caches lack."""
     from .data import build_training_data
 
-    return build_training_data(cfg, family.encoders(), rank=rank, world_size=world)
+    return build_training_data(cfg, encoders or family.encoders(), rank=rank, world_size=world)
 
 
 def build_validator(cfg: Any, family: Any) -> Any:

@@ -120,6 +120,9 @@ class ModelFamily(ABC):
     is_video: ClassVar[bool] = False
     #: frames per second of rendered clips when ``--framerate`` is unset (the model's native rate)
     default_framerate: ClassVar[int] = 30
+    #: the denoiser's lists of repeated transformer blocks (attribute names, in forward order): what
+    #: ``--musubi_blocks_to_swap`` swaps and ``--dynamo_use_regional_compilation`` compiles; empty: none
+    transformer_block_lists: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def denoiser_class(cls) -> type:
@@ -232,22 +235,43 @@ class ModelFamily(ABC):
         layout = cls.for_flavour(cfg.model_flavour, cfg.pretrained_model_name_or_path)
         if layout is not cls:
             return layout.load(cfg, device=device, weight_dtype=weight_dtype)
+        from ..acceleration import configure_vae
+
         components = load_components(cls, cfg, weight_dtype=weight_dtype)
         quantize_components(cls, cfg, components, device)
+        configure_vae(cfg, components.vae)
         model = cls(cfg, components, device=device, weight_dtype=weight_dtype)
         model.to(device)
         return model
 
     def to(self, device: torch.device | str) -> ModelFamily:
+        """Move the model to ``device``; a denoiser whose weights the memory plan places (block swap,
+        group offload) stays where it is."""
+        from ..acceleration import denoiser_placed_by_plan
+
         self.device = torch.device(device)
         c = self.components
-        c.denoiser.to(self.device)
+        if not denoiser_placed_by_plan(self.cfg):
+            c.denoiser.to(self.device)
         if c.vae is not None:
             c.vae.to(self.device)
         for te in c.text_encoders:
             te.to(self.device)
         self.objective.to(self.device)
         return self
+
+    def reload_text_encoders(self) -> None:
+        """Load the text encoders again from the model's source (after ``--fully_unload_text_encoder`` freed them)."""
+        from .loading import load_text_encoders
+
+        loaded = load_text_encoders(type(self), self.components.source, self.weight_dtype)
+        for i, te in enumerate(loaded):
+            self.components.text_encoders[i] = te.to(self.device)
+
+    def transformer_blocks(self, denoiser: torch.nn.Module | None = None) -> list[torch.nn.Module]:
+        """The denoiser's repeated transformer blocks in forward order (from ``transformer_block_lists``)."""
+        model = denoiser if denoiser is not None else self.denoiser
+        return [block for name in self.transformer_block_lists for block in getattr(model, name)]
 
     @property
     def denoiser(self) -> torch.nn.Module:

@@ -209,6 +209,26 @@ def _from_folder(family_cls: type[ModelFamily], src: ModelSource, weight_dtype: 
                              option=MODEL_OPTION, what=PIPELINE_LAYOUT, torch_dtype=weight_dtype,
                              quantization_config=quantization.get(name))
     vae = load_vae(family_cls, src, model) if family_cls.uses_vae else None
+    text_encoders = load_text_encoders(family_cls, src, weight_dtype, quantization)
+    tokenizers = []
+    for tok_cls, tok_name in zip(family_cls.tokenizer_classes(), family_cls.tokenizer_names, strict=True):
+        if separate := _separate_source(family_cls, model, tok_name):
+            tokenizers.append(load_part(tok_cls, separate, ModelSource(separate), subfolder=None, option=MODEL_OPTION,
+                                        what=f"a {tok_cls.__name__} repository", use_variant=False))
+        else:
+            tokenizers.append(load_part(tok_cls, model, src, subfolder=tok_name, option=MODEL_OPTION,
+                                        what=PIPELINE_LAYOUT, use_variant=False))
+    scheduler = load_part(family_cls.scheduler_class(), model, src, subfolder="scheduler", option=MODEL_OPTION,
+                          what=PIPELINE_LAYOUT, use_variant=False)
+    return Components(denoiser, vae, text_encoders, tokenizers, scheduler, src)
+
+
+def load_text_encoders(family_cls: type[ModelFamily], src: ModelSource, weight_dtype: torch.dtype,
+                       quantization: dict[str, Any] | None = None) -> list[Any]:
+    """The text encoders, in pipeline order, from the model folder, their relocation options or their own
+    repositories (frozen, in eval mode); ``quantization`` as in :func:`_from_folder`."""
+    quantization = quantization or {}
+    model = src.model
     relocated = dict(src.text_encoders)
     options = {te_name: option for option, te_name in family_cls.text_encoder_location_options.items()}
     text_encoders = []
@@ -228,17 +248,10 @@ def _from_folder(family_cls: type[ModelFamily], src: ModelSource, weight_dtype: 
             text_encoders.append(load_part(te_cls, model, src, subfolder=te_name, option=MODEL_OPTION,
                                            what=PIPELINE_LAYOUT, torch_dtype=weight_dtype,
                                            quantization_config=quantization.get(te_name)))
-    tokenizers = []
-    for tok_cls, tok_name in zip(family_cls.tokenizer_classes(), family_cls.tokenizer_names, strict=True):
-        if separate := _separate_source(family_cls, model, tok_name):
-            tokenizers.append(load_part(tok_cls, separate, ModelSource(separate), subfolder=None, option=MODEL_OPTION,
-                                        what=f"a {tok_cls.__name__} repository", use_variant=False))
-        else:
-            tokenizers.append(load_part(tok_cls, model, src, subfolder=tok_name, option=MODEL_OPTION,
-                                        what=PIPELINE_LAYOUT, use_variant=False))
-    scheduler = load_part(family_cls.scheduler_class(), model, src, subfolder="scheduler", option=MODEL_OPTION,
-                          what=PIPELINE_LAYOUT, use_variant=False)
-    return Components(denoiser, vae, text_encoders, tokenizers, scheduler, src)
+    for te in text_encoders:
+        te.requires_grad_(False)
+        te.eval()
+    return text_encoders
 
 
 def _separate_source(family_cls: type[ModelFamily], model: str, name: str) -> str | None:

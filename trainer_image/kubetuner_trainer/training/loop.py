@@ -124,7 +124,8 @@ class TrainingLoop:
     """One training run. ``run()`` returns a :class:`LoopResult`."""
 
     def __init__(self, cfg: Any, accelerator: Any, family: Any, data: Any,
-                 events: TrainingEvents | None = None, *, validator: Any = None, seed: int = 0):
+                 events: TrainingEvents | None = None, *, validator: Any = None, seed: int = 0,
+                 memory: Any = None):
         self.cfg = cfg
         self.acc = accelerator
         self.family = family
@@ -142,6 +143,12 @@ class TrainingLoop:
                                         model_family=cfg.model_family)
         self.generator = torch.Generator().manual_seed(seed + self.rank)
         self.trainable = build_trainable(family, cfg)
+        from ..acceleration import MemoryPlan
+        from ..acceleration.attention import AttentionChoice
+
+        #: where weights live (block swap, group offload, parked helpers); shared with the data pipeline
+        self.memory = memory if memory is not None else MemoryPlan(cfg, family, self.device)
+        self.attention = AttentionChoice(cfg)
         self.wrapped: dict[str, torch.nn.Module] = {}
         self.ema = None
         self.result = LoopResult(ExitCode.SUCCESS, self.state)
@@ -164,9 +171,14 @@ class TrainingLoop:
         if cfg.use_ema:
             self.ema = optim.EMAModel(self.ema_params, cfg)
         names = list(trained)
-        prepared = self.acc.prepare(*[trained[n] for n in names], optimizer)
+        problems = self.attention.check_model(self.family.denoiser, self.family.family)
+        if problems:
+            raise ConfigError(problems)
+        prepared = self.acc.prepare(*[trained[n] for n in names], optimizer,
+                                    device_placement=self._device_placement(names) + [True])
         *modules, self.optimizer = prepared if isinstance(prepared, (list, tuple)) else (prepared,)
         self.wrapped = dict(zip(names, modules, strict=True))
+        self._accelerate_denoiser()
         self.checkpointer = Checkpointer(
             cfg, self.acc, trainable=self.trainable, training_state=self.state, events=self.events, ema=self.ema,
             states={"optimizer": self.optimizer, "scheduler": self.lr_scheduler, "ema": self.ema},
@@ -175,12 +187,29 @@ class TrainingLoop:
                                          objective=self.objective)
         self.eval_schedule = plan_eval_schedule(cfg, self.schedule.updates_per_epoch) if self.evaluator else None
 
+    def _device_placement(self, names: list[str]) -> list[bool]:
+        """accelerate places every prepared module, except a denoiser whose weights the memory plan places."""
+        from ..acceleration import denoiser_placed_by_plan
+
+        placed_by_plan = denoiser_placed_by_plan(self.cfg)
+        return [not (placed_by_plan and n == self.family.denoiser_name) for n in names]
+
+    def _accelerate_denoiser(self) -> None:
+        """Block swap / group offload, then ``torch.compile``, on the unwrapped trained denoiser."""
+        from ..acceleration.compiling import compile_denoiser
+
+        name = self.family.denoiser_name
+        denoiser = self.acc.unwrap_model(self.wrapped[name]) if name in self.wrapped else self.family.denoiser
+        self.memory.apply(denoiser)
+        compile_denoiser(self.cfg, self.family, denoiser)
+
     def resume(self, folder: Path) -> None:
         """Load weights, optimizer, scheduler, EMA, RNG and data position from a checkpoint."""
         self.checkpointer.load(folder)
 
     def save_checkpoint(self, kind: str) -> Path:
-        final = self.checkpointer.save(kind)
+        with self.memory.during_save():
+            final = self.checkpointer.save(kind)
         self.result.checkpoints.append(final)
         return final
 
@@ -211,7 +240,7 @@ class TrainingLoop:
             prob = cfg.masked_loss_probability
             if prob < 1.0 and torch.rand(1, generator=self.generator).item() >= prob:
                 mask = None
-        with self.acc.autocast():
+        with self.acc.autocast(), self.attention.training():
             text = self._text(batch)
             pred = self.family.predict(self.wrapped[self.family.denoiser_name], noisy, timesteps, text, batch)
         target = objective.target(latents, noise, timesteps)
@@ -278,16 +307,17 @@ class TrainingLoop:
             return
         self._validated_step = self.state.global_step
         if self.is_main:
-            with self._eval_mode() as unwrapped, self.trainable.validation_context():
+            with self._eval_mode() as unwrapped, self.trainable.validation_context(), \
+                    self.memory.for_validation() as prepare, self.attention.inference():
                 tes = self.trainable.text_encoders(unwrapped)
                 denoiser = unwrapped[self.family.denoiser_name]
                 ema_factory = None
                 if self.ema is not None:
-                    ema_factory = lambda: self.family.build_pipeline(  # noqa: E731
-                        denoiser=self.trainable.ema_denoiser(self.ema).to(self.device), text_encoders=tes)
+                    ema_factory = lambda: prepare(self.family.build_pipeline(  # noqa: E731
+                        denoiser=self.trainable.ema_denoiser(self.ema).to(self.device), text_encoders=tes))
                 v.run_and_report(
                     self.state.global_step, self.events,
-                    lambda: self.family.build_pipeline(denoiser=denoiser, text_encoders=tes),
+                    lambda: prepare(self.family.build_pipeline(denoiser=denoiser, text_encoders=tes)),
                     ema_pipeline_factory=ema_factory,
                 )
         self.acc.wait_for_everyone()
@@ -382,6 +412,7 @@ class TrainingLoop:
         self.optimizer.zero_grad(set_to_none=bool(self.cfg.set_grads_to_none))
         self.state.global_step += 1
         self.trainable.after_step(self.state.global_step)
+        self.memory.after_step(self.state.global_step)
         if self.ema is not None:
             self.ema.step(self.ema_params)
         mean = torch.stack(losses).float().mean().reshape(1)  # one device sync per optimizer step
@@ -403,7 +434,7 @@ class TrainingLoop:
             denoiser = unwrapped[self.family.denoiser_name]
 
             def predict(batch: Any, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-                with self.acc.autocast():
+                with self.acc.autocast(), self.attention.training():
                     return self.family.predict(denoiser, noisy, timesteps, self._text(batch, unwrapped), batch)
 
             reduce = (lambda t: self.acc.reduce(t, reduction="sum")) if self.world > 1 else None
@@ -445,7 +476,9 @@ class TrainingLoop:
         if self.is_main:
             out.mkdir(parents=True, exist_ok=True)
             self._check_final_not_newer()
-            self.trainable.export(out, title=f"{self.cfg.model_family} {self.cfg.model_type} final", ema=self.ema)
+            with self.memory.during_save():
+                self.trainable.export(out, title=f"{self.cfg.model_family} {self.cfg.model_type} final",
+                                      ema=self.ema)
             self.state.kind = "final"
             (out / ckpt.STATE_FILE).write_text(self.state.to_json())
         self.acc.wait_for_everyone()

@@ -18,7 +18,8 @@ from ..files import writable_problem
 
 log = logging.getLogger(__name__)
 
-AREAS = ("kubetuner_trainer.optim", "kubetuner_trainer.data", "kubetuner_trainer.runtime")
+AREAS = ("kubetuner_trainer.optim", "kubetuner_trainer.data", "kubetuner_trainer.runtime",
+         "kubetuner_trainer.acceleration")
 
 
 def core_problems(cfg: Any) -> list[Problem]:

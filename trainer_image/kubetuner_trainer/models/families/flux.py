@@ -63,6 +63,7 @@ class FluxFamily(ModelFamily):
     }
     default_flavour = "krea"
     denoiser_name = "transformer"
+    transformer_block_lists = ("transformer_blocks", "single_transformer_blocks")
     denoiser_class_name = "FluxTransformer2DModel"
     scheduler_class_name = "FlowMatchEulerDiscreteScheduler"
     text_encoder_names = ("text_encoder", "text_encoder_2")

@@ -82,6 +82,7 @@ class SD3Family(ModelFamily):
                 "large": "stabilityai/stable-diffusion-3.5-large"}
     default_flavour = "medium"
     denoiser_name = "transformer"
+    transformer_block_lists = ("transformer_blocks",)
     denoiser_class_name = "SD3Transformer2DModel"
     scheduler_class_name = "FlowMatchEulerDiscreteScheduler"
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")

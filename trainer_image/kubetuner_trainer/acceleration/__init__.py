@@ -1,0 +1,121 @@
+"""Fitting big models and running them fast: block swap, group offload, model residency, attention
+kernels and ``torch.compile`` (the memory, attention and dynamo options).
+
+``preflight_problems(cfg)`` / ``preflight_warnings(cfg)`` are this area's start-up checks (run
+before anything loads); :class:`~.offload.MemoryPlan`, :class:`~.attention.AttentionChoice` and
+:func:`~.compiling.compile_denoiser` are what the training loop applies.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import Problem
+from .offload import MemoryPlan, clear_accelerator_cache, denoiser_placed_by_plan
+
+__all__ = ["MemoryPlan", "clear_accelerator_cache", "configure_vae", "denoiser_placed_by_plan",
+           "preflight_problems", "preflight_warnings", "run_device_type"]
+
+
+def run_device_type() -> str:
+    """The device type a run on this machine trains on (what accelerate picks)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def configure_vae(cfg: Any, vae: Any) -> None:
+    """``--vae_enable_slicing`` / ``--vae_enable_tiling`` on a loaded VAE (diffusers' own switches)."""
+    if getattr(cfg, "vae_enable_slicing", False) and hasattr(vae, "enable_slicing"):
+        vae.enable_slicing()
+    if getattr(cfg, "vae_enable_tiling", False) and hasattr(vae, "enable_tiling"):
+        vae.enable_tiling()
+
+
+def _family_class(cfg: Any) -> Any:
+    from ..models import family_class
+
+    try:
+        return family_class(cfg.model_family)
+    except ValueError:
+        return None  # the core checks report the family
+
+
+def _block_swap_problems(cfg: Any, device_type: str) -> list[Problem]:
+    swap = int(getattr(cfg, "musubi_blocks_to_swap", 0) or 0)
+    if swap <= 0:
+        return []
+    problems: list[Problem] = []
+    cls = _family_class(cfg)
+    if cls is not None and not cls.transformer_block_lists:
+        from ..models import implemented_families
+
+        able = [f for f in implemented_families() if _family_has_blocks(f)]
+        problems.append(Problem("musubi_blocks_to_swap", swap,
+                                f"the {cls.family} model has no transformer block lists to swap; "
+                                f"block swap works with: {', '.join(able)}"))
+    if getattr(cfg, "enable_group_offload", False):
+        problems.append(Problem("musubi_blocks_to_swap", swap, "cannot be combined with --enable_group_offload; "
+                                                               "pick one way to offload the model"))
+    device = getattr(cfg, "musubi_block_swap_device", None) or "cpu"
+    try:
+        import torch
+
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        problems.append(Problem("musubi_block_swap_device", device, f"is not a device string ({exc}); e.g. cpu"))
+    else:
+        if parsed.type not in ("cpu", device_type):
+            problems.append(Problem("musubi_block_swap_device", device,
+                                    f"this run has no {parsed.type} device; use cpu"))
+    return problems
+
+
+def _family_has_blocks(name: str) -> bool:
+    from ..models import family_class
+
+    return bool(family_class(name).transformer_block_lists)
+
+
+def preflight_problems(cfg: Any) -> list[Problem]:
+    """This area's configuration errors: kernels this machine cannot run, block swap where there are no
+    blocks to swap, and combinations that cannot work together."""
+    from .attention import attention_problems
+
+    device_type = run_device_type()
+    problems = attention_problems(cfg, device_type) + _block_swap_problems(cfg, device_type)
+    if getattr(cfg, "enable_group_offload", False) and getattr(cfg, "group_offload_use_stream", False) \
+            and device_type == "cuda":
+        problems.append(Problem("group_offload_use_stream", True,
+                                "diffusers' streamed group offloading keeps the pinned copy of each group made at "
+                                "start and would revert the trained weights; leave it off for training"))
+    location = getattr(cfg, "pretrained_model_name_or_path", None) or ""
+    if getattr(cfg, "fully_unload_text_encoder", False) and location:
+        from ..models.loading import is_single_file
+
+        quantized = [f"text_encoder_{i}_precision" for i in range(1, 5)
+                     if getattr(cfg, f"text_encoder_{i}_precision", None) not in (None, "no_change")]
+        if quantized:
+            problems.append(Problem("fully_unload_text_encoder", True,
+                                    f"cannot be combined with --{quantized[0]}: the text encoders are loaded again "
+                                    "unquantized, so embeddings would no longer match the cache"))
+        if is_single_file(location):
+            problems.append(Problem("fully_unload_text_encoder", True,
+                                    "needs a diffusers folder or hub id to load the text encoders again from; "
+                                    f"{location} is a single checkpoint file"))
+    compiled = (getattr(cfg, "dynamo_backend", None) or "no") != "no"
+    if compiled and denoiser_placed_by_plan(cfg):
+        option = "musubi_blocks_to_swap" if getattr(cfg, "musubi_blocks_to_swap", 0) else "enable_group_offload"
+        problems.append(Problem("dynamo_backend", cfg.dynamo_backend,
+                                f"cannot be combined with --{option} (its hooks move weights between compiled "
+                                "calls); use dynamo_backend=no or turn the offloading off"))
+    return problems
+
+
+def preflight_warnings(cfg: Any) -> list[Problem]:
+    """Options that have no effect as configured."""
+    warnings: list[Problem] = []
+    if getattr(cfg, "musubi_blocks_to_swap", 0) and getattr(cfg, "model_type", None) == "full":
+        warnings.append(Problem("musubi_blocks_to_swap", cfg.musubi_blocks_to_swap,
+                                "has no effect on full fine-tuning: block swap moves only frozen weights"))
+    return warnings
