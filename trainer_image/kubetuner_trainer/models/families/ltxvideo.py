@@ -43,7 +43,7 @@ import torch
 from ...config import Problem
 from ...training.losses import element_loss, resize_mask
 from ...training.objectives import FLOW_TIMESTEP_SCALE, FlowMatchingObjective
-from ..family import ModelFamily
+from ..family import DiffusersClass, ModelFamily
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,6 @@ PIPELINE_SIZE_MULTIPLE = 32
 #: diffusers name → original LTX-Video checkpoint name of the transformer's top-level layers that differ
 #: (the reverse of diffusers' ``convert_ltx_transformer_checkpoint_to_diffusers`` renames)
 ORIGINAL_LAYER_NAMES = {"proj_in": "patchify_proj", "time_embed": "adaln_single"}
-#: SimpleTuner's LTX LoRA targets: self- and cross-attention projections of every block
-LTX_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 
 
 def pack_latents(latents: torch.Tensor, patch_size: int = 1, patch_size_t: int = 1) -> torch.Tensor:
@@ -149,16 +147,6 @@ class LTXVideoObjective(FlowMatchingObjective):
         return ((loss * weight).flatten(1).sum(1) / weight.flatten(1).sum(1).clamp(min=1.0)).mean()
 
 
-class _AutoencoderKLLTXVideo:
-    """``vae_class``: diffusers' ``AutoencoderKLLTXVideo``, imported on first access (family modules are listed
-    without torch)."""
-
-    def __get__(self, obj: Any, owner: type | None = None) -> type:
-        from diffusers import AutoencoderKLLTXVideo
-
-        return AutoencoderKLLTXVideo
-
-
 class LTXVideoFamily(ModelFamily):
     family = "ltxvideo"
     pipeline_class = "LTXPipeline"
@@ -169,7 +157,7 @@ class LTXVideoFamily(ModelFamily):
     denoiser_class_name = "LTXVideoTransformer3DModel"
     scheduler_class_name = "FlowMatchEulerDiscreteScheduler"
     prediction_types = ("flow_matching",)
-    default_lora_targets = LTX_LORA_TARGETS
+    # LoRA targets: the inherited to_k/to_q/to_v/to_out.0 (SimpleTuner's LTX default): every block's attn1 and attn2
     slider_lora_targets = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "proj_in", "proj_out")
     modelspec_architecture = "ltx-video"
     comfyui_prefixes = {"transformer": "diffusion_model"}
@@ -177,7 +165,7 @@ class LTXVideoFamily(ModelFamily):
     is_video = True
     #: frames per second when ``--framerate`` is unset (SimpleTuner's LTX value and LTXPipeline's default)
     default_framerate = 25
-    vae_class = _AutoencoderKLLTXVideo()
+    vae_class = DiffusersClass("AutoencoderKLLTXVideo")
 
     @classmethod
     def text_encoder_classes(cls) -> tuple[type, ...]:
