@@ -171,3 +171,64 @@ def test_a_simpletuner_wan_lora_config_with_a_video_dataset_trains_through_kubet
     clip = probe_video((step / entry["video"]).read_bytes())
     assert (clip.width, clip.height, clip.frames) == (32, 32, CLIP_FRAMES)
     assert (step / entry["gif"]).is_file() and (step / entry["file"]).is_file()
+
+
+def test_resume_is_exact_through_the_data_pipeline_with_clips_and_images(make_cfg, tmp_path):
+    """A video dataset (frame windows drawn per clip) next to an image dataset (1-frame clips): a run stopped
+    after 2 steps and resumed equals the straight run, batch for batch and weight for weight."""
+    from safetensors.torch import load_file
+    from training_helpers import RecordingEvents
+
+    from kubetuner_trainer.data import build_training_data
+    from kubetuner_trainer.tiny import build_tiny_dataset, build_tiny_video_dataset
+    from kubetuner_trainer.training import checkpoints as ckpt
+
+    clips = build_tiny_video_dataset(tmp_path / "clips", count=2, frames=13, sizes=((32, 32),))
+    images = build_tiny_dataset(tmp_path / "images", count=2, sizes=((32, 32),))
+    datasets = tmp_path / "datasets.json"
+    datasets.write_text(json.dumps([
+        {"id": "clips", "type": "local", "dataset_type": "video", "instance_data_dir": str(clips),
+         "caption_strategy": "textfile", "video": {"num_frames": CLIP_FRAMES, "min_frames": CLIP_FRAMES}},
+        {"id": "stills", "type": "local", "instance_data_dir": str(images), "caption_strategy": "textfile"}]))
+
+    def cfg(name: str):
+        return _wan_cfg(make_cfg, output_dir=str(tmp_path / name), data_backend_config=str(datasets),
+                        cache_dir=str(tmp_path / "cache"), resolution=0.001024, resolution_type="area",
+                        aspect_bucket_alignment=32, train_batch_size=1, max_train_steps=5, learning_rate=1e-3,
+                        caption_dropout_probability=0.0, checkpoint_step_interval=1, seed=4)
+
+    def data_for(config):
+        return lambda encoders: build_training_data(config, encoders)
+
+    straight, family, straight_data = train_in_process(cfg("a"), data_factory=data_for(cfg("a")))
+    windows = [p.frames for ps in straight_data.datasets[0].prepared.buckets.buckets.values() for p in ps]
+    assert {w.count for w in windows} == {CLIP_FRAMES} and len({w.start for w in windows}) > 1
+    batches = iter(build_training_data(cfg("a"), family.encoders()))
+    frames = {next(batches).latents.shape[2] for _ in range(6)}
+    assert frames == {1, 2}  # stills are 1-frame clips, clips 5 frames -> 2 latent frames
+
+    first, _, _ = train_in_process(cfg("b"), data_factory=data_for(cfg("b")), events=RecordingEvents(stop_after=2))
+    assert first.exit_code == ExitCode.INTERRUPTED
+    resume = ckpt.find_resume_checkpoint(tmp_path / "b", "latest")
+    second, _, _ = train_in_process(cfg("b").replace(resume_from_checkpoint="latest"),
+                                    data_factory=data_for(cfg("b")), resume=resume)
+    assert second.exit_code == ExitCode.SUCCESS
+    assert first.losses + second.losses == straight.losses
+    a = load_file(str(tmp_path / "a" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "b" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_comfyui_export_uses_the_original_wan_layer_names(make_cfg, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = _wan_cfg(make_cfg, max_train_steps=1, learning_rate=5e-2, lora_alpha=2, lora_format="comfyui")
+    result, _, _ = train_in_process(cfg, data_factory=_clip_data())
+    assert result.exit_code == ExitCode.SUCCESS
+    comfy = load_file(str(tmp_path / "out" / "pytorch_lora_weights.safetensors"))
+    # the original checkpoint's attention names, which ComfyUI's Wan model keeps (2 tiny blocks)
+    expected = {f"diffusion_model.blocks.{b}.{attn}.{p}" for b in (0, 1) for attn in ("self_attn", "cross_attn")
+                for p in ("q", "k", "v", "o")}
+    assert {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in comfy} == expected
+    assert all(float(comfy[f"{name}.alpha"]) == 2.0 for name in expected)
+    assert comfy["diffusion_model.blocks.0.self_attn.q.lora_down.weight"].shape[1] == 24  # inner dim 2 x 12

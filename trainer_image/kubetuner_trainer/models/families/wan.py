@@ -12,6 +12,8 @@
 * **Flavours.** SimpleTuner 3.1.6's Wan flavours and hub ids. The text-to-video ones train here; the
   image-to-video, first/last-frame, VACE and TI2V ones need conditioning inputs this trainer does not
   build yet and are refused by name.
+* **ComfyUI.** ``--lora_format comfyui`` names layers ``diffusion_model.<path>`` in the original Wan
+  checkpoint's names (``blocks.0.self_attn.q``), which ComfyUI's Wan model keeps.
 * **Validation.** ``WanPipeline`` renders ``--validation_num_video_frames`` frames (at most 81, as in
   SimpleTuner; 81 when unset), written as MP4, GIF and a first-frame PNG at ``--framerate`` (16 fps by
   default, Wan's native rate).
@@ -19,6 +21,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,18 @@ TEMPORAL_COMPRESSION = 4
 MAX_VALIDATION_FRAMES = 81
 #: flavours that train here (text-to-video); the rest need image/frame conditioning inputs
 TEXT_TO_VIDEO_FLAVOURS = ("t2v-480p-1.3b-2.1", "t2v-480p-14b-2.1")
+#: diffusers' WanTransformer3DModel layer names -> the original Wan checkpoint's (diffusers' conversion
+#: script, read backwards), applied to every dotted path segment run in order
+ORIGINAL_LAYER_NAMES = (
+    (r"\.attn1\.to_([qkv])\b", r".self_attn.\1"), (r"\.attn1\.to_out\.0\b", ".self_attn.o"),
+    (r"\.attn1\.norm_([qk])\b", r".self_attn.norm_\1"),
+    (r"\.attn2\.to_([qkv])\b", r".cross_attn.\1"), (r"\.attn2\.to_out\.0\b", ".cross_attn.o"),
+    (r"\.attn2\.add_([kv])_proj\b", r".cross_attn.\1_img"), (r"\.attn2\.norm_([qk])\b", r".cross_attn.norm_\1"),
+    (r"\.ffn\.net\.0\.proj\b", ".ffn.0"), (r"\.ffn\.net\.2\b", ".ffn.2"), (r"\.norm2\b", ".norm3"),
+    (r"^condition_embedder\.text_embedder\.linear_([12])$", lambda m: f"text_embedding.{2 * int(m[1]) - 2}"),
+    (r"^condition_embedder\.time_embedder\.linear_([12])$", lambda m: f"time_embedding.{2 * int(m[1]) - 2}"),
+    (r"^condition_embedder\.time_proj$", "time_projection.1"), (r"^proj_out$", "head.head"),
+)
 
 
 class WanFamily(ModelFamily):
@@ -69,7 +84,7 @@ class WanFamily(ModelFamily):
     default_lora_targets = WAN_LORA_TARGETS
     slider_lora_targets = WAN_LORA_TARGETS
     modelspec_architecture = "wan-2.1-t2v"
-    comfyui_prefixes = {"transformer": "lora_transformer"}
+    comfyui_prefixes = {"transformer": "diffusion_model"}
     swappable_validation_scheduler = False  # validation samples with the model's own flow scheduler
     is_video = True
     default_framerate = 16
@@ -188,6 +203,14 @@ class WanFamily(ModelFamily):
         return denoiser(hidden_states=noisy_latents, timestep=timesteps,
                         encoder_hidden_states=text["prompt_embeds"].to(noisy_latents.device, dtype),
                         return_dict=False)[0]
+
+    @classmethod
+    def comfyui_key(cls, module_name: str, module_path: str, trained: Sequence[str]) -> str:
+        """``diffusion_model.<path>`` in the original Wan layer names (:data:`ORIGINAL_LAYER_NAMES`), e.g.
+        ``blocks.0.attn1.to_q`` → ``diffusion_model.blocks.0.self_attn.q``."""
+        for pattern, replacement in ORIGINAL_LAYER_NAMES:
+            module_path = re.sub(pattern, replacement, module_path)
+        return f"{cls.comfyui_prefixes[module_name]}.{module_path}"
 
     # ----- validation ----------------------------------------------------------------------------
     def extra_pipeline_components(self) -> dict[str, Any]:
