@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from training_helpers import InMemoryData, train_in_process
@@ -127,3 +128,51 @@ def test_auraflow_comfyui_export_uses_the_diffusers_names_comfyui_maps(make_cfg,
     assert layers == ({f"transformer.joint_transformer_blocks.0.attn.{p}" for p in joint}
                       | {f"transformer.single_transformer_blocks.0.attn.{p}" for p in joint[:4]})
     assert all(f"{layer}.lora_up.weight" in comfy and float(comfy[f"{layer}.alpha"]) == 2.0 for layer in layers)
+
+
+# ----- Lumina 2 -------------------------------------------------------------------------------------
+
+def test_lumina2_flavours_options_and_prompt_length(make_cfg):
+    cls = family_class("lumina2")
+    assert resolve_source(cls, make_cfg("lumina2", pretrained_model_name_or_path=None,
+                                        model_flavour="neta-lumina")).model == "terminusresearch/neta-lumina-v1"
+    assert _family(make_cfg, "lumina2").max_sequence_length == 256
+    long = make_cfg("lumina2", **COMMON, tokenizer_max_length=600)
+    assert "tokenizer_max_length" in {p.option for p in core_warnings(long)}
+    assert {p.option for p in core_problems(make_cfg("lumina2", lora_format="comfyui"))} == {"lora_format"}
+    assert {p.option for p in core_problems(make_cfg("lumina2", train_text_encoder=True))} == {"train_text_encoder"}
+
+
+def test_lumina2_conditioning_is_gemma_with_the_system_prompt_and_time_runs_backwards(make_cfg):
+    from diffusers import Lumina2Pipeline
+
+    family = _family(make_cfg, "lumina2")
+    text = family.encode_text(PROMPTS)
+    assert text["prompt_embeds"].shape == (2, 256, 32)
+    # exactly what Lumina2Pipeline.encode_prompt builds (system prompt, mask, penultimate hidden states)
+    pipe = Lumina2Pipeline(**family.pipeline_components())
+    embeds, mask, _, _ = pipe.encode_prompt(PROMPTS, do_classifier_free_guidance=False, max_sequence_length=256)
+    torch.testing.assert_close(text["prompt_embeds"], embeds)
+    assert torch.equal(text["prompt_attention_mask"], mask)
+    _mask_is_respected(family, "prompt_embeds", "prompt_attention_mask")
+    latents = torch.randn(2, 16, 4, 4)
+    with torch.no_grad():
+        pred = family.predict(family.denoiser, latents, torch.tensor([250.0, 750.0]), text, None)
+        raw = family.denoiser(hidden_states=latents, timestep=torch.tensor([0.75, 0.25]),
+                              encoder_hidden_states=text["prompt_embeds"],
+                              encoder_attention_mask=text["prompt_attention_mask"], return_dict=False)[0]
+    torch.testing.assert_close(pred, -raw)
+
+
+def test_pretrained_gemma_location_relocates_the_text_encoder(make_cfg, tiny_model, tmp_path):
+    import shutil
+
+    from kubetuner_trainer.config import ConfigError
+
+    gemma = tmp_path / "gemma"
+    shutil.copytree(tiny_model("lumina2") / "text_encoder", gemma)
+    family = _family(make_cfg, "lumina2", pretrained_gemma_model_name_or_path=str(gemma))
+    assert dict(family.components.source.text_encoders) == {"text_encoder": str(gemma)}
+    with pytest.raises(ConfigError) as refused:
+        _family(make_cfg, "lumina2", pretrained_gemma_model_name_or_path=str(tmp_path / "missing"))
+    assert refused.value.problems[0].option == "pretrained_gemma_model_name_or_path"
