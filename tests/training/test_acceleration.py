@@ -214,3 +214,39 @@ def test_bench_runs_our_loop_with_block_swap(tmp_path, monkeypatch, capsys):
     assert "blocks_to_swap=1" in table
     assert [line.split()[1] for line in table.splitlines() if line.strip().startswith("1 ")] == ["kubetuner",
                                                                                                    "reference"]
+
+
+def _hub_cache(model_dir: Path, cache: Path, repo_id: str) -> Path:
+    """A Hugging Face cache holding ``model_dir`` as ``repo_id`` (blobs, a snapshot of symlinks, refs/main)."""
+    import hashlib
+    import os
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    for file in model_dir.rglob("*"):
+        if file.is_file():
+            data = file.read_bytes()
+            blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+            blob.write_bytes(data)
+            link = snapshot / file.relative_to(model_dir)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(os.path.relpath(blob, link.parent), link)
+    return snapshot
+
+
+def test_delete_model_after_load_removes_the_cached_base_model_but_what_the_run_still_reads(tiny_model, tmp_path):
+    from kubetuner_trainer.acceleration.hubcache import delete_cached_model
+
+    snapshot = _hub_cache(tiny_model("sd1x"), tmp_path / "hub", "tiny/sd1x")
+    other = _hub_cache(tiny_model("sd1x"), tmp_path / "hub", "tiny/other")
+    assert delete_cached_model("tiny/missing", cache_dir=tmp_path / "hub") == []
+    removed = delete_cached_model("tiny/sd1x", keep={"vae"}, cache_dir=tmp_path / "hub")
+    assert any(p.parts[-2] == "unet" for p in removed)
+    left = sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file())
+    assert left and all(name.startswith("vae/") for name in left)  # kept files still resolve to their blobs
+    blobs = list((snapshot.parents[1] / "blobs").iterdir())
+    assert len(blobs) == len(left)
+    assert (other / "unet" / "config.json").is_file()  # another model in the cache is untouched

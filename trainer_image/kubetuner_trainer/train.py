@@ -145,6 +145,8 @@ def run_process(cfg: TrainerConfig, events: TrainingEvents) -> ExitCode:
         data = build_data(cfg, family, rank=rank, world=world, encoders=memory.encoders(family.encoders()))
         memory.after_caching()
         validator = build_validator(cfg, family)  # every process decides when; the main one renders
+        if cfg.delete_model_after_load and accelerator.is_local_main_process:
+            _delete_cached_model(cfg, family, validator)
 
         loop = TrainingLoop(cfg, accelerator, family, data, events, validator=validator, seed=seed, memory=memory)
         result = loop.run(resume)
@@ -161,6 +163,14 @@ def run_process(cfg: TrainerConfig, events: TrainingEvents) -> ExitCode:
         events.error(f"{type(exc).__name__}: {exc}")
         events.state(TrainerState.FAILED, str(exc))
         raise
+
+
+def _delete_cached_model(cfg: TrainerConfig, family: Any, validator: Any) -> None:
+    """``--delete_model_after_load``, once the caches are built (see :mod:`.acceleration.hubcache`)."""
+    from .acceleration.hubcache import delete_cached_model, kept_folders
+
+    validating = validator is not None and bool(getattr(validator, "enabled", False))
+    delete_cached_model(family.components.source.model, kept_folders(cfg, family, validating=validating))
 
 
 def _resume_checkpoint(cfg: TrainerConfig, accelerator: Any) -> Path | None:
