@@ -73,7 +73,9 @@ def _drawn(family, count: int = 512, batch: int = 4) -> torch.Tensor:
 
 
 def test_refiner_timesteps_stay_in_the_refiner_range(refiner_cfg, make_cfg):
-    refiner = _drawn(load_family(refiner_cfg()))  # the refiner trains the last 20 % of denoising by default
+    family = load_family(refiner_cfg())
+    refiner = _drawn(family)  # the refiner trains the last 20 % of denoising by default
+    assert family.objective.eval_timesteps(4) == [25, 75, 125, 175]  # evaluation loss over the trained range
     assert refiner.min() >= 0 and refiner.max() < 200 and refiner.max() > 150
     # segmented sampling stratifies inside the range: one draw per quarter of [0, 200) in every batch
     assert all(sorted(int(t) // 50 for t in chunk) == [0, 1, 2, 3] for chunk in refiner.view(-1, 4))
@@ -85,7 +87,8 @@ def test_refiner_timesteps_stay_in_the_refiner_range(refiner_cfg, make_cfg):
     base = _drawn(load_family(make_cfg("sd1x", refiner_training=True, refiner_training_strength=0.5,
                                        refiner_training_invert_schedule=True, disable_segmented_timestep_sampling=True)))
     assert base.min() >= 500 and base.max() > 900
-    assert _drawn(load_family(make_cfg("sd1x"))).min() < 100
+    plain = load_family(make_cfg("sd1x"))
+    assert _drawn(plain).min() < 100 and plain.objective.eval_timesteps(4) == [125, 375, 625, 875]
 
 
 def test_an_empty_refiner_range_is_refused_and_flow_matching_warns(make_cfg):

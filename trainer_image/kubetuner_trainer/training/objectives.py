@@ -89,9 +89,11 @@ class DDPMObjective(Objective):
         return self.scheduler.get_velocity(latents, noise, timesteps)
 
     def eval_timesteps(self, count):
+        """Spread over the timesteps this objective trains on (a refiner stage's range, else all)."""
         from .evaluation import eval_timesteps
 
-        return eval_timesteps(count, self.num_train_timesteps)
+        low, high = self.sampler.low, self.sampler.high
+        return [low + t for t in eval_timesteps(count, high - low)]
 
     def loss(self, cfg, pred, target, timesteps, mask=None):
         loss_type = cfg.loss_type
