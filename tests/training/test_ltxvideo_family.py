@@ -4,6 +4,7 @@ exact resume, and the LoRA loading into LTXPipeline."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -318,3 +319,14 @@ def test_a_simpletuner_ltx_lora_config_with_clips_and_images_trains_through_kube
     pipe = LTXPipeline.from_pretrained(str(tiny_model("ltxvideo")))
     pipe.load_lora_weights(str(tmp_path / "out"))
     assert "default_0" in pipe.transformer.peft_config
+
+
+def test_block_swap_of_the_transformer_blocks_trains_like_the_resident_model(make_cfg, tmp_path):
+    runs = {}
+    for swap in (0, 1):
+        cfg = _cfg(make_cfg, max_train_steps=2, musubi_blocks_to_swap=swap, output_dir=str(tmp_path / f"s{swap}"))
+        result, family, _ = train_in_process(cfg, data_factory=lambda enc: ClipData(enc))
+        runs[swap] = result.losses
+    assert family.transformer_blocks() == list(family.denoiser.transformer_blocks)
+    assert family.transformer_blocks()[0]._forward_pre_hooks  # the swapped block loads its weights per call
+    assert runs[1] == pytest.approx(runs[0], rel=1e-5)

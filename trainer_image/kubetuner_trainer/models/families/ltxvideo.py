@@ -163,6 +163,7 @@ class LTXVideoFamily(ModelFamily):
     comfyui_prefixes = {"transformer": "diffusion_model"}
     swappable_validation_scheduler = False  # LTXPipeline samples with its FlowMatchEulerDiscreteScheduler
     is_video = True
+    transformer_block_lists = ("transformer_blocks",)
     #: frames per second when ``--framerate`` is unset (SimpleTuner's LTX value and LTXPipeline's default)
     default_framerate = 25
     vae_class = DiffusersClass("AutoencoderKLLTXVideo")
