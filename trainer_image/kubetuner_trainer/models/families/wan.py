@@ -27,10 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKLWan
 
 from ...config import Problem
-from ..family import ModelFamily
+from ..family import DiffusersClass, ModelFamily
 
 #: UMT5 tokens per prompt (SimpleTuner's fixed Wan length; WanPipeline's max_sequence_length default)
 TEXT_LENGTH = 512
@@ -76,7 +75,7 @@ class WanFamily(ModelFamily):
     denoiser_name = "transformer"
     denoiser_class_name = "WanTransformer3DModel"
     scheduler_class_name = "UniPCMultistepScheduler"
-    vae_class = AutoencoderKLWan
+    vae_class = DiffusersClass("AutoencoderKLWan")
     text_encoder_names = ("text_encoder",)
     tokenizer_names = ("tokenizer",)
     trainable_text_encoder_names = ()  # WanPipeline.load_lora_weights loads transformer LoRAs only
@@ -237,7 +236,7 @@ def tiny_wan_transformer_config() -> dict[str, Any]:
 def build_tiny_wan(folder: Path, *, seed: int = 0) -> Path:
     """A Wan-shaped pipeline folder: UMT5, a 2-block transformer, a 4-channel AutoencoderKLWan with Wan's
     real compression (8× space, 4× time), and the hub's UniPC flow scheduler settings."""
-    from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
     from ..tiny import _add_index, _save, write_t5_tokenizer
