@@ -19,6 +19,8 @@ loop: ε-MSE on a UNet, or for Flux the rectified-flow loop of diffusers' Flux L
     python bench/train_step.py --family flux --arch flux --resolution 1024 --batch 1 --dtype bf16 \
         --gradient-checkpointing --blocks-to-swap 20   # or --group-offload block_level: our loop offloads,
                                                        # the reference keeps every weight resident
+    python bench/train_step.py --family flux --arch flux --resolution 1024 --batch 1,max --dtype bf16 \
+        --gradient-checkpointing --base-precision int8-quanto   # or fp8-torchao: a quantized frozen base
 
 Peak memory is CUDA ``max_memory_allocated`` on GPUs and the process's peak resident set (sampled)
 on CPU (where subnormal floats are flushed to zero for both loops). MFU divides achieved FLOP/s by ``--peak-tflops`` (default: the GPU's dense bf16 peak from
@@ -45,6 +47,8 @@ from kubetuner_trainer.config import TrainerConfig
 from kubetuner_trainer.data.batch import Batch
 from kubetuner_trainer.events import NullEvents
 from kubetuner_trainer.models import implemented_families
+from kubetuner_trainer.models.quantization import PRESETS, device_problem, quantize_module
+from kubetuner_trainer.options.catalog import QUANTIZATION_CHOICES
 
 GPU_PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0,
                         "RTX 4090": 165.0}
@@ -395,7 +399,7 @@ def bench_config(args, workdir: Path) -> TrainerConfig:
         "output_dir": str(workdir / "out"), "optimizer": args.optimizer, "learning_rate": 1e-4, "lora_rank": args.rank,
         "mixed_precision": mp, "max_train_steps": args.steps, "seed": 0, "lr_scheduler": "constant",
         "max_grad_norm": 1.0, "grad_clip_method": "norm", "gradient_checkpointing": args.gradient_checkpointing,
-        **offload_options(args),
+        "base_model_precision": args.base_precision, **offload_options(args),
     }, require=False)
 
 
@@ -412,6 +416,19 @@ def offload_options(args) -> dict:
     return options
 
 
+def fresh_denoiser(model, pristine: torch.nn.Module, cfg: TrainerConfig,
+                   device: torch.device | None = None) -> torch.nn.Module:
+    """A copy of the untouched denoiser (moved to ``device`` when given), quantized as ``--base-precision``
+    asks (quantized tensors cannot be deep-copied, so each loop quantizes its own copy)."""
+    copied = copy.deepcopy(pristine)
+    if device is not None:
+        copied = copied.to(device)
+    preset = PRESETS.get(cfg.base_model_precision)
+    if preset is None:
+        return copied
+    return quantize_module(copied, preset, exclude=type(model).quantization_exclude)
+
+
 def run_case(args, batch_size: int, cfg: TrainerConfig, model, device: torch.device,
              dtype: torch.dtype) -> list[Measurement]:
     """Alternate our loop and the reference ``--repeats`` times on copies of one UNet; pool the timings."""
@@ -419,10 +436,11 @@ def run_case(args, batch_size: int, cfg: TrainerConfig, model, device: torch.dev
     ours, ref = [], []
     try:
         for _ in range(args.repeats):
-            model.components.denoiser = copy.deepcopy(pristine)
+            model.components.denoiser = fresh_denoiser(model, pristine, cfg)
             ours.append(bench_kubetuner(cfg, model, SyntheticData(model, batch_size, args.resolution, args.text_tokens),
                                         args.steps, args.warmup))
-            model.components.denoiser = copy.deepcopy(pristine).to(device)  # the reference keeps every weight resident
+            # the reference keeps every weight resident
+            model.components.denoiser = fresh_denoiser(model, pristine, cfg, device)
             _free(device)
             ref.append(bench_reference(model, model.denoiser, SyntheticData(model, batch_size, args.resolution, args.text_tokens),
                                        args.steps, args.warmup, rank=args.rank, lr=1e-4,
@@ -453,6 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     parser.add_argument("--optimizer", default="adamw_bf16")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--base-precision", default="no_change", choices=QUANTIZATION_CHOICES,
+                        help="quantize the frozen base denoiser (--base_model_precision) for both loops, "
+                             "e.g. int8-quanto or fp8-torchao")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--output", type=Path, default=None, help="also write the table to this file")
@@ -470,6 +491,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.dtype == "auto":
         args.dtype = "bf16" if device.type == "cuda" else "fp32"
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    preset = PRESETS.get(args.base_precision)
+    if preset is not None and preset.requires and (device.type != "cuda" or device_problem(preset)):
+        parser.error(f"--base-precision {preset.name} needs {preset.requires}")
     if device.type == "cpu":
         # subnormal optimizer state makes CPU steps erratically slow (10x); flush them for both loops
         torch.set_flush_denormal(True)
@@ -499,7 +523,8 @@ def main(argv: list[str] | None = None) -> int:
 
     header = (f"family={args.family} arch={args.arch} resolution={args.resolution} dtype={args.dtype} "
               f"device={device} lora_rank={args.rank} optimizer={args.optimizer} "
-              f"gradient_checkpointing={args.gradient_checkpointing} steps={args.steps} warmup={args.warmup} "
+              f"gradient_checkpointing={args.gradient_checkpointing} base_precision={args.base_precision} "
+              f"steps={args.steps} warmup={args.warmup} "
               f"repeats={args.repeats} text_tokens={args.text_tokens if args.family == 'flux' else 'n/a'}\n"
               f"ours only: blocks_to_swap={args.blocks_to_swap} group_offload={args.group_offload}"
               f"/{args.group_offload_blocks} attention={args.attention or 'diffusers'}\n"

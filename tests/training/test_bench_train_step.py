@@ -12,8 +12,9 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("family", ["sdxl", "flux"])
-def test_bench_prints_both_loops_with_flops_and_ratio(tmp_path, capsys, monkeypatch, family):
+@pytest.mark.parametrize(("family", "precision"), [("sdxl", "no_change"), ("flux", "no_change"),
+                                                  ("sdxl", "int8-quanto")])
+def test_bench_prints_both_loops_with_flops_and_ratio(tmp_path, capsys, monkeypatch, family, precision):
     spec = importlib.util.spec_from_file_location("bench_train_step", REPO / "bench" / "train_step.py")
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "bench_train_step", bench)
@@ -21,10 +22,12 @@ def test_bench_prints_both_loops_with_flops_and_ratio(tmp_path, capsys, monkeypa
     out = tmp_path / "table.txt"
     monkeypatch.setattr(torch, "set_flush_denormal", lambda flag: True)  # keep this worker's float mode
     assert bench.main(["--family", family, "--resolution", "64", "--batch", "2", "--steps", "2", "--warmup", "1",
-                       "--repeats", "1", "--rank", "4", "--text-tokens", "16", "--output", str(out)]) == 0
+                       "--repeats", "1", "--rank", "4", "--text-tokens", "16", "--base-precision", precision,
+                       "--output", str(out)]) == 0
     rows = [line.split() for line in out.read_text().splitlines() if line.strip().startswith("2 ")]
     assert [r[1] for r in rows] == ["kubetuner", "reference"]
     ours, ref = rows
     assert float(ours[6]) == float(ref[6]) > 0  # same model FLOPs per step for both loops
     assert float(ours[8]) > 0  # the ours/ref ratio column
-    assert f"family={family}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"family={family}" in printed and f"base_precision={precision}" in printed
