@@ -162,7 +162,7 @@ def test_an_unwritable_workdir_or_output_folder_exits_78_with_one_line_naming_it
     assert err == f"kubetuner run: workdir {blocker / 'work'}: {blocker} is a file, not a folder"
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3", "qwen_image", "hidream", "omnigen"])
+@pytest.mark.parametrize("family", ["flux", "sd3", "qwen_image", "hidream", "omnigen", "cosmos2image"])
 def test_a_flow_matching_family_trains_through_kubetuner_run(tmp_path, volumes, family):
     # The tiny model is built by the same builder the README's `python -m kubetuner_trainer.tiny model` uses.
     from kubetuner_trainer.tiny import build_tiny_model
