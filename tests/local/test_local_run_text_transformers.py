@@ -11,7 +11,7 @@ from test_local_run import args, manifest
 from kubetuner_operator.local_run import main
 from kubetuner_trainer.tiny import build_tiny_dataset, build_tiny_model
 
-FAMILIES = ["pixart_sigma", "auraflow", "lumina2"]
+FAMILIES = ["pixart_sigma", "auraflow", "lumina2", "sana"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -176,3 +176,46 @@ def test_pretrained_gemma_location_relocates_the_text_encoder(make_cfg, tiny_mod
     with pytest.raises(ConfigError) as refused:
         _family(make_cfg, "lumina2", pretrained_gemma_model_name_or_path=str(tmp_path / "missing"))
     assert refused.value.problems[0].option == "pretrained_gemma_model_name_or_path"
+
+
+# ----- Sana -----------------------------------------------------------------------------------------
+
+def test_sana_flavours_instruction_option_and_schedule(make_cfg, tmp_path):
+    from kubetuner_trainer.models.families.sana import default_instruction, parse_instruction
+
+    cls = family_class("sana")
+    assert resolve_source(cls, make_cfg("sana", pretrained_model_name_or_path=None)).model == \
+        "Efficient-Large-Model/SANA1.5_4.8B_1024px_diffusers"
+    assert parse_instruction(None) == default_instruction() and len(default_instruction()) > 3
+    assert parse_instruction("None") is None
+    assert parse_instruction('["first line", "second"]') == ["first line", "second"]
+    (tmp_path / "instruction.txt").write_text("line one\n\nline two\n")
+    assert parse_instruction(str(tmp_path / "instruction.txt")) == ["line one", "line two"]
+    assert {p.option for p in core_problems(make_cfg("sana", sana_complex_human_instruction="[1, 2]"))} == {
+        "sana_complex_human_instruction"}
+    warned = {p.option for p in core_warnings(make_cfg("sana", flow_schedule_shift=1.0, flow_use_beta_schedule=True))}
+    assert {"flow_schedule_shift", "flow_use_beta_schedule"} <= warned
+    family = _family(make_cfg, "sana", flow_use_beta_schedule=True)
+    assert (family.objective.schedule.kind, family.objective.schedule.shift) == ("uniform", 3.0)
+
+
+def test_sana_conditioning_matches_the_pipeline_with_its_instruction(make_cfg):
+    from diffusers import SanaPipeline
+
+    family = _family(make_cfg, "sana")
+    text = family.encode_text(PROMPTS)
+    pipe = SanaPipeline(**family.pipeline_components())
+    embeds, mask, _, _ = pipe.encode_prompt(PROMPTS, do_classifier_free_guidance=False, max_sequence_length=300,
+                                            complex_human_instruction=family.instruction)
+    assert text["prompt_embeds"].shape == (2, 300, 32)
+    torch.testing.assert_close(text["prompt_embeds"], embeds)
+    assert torch.equal(text["prompt_attention_mask"], mask)
+    plain = _family(make_cfg, "sana", sana_complex_human_instruction="None")
+    assert plain.cache_key != family.cache_key
+    short = plain.encode_text(PROMPTS)
+    assert 0 < int(short["prompt_attention_mask"][0].sum()) < int(short["prompt_attention_mask"][1].sum()) < 300
+    _mask_is_respected(plain, "prompt_embeds", "prompt_attention_mask")
+    latents = family.encode_images(torch.rand(2, 3, 32, 32) * 2 - 1)
+    expected = family.vae.encode(torch.zeros(1, 3, 32, 32)).latent * family.vae.config.scaling_factor
+    assert latents.shape == (2, 8, 16, 16)
+    torch.testing.assert_close(family.encode_images(torch.zeros(1, 3, 32, 32)), expected)

@@ -19,7 +19,7 @@ from kubetuner_trainer.contract import ExitCode
 from kubetuner_trainer.models import load_family
 from kubetuner_trainer.training import checkpoints as ckpt
 
-FAMILIES = ["pixart_sigma", "auraflow", "lumina2"]
+FAMILIES = ["pixart_sigma", "auraflow", "lumina2", "sana"]
 #: options every run here shares: bucket alignment the tiny models fit, a constant learning rate
 COMMON = {"aspect_bucket_alignment": 16, "lr_scheduler": "constant"}
 #: the least a 12-step run must cut the fixed-noise loss by (the loss after it, as a fraction of before);
