@@ -96,6 +96,11 @@ def test_an_empty_refiner_range_is_refused_and_flow_matching_warns(make_cfg):
         preflight.check(make_cfg("sdxl", refiner_training=True, refiner_training_strength=0.0))
     warnings = preflight.all_warnings(make_cfg("sd3", refiner_training=True))
     assert any(w.option == "refiner_training" for w in warnings)
+    base = make_cfg("sdxl", sdxl_refiner_uses_full_range=True, data_aesthetic_score=5.0)
+    assert {w.option for w in preflight.all_warnings(base)} >= {"sdxl_refiner_uses_full_range", "data_aesthetic_score"}
+    refiner = base.replace(model_flavour="refiner-1.0")
+    assert not {w.option for w in preflight.all_warnings(refiner)} & {"sdxl_refiner_uses_full_range",
+                                                                     "data_aesthetic_score"}
 
 
 @torch.no_grad()

@@ -5,6 +5,7 @@ must run for real. The model builders (``models/tiny.py``) write a complete diff
 folder; the dataset builder writes captioned images. Both are exposed on the command line:
 
     python -m kubetuner_trainer.tiny model sd1x ./tiny-sd
+    python -m kubetuner_trainer.tiny model sdxl ./tiny-refiner --flavour refiner-1.0
     python -m kubetuner_trainer.tiny dataset ./tiny-images --count 16
     python -m kubetuner_trainer.tiny dataset --video ./tiny-clips --count 4 --frames 9
 """

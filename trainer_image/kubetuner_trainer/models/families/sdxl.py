@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ...config import Problem
 from ..family import ModelFamily
 from .sd1x import clip_token_ids
 
@@ -112,6 +113,18 @@ class SDXLFamily(MicroConditionedFamily):
         if flavour in REFINER_FLAVOURS or (not flavour and _is_refiner_folder(location)):
             return SDXLRefinerFamily
         return cls
+
+    @classmethod
+    def config_warnings(cls, cfg: Any) -> list[Problem]:
+        """The refiner-only options, set for an SDXL base model (accepted and ignored, as SimpleTuner does)."""
+        from ...options import get_registry
+
+        if cls.for_flavour(cfg.model_flavour, cfg.pretrained_model_name_or_path) is not cls:
+            return []
+        registry = get_registry()
+        return [Problem(option, getattr(cfg, option), "has no effect: only the SDXL refiner flavours read it")
+                for option in ("sdxl_refiner_uses_full_range", "data_aesthetic_score")
+                if not registry.get(option).is_inert(getattr(cfg, option))]
 
     @classmethod
     def text_encoder_classes(cls) -> tuple[type, ...]:
