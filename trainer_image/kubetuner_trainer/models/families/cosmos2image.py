@@ -149,6 +149,7 @@ class Cosmos2ImageFamily(ModelFamily):
     default_flavour = "2b"
     denoiser_name = "transformer"
     denoiser_class_name = "CosmosTransformer3DModel"
+    transformer_block_lists = ("transformer_blocks",)
     scheduler_class_name = "FlowMatchEulerDiscreteScheduler"
     vae_class = DiffusersClass("AutoencoderKLWan")
     text_encoder_location_options = {"pretrained_t5_model_name_or_path": "text_encoder"}

@@ -80,6 +80,7 @@ class HiDreamFamily(ModelFamily):
     default_flavour = "full"
     denoiser_name = "transformer"
     denoiser_class_name = "HiDreamImageTransformer2DModel"
+    transformer_block_lists = ("double_stream_blocks", "single_stream_blocks")
     scheduler_class_name = "FlowMatchEulerDiscreteScheduler"
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4")
     tokenizer_names = ("tokenizer", "tokenizer_2", "tokenizer_3", "tokenizer_4")

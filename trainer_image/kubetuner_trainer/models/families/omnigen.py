@@ -117,6 +117,7 @@ class OmniGenFamily(ModelFamily):
     default_flavour = "v1"
     denoiser_name = "transformer"
     denoiser_class_name = "OmniGenTransformer2DModel"
+    transformer_block_lists = ("layers",)
     scheduler_class_name = "FlowMatchEulerDiscreteScheduler"
     text_encoder_names = ()
     tokenizer_names = ("tokenizer",)

@@ -69,6 +69,7 @@ class QwenImageFamily(ModelFamily):
     default_flavour = "v1.0"
     denoiser_name = "transformer"
     denoiser_class_name = "QwenImageTransformer2DModel"
+    transformer_block_lists = ("transformer_blocks",)
     scheduler_class_name = "FlowMatchEulerDiscreteScheduler"
     vae_class = DiffusersClass("AutoencoderKLQwenImage")
     text_encoder_names = ("text_encoder",)
