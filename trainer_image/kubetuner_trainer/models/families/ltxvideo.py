@@ -285,6 +285,7 @@ class LTXVideoFamily(ModelFamily):
         return [bool(flag)] * count
 
     def sample_timesteps(self, batch, latents, generator):
+        """The clips' noise levels ``[B]``, per frame ``[B, F]`` when a sample is conditioned on its first frame."""
         cfg = self.cfg
         timesteps = self.objective.sample_timesteps(latents, generator)
         return condition_first_frame(timesteps, latents.shape[2], self.i2v_samples(batch, latents.shape[0]),
@@ -292,6 +293,8 @@ class LTXVideoFamily(ModelFamily):
                                      partial_fraction=float(cfg.ltx_partial_noise_fraction), generator=generator)
 
     def predict(self, denoiser, noisy_latents, timesteps, text, batch):
+        """The velocity ``[B, C, F, h, w]`` for latents ``[B, C, F, h, w]``; per-frame timesteps ``[B, F]`` (a
+        condition frame) reach the transformer per token, ``[B, F·h·w]``, as LTXImageToVideoPipeline passes them."""
         b, _, f, h, w = noisy_latents.shape
         config = self.denoiser.config
         p, pt = config.patch_size, config.patch_size_t
