@@ -250,3 +250,22 @@ def test_delete_model_after_load_removes_the_cached_base_model_but_what_the_run_
     blobs = list((snapshot.parents[1] / "blobs").iterdir())
     assert len(blobs) == len(left)
     assert (other / "unet" / "config.json").is_file()  # another model in the cache is untouched
+
+
+def test_ramtorch_targets_frozen_linear_layers_and_is_refused_without_cuda(make_cfg):
+    from kubetuner_trainer.acceleration.ramtorch import parse_patterns, target_linear_layers
+
+    family = load_family(make_cfg("flux", tokenizer_max_length=16))
+    from peft import LoraConfig
+
+    family.denoiser.add_adapter(LoraConfig(r=2, target_modules=["to_q"]))
+    every = target_linear_layers(family.denoiser, [])
+    names = [full for _, _, full in every]
+    assert names and not any("lora_" in n for n in names)  # LoRA's trained layers stay regular
+    assert "transformer_blocks.0.attn.to_q.base_layer" in names  # the frozen base under LoRA converts
+    picked = [full for _, _, full in target_linear_layers(family.denoiser, parse_patterns("*.to_q.*, *.ff.*"))]
+    assert picked and all(".to_q." in n or ".ff." in n for n in picked) and len(picked) < len(names)
+    assert parse_patterns(None) == [] and parse_patterns(["a", " b "]) == ["a", "b"]
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="needs a CUDA or ROCm GPU"):
+            check(make_cfg("flux", ramtorch=True, ramtorch_target_modules="*.to_q.*"))

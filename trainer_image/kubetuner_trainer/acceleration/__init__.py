@@ -103,9 +103,18 @@ def preflight_problems(cfg: Any) -> list[Problem]:
             problems.append(Problem("fully_unload_text_encoder", True,
                                     "needs a diffusers folder or hub id to load the text encoders again from; "
                                     f"{location} is a single checkpoint file"))
+    if getattr(cfg, "ramtorch", False):
+        from .ramtorch import REQUIREMENT
+
+        if device_type != "cuda":
+            problems.append(Problem("ramtorch", True, f"needs {REQUIREMENT}; this run's device is {device_type}"))
+        if (getattr(cfg, "musubi_blocks_to_swap", 0) or 0) > 0:
+            problems.append(Problem("ramtorch", True, "cannot be combined with --musubi_blocks_to_swap; pick one "
+                                                      "way to offload the model"))
     compiled = (getattr(cfg, "dynamo_backend", None) or "no") != "no"
     if compiled and denoiser_placed_by_plan(cfg):
-        option = "musubi_blocks_to_swap" if getattr(cfg, "musubi_blocks_to_swap", 0) else "enable_group_offload"
+        option = next(name for name in ("musubi_blocks_to_swap", "enable_group_offload", "ramtorch")
+                      if getattr(cfg, name, None))
         problems.append(Problem("dynamo_backend", cfg.dynamo_backend,
                                 f"cannot be combined with --{option} (its hooks move weights between compiled "
                                 "calls); use dynamo_backend=no or turn the offloading off"))

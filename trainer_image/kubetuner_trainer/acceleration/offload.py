@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 def denoiser_placed_by_plan(cfg: Any) -> bool:
     """Whether the denoiser's weights are placed by the memory plan rather than moved whole to the device."""
-    return bool((getattr(cfg, "musubi_blocks_to_swap", 0) or 0) > 0 or getattr(cfg, "enable_group_offload", False))
+    return bool((getattr(cfg, "musubi_blocks_to_swap", 0) or 0) > 0 or getattr(cfg, "enable_group_offload", False)
+                or getattr(cfg, "ramtorch", False))
 
 
 def clear_accelerator_cache() -> None:
@@ -60,6 +61,9 @@ class MemoryPlan:
         self.device = torch.device(device)
         self.block_swap: BlockSwap | None = None
         self.group_offload = False
+        self.ramtorch_layers = 0
+        #: helpers converted to RamTorch: never parked (``text``, ``vae``)
+        self.pinned: set[str] = set()
         #: where a parked helper waits (``text``/``vae`` → ``cpu`` or ``meta``); absent: on the device
         self.parked: dict[str, str] = {}
 
@@ -76,6 +80,18 @@ class MemoryPlan:
             self._swap_blocks(denoiser, swap)
         elif getattr(cfg, "enable_group_offload", False):
             self._group_offload(denoiser)
+        elif getattr(cfg, "ramtorch", False):
+            self._ramtorch(denoiser)
+
+    def _ramtorch(self, denoiser: torch.nn.Module) -> None:
+        from .ramtorch import convert_linear_layers, is_ramtorch, parse_patterns
+
+        cfg, family = self.cfg, self.family
+        patterns = parse_patterns(getattr(cfg, "ramtorch_target_modules", None))
+        self.ramtorch_layers = convert_linear_layers(denoiser, self.device, patterns)
+        place_module(denoiser, self.device, skip={id(p) for p in denoiser.parameters() if is_ramtorch(p)})
+        log.info("ramtorch: %d Linear layers of the %s stream their weights from CPU memory",
+                 self.ramtorch_layers, family.denoiser_name)
 
     def _swap_blocks(self, denoiser: torch.nn.Module, count: int) -> None:
         blocks = self.family.transformer_blocks(denoiser)
@@ -112,6 +128,10 @@ class MemoryPlan:
             masters = {id(p) for b in self.block_swap.blocks for _, _, p in b.frozen}
             place_module(denoiser, self.device, skip=masters)
             self.block_swap.offload()
+        elif self.ramtorch_layers:
+            from .ramtorch import is_ramtorch
+
+            place_module(denoiser, self.device, skip={id(p) for p in denoiser.parameters() if is_ramtorch(p)})
         elif not self.group_offload:
             denoiser.to(self.device)
 
@@ -121,18 +141,34 @@ class MemoryPlan:
         return ResidentEncoders(inner, self)
 
     def before_caching(self) -> None:
-        """``--offload_during_startup``: the text encoders wait on the CPU while the VAE cache is built."""
-        if self.cfg.offload_during_startup and not self.cfg.train_text_encoder:
+        """``--offload_during_startup``: the text encoders wait on the CPU while the VAE cache is built.
+        ``--ramtorch_text_encoder`` / ``--ramtorch_vae`` (with ``--ramtorch``) convert those helpers' Linear
+        layers before they encode anything; converted helpers stay where they are for the whole run."""
+        cfg, family = self.cfg, self.family
+        if cfg.ramtorch and cfg.ramtorch_text_encoder:
+            self._ramtorch_helper("text", list(family.text_encoders))
+        if cfg.ramtorch and cfg.ramtorch_vae and family.vae is not None:
+            self._ramtorch_helper("vae", [getattr(family.vae, part).mid_block for part in ("encoder", "decoder")
+                                          if hasattr(getattr(family.vae, part, None), "mid_block")])
+        if cfg.offload_during_startup and not cfg.train_text_encoder and "text" not in self.pinned:
             self._park("text", "cpu")
+
+    def _ramtorch_helper(self, kind: str, modules: list[torch.nn.Module]) -> None:
+        from .ramtorch import convert_linear_layers, is_ramtorch
+
+        for module in modules:
+            convert_linear_layers(module, self.device, [])
+            place_module(module, self.device, skip={id(p) for p in module.parameters() if is_ramtorch(p)})
+        self.pinned.add(kind)
 
     def after_caching(self) -> None:
         """Once the caches are built, the frozen helpers leave the device: the text encoders to the CPU
         (freed with ``--fully_unload_text_encoder``), the VAE to the CPU unless ``--keep_vae_loaded``.
         Anything that still encodes (on-demand caching, validation) brings them back per call."""
         cfg, family = self.cfg, self.family
-        if not cfg.train_text_encoder:
+        if not cfg.train_text_encoder and "text" not in self.pinned:
             self._park("text", "meta" if cfg.fully_unload_text_encoder else "cpu")
-        if not cfg.keep_vae_loaded and family.vae is not None:
+        if not cfg.keep_vae_loaded and family.vae is not None and "vae" not in self.pinned:
             self._park("vae", "cpu")
         if self.device.type != "cpu":
             clear_accelerator_cache()

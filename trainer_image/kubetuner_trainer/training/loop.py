@@ -344,7 +344,7 @@ class TrainingLoop:
         optim = _optim_api()
         optim.optimizer_train_mode(self.optimizer)
         self.events.state(TrainerState.TRAINING, f"training to step {sched.max_steps}")
-        set_to_none = bool(cfg.set_grads_to_none)
+        set_to_none = bool(cfg.set_grads_to_none or cfg.ramtorch)
         self.optimizer.zero_grad(set_to_none=set_to_none)
         stopped = False
         micro, losses, step_started = 0, [], time.monotonic()
@@ -409,7 +409,7 @@ class TrainingLoop:
         grad_norm = self._clip()
         self.optimizer.step()
         self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=bool(self.cfg.set_grads_to_none))
+        self.optimizer.zero_grad(set_to_none=bool(self.cfg.set_grads_to_none or self.cfg.ramtorch))
         self.state.global_step += 1
         self.trainable.after_step(self.state.global_step)
         self.memory.after_step(self.state.global_step)
