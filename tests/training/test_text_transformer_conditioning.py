@@ -154,6 +154,12 @@ def test_lumina2_conditioning_is_gemma_with_the_system_prompt_and_time_runs_back
     embeds, mask, _, _ = pipe.encode_prompt(PROMPTS, do_classifier_free_guidance=False, max_sequence_length=256)
     torch.testing.assert_close(text["prompt_embeds"], embeds)
     assert torch.equal(text["prompt_attention_mask"], mask)
+    family.tokenizers[0].padding_side = "left"  # a tokenizer padding on the left is followed, as by the pipeline
+    left = family.encode_text(PROMPTS)
+    embeds, mask, _, _ = pipe.encode_prompt(PROMPTS, do_classifier_free_guidance=False, max_sequence_length=256)
+    assert torch.equal(left["prompt_attention_mask"], mask) and int(mask[0, 0]) == 0
+    torch.testing.assert_close(left["prompt_embeds"], embeds)
+    family.tokenizers[0].padding_side = "right"
     _mask_is_respected(family, "prompt_embeds", "prompt_attention_mask")
     latents = torch.randn(2, 16, 4, 4)
     with torch.no_grad():

@@ -42,6 +42,8 @@ class TextTransformerFamily(ModelFamily):
     #: the pipeline argument names of the cached embeddings and their mask
     embeds_key: ClassVar[str] = "prompt_embeds"
     mask_key: ClassVar[str] = "prompt_attention_mask"
+    #: whether the pipeline pads prompts on the right whatever the tokenizer says (SanaPipeline does)
+    pad_right: ClassVar[bool] = False
     #: whether ComfyUI loads this family's LoRA files (its diffusers ``transformer.<layer>`` names)
     comfyui_loads_diffusers_names: ClassVar[bool] = False
 
@@ -95,9 +97,11 @@ class TextTransformerFamily(ModelFamily):
         return {"max_sequence_length": self.max_sequence_length}
 
     def tokenize(self, prompts: Sequence[str], max_length: int) -> Any:
-        """Token ids and mask ``[B, max_length]`` (padded on the right, truncated)."""
+        """Token ids and mask ``[B, max_length]``, padded (on the tokenizer's side, or the right where the
+        family's pipeline forces it) and truncated."""
         tokenizer = self.tokenizers[0]
-        tokenizer.padding_side = "right"
+        if self.pad_right:
+            tokenizer.padding_side = "right"
         return tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True,
                          add_special_tokens=True, return_tensors="pt")
 

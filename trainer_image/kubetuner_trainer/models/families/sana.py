@@ -81,6 +81,7 @@ class SanaFamily(FlowTextTransformerFamily):
     default_flavour = "sana1.5-4.8b-1024"
     denoiser_class_name = "SanaTransformer2DModel"
     vae_class = DiffusersClass("AutoencoderDC")
+    pad_right = True  # SanaPipeline sets the tokenizer's padding side to the right
     text_encoder_location_options = {"pretrained_gemma_model_name_or_path": "text_encoder"}
     slider_lora_targets = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0")
     modelspec_architecture = "sana"
