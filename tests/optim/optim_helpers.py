@@ -36,7 +36,8 @@ def implemented_optimizers() -> frozenset[str]:
 
 
 # A learning rate that suits each kind of optimizer on the toy problem.
-LEARNING_RATES = {"prodigy": 1.0, "optimi-lion": 2e-3, "optimi-sgd": 0.05, "optimi-adan": 1e-2, "optimi-ranger": 3e-2}
+LEARNING_RATES = {"prodigy": 1.0, "optimi-lion": 2e-3, "optimi-sgd": 0.05, "optimi-adan": 1e-2, "optimi-ranger": 3e-2,
+                  "sdnq-adafactor": 0.1}
 EXTRA_CONFIG = {"optimi-sgd": "momentum=0.9"}
 
 

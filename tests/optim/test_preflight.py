@@ -39,10 +39,11 @@ def test_bitsandbytes_missing_package_is_named_even_with_cuda(monkeypatch):
     assert messages == ["needs the Python package 'bitsandbytes', which is not installed in this trainer image"]
 
 
-@pytest.mark.parametrize("name", sorted(n for n in OPTIMIZERS if n.startswith("sdnq-")))
-def test_sdnq_is_refused_with_alternatives(name):
-    problems = preflight_problems(make_any_cfg(optimizer=name))
-    assert len(problems) == 1 and "adamw_bf16" in problems[0].message
+def test_sdnq_optimizer_config_takes_its_group_keys_and_refuses_others():
+    assert preflight_problems(make_cfg(optimizer="sdnq-adamw", optimizer_config="use_quantized_buffers=false")) == []
+    assert preflight_problems(make_cfg(optimizer="sdnq-muon", optimizer_config="muon_use_quantized_matmul=true")) == []
+    (problem,) = preflight_problems(make_cfg(optimizer="sdnq-lion", optimizer_config="momentum=0.9"))
+    assert problem.option == "optimizer_config" and "use_quantized_buffers" in problem.message
 
 
 def test_torchao_on_cpu_needs_a_compiler(monkeypatch):

@@ -80,7 +80,15 @@ def build_optimizer(cfg: Any, param_groups: Iterable[Mapping[str, Any]]) -> torc
         raise ValueError("build_optimizer: no parameters to optimize (all groups empty)")
     kwargs = optimizer_kwargs(cfg, spec, dtypes)
     kwargs["lr"] = groups[0]["lr"]
-    optimizer = spec.load()(groups, **kwargs)
+    if spec.plain_groups:  # the class takes no keys of its own; the names come back after construction
+        extras = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in groups]
+        optimizer = spec.load()([{"params": g["params"], "lr": g["lr"]} for g in groups], **kwargs)
+        owner = {id(p): extra for g, extra in zip(groups, extras, strict=True) for p in g["params"]}
+        for group in optimizer.param_groups:  # by parameter: SDNQ's Muon splits each group in two
+            if group["params"]:
+                group.update(owner[id(group["params"][0])])
+    else:
+        optimizer = spec.load()(groups, **kwargs)
     if spec.schedule_free:
         optimizer_train_mode(optimizer)
     return optimizer

@@ -44,6 +44,7 @@ class OptimizerSpec:
     preset: Mapping[str, Any] = field(default_factory=dict)  # variant defaults, below explicitly set options
     fixed: Mapping[str, Any] = field(default_factory=dict)  # always passed; not user-settable
     unsupported: str | None = None  # why kubetuner cannot offer this choice at all
+    plain_groups: bool = False  # the class refuses param-group keys of its own (e.g. "name")
 
     def load(self) -> type:
         """Import and return the optimizer class."""
@@ -63,6 +64,8 @@ class OptimizerSpec:
 
 @cache
 def _keywords_of(cls: type, fixed: tuple[str, ...]) -> dict[str, Any]:
+    if hasattr(cls, "_group_keys") and hasattr(cls, "apply_group_defaults"):
+        return _sdnq_keywords_of(cls, fixed)
     signature = inspect.signature(cls.__init__)
     return {
         name: parameter.default
@@ -70,6 +73,22 @@ def _keywords_of(cls: type, fixed: tuple[str, ...]) -> dict[str, Any]:
         if name not in ("self", "params", "lr", *fixed)
         and parameter.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
     }
+
+
+def _sdnq_keywords_of(cls: type, fixed: tuple[str, ...]) -> dict[str, Any]:
+    """SDNQ optimizers take their settings as ``**kwargs``: the group keys they declare, with the defaults
+    their ``apply_group_defaults`` fills in (``inspect.Parameter.empty`` where it has none). Muon also takes
+    every key with a ``muon_`` or ``adamw_`` prefix (its two parameter groups)."""
+    declared = cls._group_keys
+    keys = set().union(*declared) if isinstance(declared, (list, tuple)) else set(declared)
+    try:
+        defaults = cls.apply_group_defaults({})
+    except Exception:  # Muon needs its parameters to split its groups
+        defaults = {}
+    accepted = {k: defaults.get(k, inspect.Parameter.empty) for k in keys if k not in ("params", "lr", *fixed)}
+    if isinstance(declared, (list, tuple)):
+        accepted |= {f"{prefix}_{k}": v for k, v in dict(accepted).items() for prefix in ("muon", "adamw")}
+    return accepted
 
 
 @cache
@@ -105,10 +124,12 @@ def _ao(name: str, cls: str, summary: str) -> OptimizerSpec:
     )
 
 
-_SDNQ_REASON = (
-    "SDNQ optimizers come with the SDNQ quantisation stack, which kubetuner does not ship; "
-    "pick another optimizer (e.g. adamw_bf16 or optimi-adamw)"
-)
+def _sdnq(name: str, cls: str, summary: str, **preset: Any) -> OptimizerSpec:
+    # the spec: every SDNQ optimizer keeps quantized state buffers (uint8, group size 32) unless
+    # --optimizer_config use_quantized_buffers=false, and rounds stochastically
+    return OptimizerSpec(f"sdnq-{name}", summary, f"sdnq.optim:{cls}", modules=("sdnq",), plain_groups=True,
+                         preset={"use_quantized_buffers": True, "quantized_buffers_group_size": 32, **preset})
+
 
 _SPECS: list[OptimizerSpec] = [
     OptimizerSpec(
@@ -174,13 +195,15 @@ _SPECS: list[OptimizerSpec] = [
     _bnb("ademamix8bit", "AdEMAMix8bit", "bitsandbytes AdEMAMix with 8-bit state.", adam=True),
     _bnb("ademamix-paged", "PagedAdEMAMix", "bitsandbytes AdEMAMix with paged state.", adam=True),
     _bnb("ademamix8bit-paged", "PagedAdEMAMix8bit", "bitsandbytes AdEMAMix with paged 8-bit state.", adam=True),
-    *(
-        OptimizerSpec(name, "SDNQ optimizer with quantised state buffers.", None, unsupported=_SDNQ_REASON)
-        for name in (
-            "sdnq-adamw", "sdnq-adamw+no_quant", "sdnq-adafactor", "sdnq-came", "sdnq-lion", "sdnq-muon",
-            "sdnq-muon+quantized_matmul",
-        )
-    ),
+    _sdnq("adamw", "AdamW", "SDNQ AdamW with uint8 quantized state buffers."),
+    _sdnq("adamw+no_quant", "AdamW", "SDNQ AdamW with full-precision state (for comparison).",
+          use_quantized_buffers=False),
+    _sdnq("adafactor", "Adafactor", "SDNQ Adafactor with quantized state buffers."),
+    _sdnq("came", "CAME", "SDNQ CAME with quantized state buffers."),
+    _sdnq("lion", "Lion", "SDNQ Lion with quantized state buffers."),
+    _sdnq("muon", "Muon", "SDNQ Muon (AdamW for non-matrix parameters) with quantized state buffers."),
+    _sdnq("muon+quantized_matmul", "Muon", "SDNQ Muon with INT8 matmuls in its Newton-Schulz iteration.",
+          use_quantized_matmul=True),
 ]
 
 OPTIMIZERS: Mapping[str, OptimizerSpec] = MappingProxyType({spec.name: spec for spec in _SPECS})
@@ -207,7 +230,8 @@ def optimizer_kwargs(cfg: Any, spec: OptimizerSpec, param_dtypes: Sequence[Any] 
     """
     accepted = spec.accepted_keywords()
     kwargs: dict[str, Any] = {"lr": float(setting(cfg, "learning_rate"))}
-    if "betas" in accepted:
+    beta_options = any(setting(cfg, option) is not None for option in ("optimizer_beta1", "optimizer_beta2"))
+    if "betas" in accepted and (spec.adam_family or beta_options):  # else the class's own betas (2 or 3)
         default = accepted["betas"]
         betas = list(default) if isinstance(default, tuple) else [0.9, 0.999]
         if spec.adam_family:
@@ -231,6 +255,7 @@ def optimizer_kwargs(cfg: Any, spec: OptimizerSpec, param_dtypes: Sequence[Any] 
         kwargs["seed"] = int(setting(cfg, "seed") or 0)
     if "bf16_stochastic_round" in accepted:
         kwargs["bf16_stochastic_round"] = any(str(dtype) == "torch.bfloat16" for dtype in param_dtypes)
+    kwargs.update({k: v for k, v in spec.preset.items() if k not in _PRESET_OPTIONS})
     kwargs.update(spec.fixed)
     overrides = check_against(
         spec.name, parse_optimizer_config(setting(cfg, "optimizer_config")), accepted, spec.integer_keywords()
