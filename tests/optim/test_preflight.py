@@ -114,3 +114,13 @@ def test_broken_install_is_a_problem_not_a_crash(monkeypatch):
     problems = preflight_problems(make_cfg(optimizer="soap"))
     assert [p.option for p in problems] == ["optimizer"]
     assert "cannot be imported" in problems[0].message and "libfoo" in problems[0].message
+
+
+def test_cpu_offload_settings_only_warn_as_simpletuner_ignores_them_without_an_offloaded_optimizer():
+    cfg = make_cfg(optimizer="adamw_bf16", optimizer_offload_gradients=True, fuse_optimizer=True)
+    assert preflight_problems(cfg) == []
+    warned = {p.option: p.message for p in preflight_warnings(cfg)}
+    assert set(warned) >= {"optimizer_offload_gradients", "fuse_optimizer"}
+    assert "optimizer_cpu_offload_method" in warned["fuse_optimizer"]
+    assert not {"optimizer_offload_gradients", "fuse_optimizer"} & {p.option for p in preflight_warnings(
+        make_cfg(optimizer="adamw_bf16"))}

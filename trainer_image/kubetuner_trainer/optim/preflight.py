@@ -135,6 +135,11 @@ def preflight_warnings(cfg: Any) -> list[Problem]:
     if scheduler == "constant" and not schedule_free and asks_for_something(cfg, "lr_warmup_steps"):
         warnings.append(Problem("lr_warmup_steps", setting(cfg, "lr_warmup_steps"),
                                 "has no effect with --lr_scheduler=constant; use constant_with_warmup for a warmup"))
+    # SimpleTuner hands these to a CPU-offloaded optimizer only (--optimizer_cpu_offload_method torchao),
+    # and the option's one choice is none: they never change a run
+    warnings += [Problem(option, True, "has no effect: it applies only to an optimizer offloaded to the CPU "
+                                       "(--optimizer_cpu_offload_method), whose only choice is none")
+                 for option in ("optimizer_offload_gradients", "fuse_optimizer") if asks_for_something(cfg, option)]
     if asks_for_something(cfg, "lr_scale_sqrt") and not setting(cfg, "lr_scale"):
         warnings.append(Problem("lr_scale_sqrt", True, "has no effect without --lr_scale"))
     if not setting(cfg, "use_ema"):
