@@ -38,7 +38,13 @@ from typing import Any
 
 import yaml
 
-from kubetuner_trainer.contract import STATUS_PATH, ExitCode, TrainerStatus, complete_checkpoints
+from kubetuner_trainer.contract import (
+    STATUS_PATH,
+    ExitCode,
+    TrainerStatus,
+    complete_checkpoints,
+    validation_renders,
+)
 from kubetuner_trainer.files import writable_problem
 from kubetuner_trainer.placeholders import substitute_argv
 from kubetuner_trainer.termination import TERMINATION_LOG_ENV, read_termination_message
@@ -409,7 +415,7 @@ class LocalRun:
             "output": str(output),
             "weights": weights,
             "checkpoints": [str(p) for _, p in complete_checkpoints(output)],
-            "validationImages": sorted(str(p) for p in (output / "validation").glob("step-*/*.png")),
+            "validationImages": [str(p) for p in validation_renders(output)],
             "tensorboard": str(Path(self.paths.logging_dir)) if Path(self.paths.logging_dir).is_dir() else None,
             "trainerLog": str(self.workdir / TRAINER_LOG),
             "hooks": self.hook_results,

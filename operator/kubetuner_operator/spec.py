@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubetuner_trainer.contract import DEFAULT_METRICS_PORT
+
 from .images import default_trainer_image
 from .owned_options import OWNED_OPTIONS
 
@@ -21,7 +23,6 @@ PLURAL = "trainingjobs"
 KIND = "TrainingJob"
 API_VERSION = f"{GROUP}/{VERSION}"
 
-DEFAULT_METRICS_PORT = 9400
 # Dataset entry keys that belong to the operator, not to multidatabackend.json.
 OPERATOR_DATASET_KEYS = frozenset({"credentialsSecret", "pvc"})
 INLINE_CREDENTIAL_KEYS = frozenset({"aws_access_key_id", "aws_secret_access_key", "aws_session_token"})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 from data_builders import S3_KEY, S3_SECRET, make_mixed_files, upload, write_config, write_image
 
@@ -37,11 +38,16 @@ def test_json_report_for_a_local_dataset(tmp_path, mixed_dir, capsys):
     assert {s["file"]: s["reason"] for s in d["skipped"]}["pixels_cut.png"].startswith("cannot decode image")
 
 
-def test_text_report_shows_pruning_and_the_batch_check(tmp_path, mixed_dir, capsys):
+def test_text_report_shows_pruning_and_the_batch_check(tmp_path, mixed_dir, capsys, caplog):
     cfg = write_config(tmp_path / "datasets.json", [{"id": "mixed", "instance_data_dir": str(mixed_dir)}])
-    code, out, _ = _run(capsys, cfg, "--resolution=64", "--aspect_bucket_alignment=16", "--train_batch_size=1",
-                        "--gradient_accumulation_steps=2", "--num_processes=1")
+    with caplog.at_level(logging.WARNING):
+        code, out, err = _run(capsys, cfg, "--resolution=64", "--aspect_bucket_alignment=16", "--train_batch_size=1",
+                              "--gradient_accumulation_steps=2", "--num_processes=1")
     assert code == 0
+    # each finding is said once, in the report: the pipeline's own warnings stay out of the terminal
+    assert "pruned" not in err and not [r for r in caplog.records if r.name.startswith("kubetuner_trainer.data")]
+    said = [line for line in out.splitlines() if line.strip()]
+    assert len(set(said)) == len(said)  # no line said twice
     assert "effective batch: 2 = train_batch_size 1 x processes 1 x gradient_accumulation_steps 2" in out
     # pixels_cut.png (80x80) fails to decode: its 64x64 bucket keeps 2, the lone 48x80 image is pruned
     assert "pruned buckets:" in out and "48x80  1" in out and "64x64  2" in out and "batch check: OK" in out

@@ -226,3 +226,16 @@ def test_vae_dtype_option(model_cfg):
     latents = adapter.encode_images(torch.zeros(1, 3, 32, 32))
     assert latents.dtype == torch.float32  # cached latents stay fp32 whatever the VAE runs in
     assert adapter.cache_key != load_family(model_cfg("sd1x")).cache_key
+
+
+def test_a_hub_model_that_cannot_be_fetched_is_a_config_error(model_cfg, monkeypatch, tmp_path):
+    """Not cached and no Hub (air-gapped, offline mode): exit 78 with the way out, never a retried crash."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="could not be reached") as info:
+        load_family(model_cfg("sd1x", pretrained_model_name_or_path="someone/not-cached-model"))
+    problem = info.value.problems[0]
+    assert problem.option == "pretrained_model_name_or_path" and "spec.model.source" in problem.message

@@ -456,3 +456,24 @@ def test_pod_grace_period_outlasts_the_trainer_stop_budget() -> None:
     )
     assert default["spec"]["terminationGracePeriodSeconds"] > 120
     assert custom["spec"]["terminationGracePeriodSeconds"] > 600
+
+
+def test_hook_jobs_and_trainer_scripts_fill_the_same_placeholders() -> None:
+    """One placeholder table: a cluster hook sees what a trainer script sees, plus where it runs."""
+    from kubetuner_operator.builders.hook_job import placeholder_values as hook_values
+    from kubetuner_trainer.config import TrainerConfig
+    from kubetuner_trainer.runtime.scripts import placeholder_values as script_values
+
+    job = parse_training_job(make_trainingjob(config={"validation_prompt": "a cat", "tracker_run_name": "r1"}))
+    path = "/workspace/output/checkpoint-250"
+    cluster = hook_values(job, 250, path)
+    cfg = TrainerConfig.from_mapping({**job.config, "model_family": job.model.family,
+                                      "model_type": job.model.type, "output_dir": "/tmp/out"}, require=False)
+    trainer = script_values(cfg, global_step=250, local_checkpoint_path=path)
+    shared = set(cluster) & set(trainer)
+    assert {"global_step", "lora_type", "model_family", "tracker_run_name", "validation_prompt"} <= shared
+    assert {k: cluster[k] for k in shared - {"validation_prompt"} if not k.startswith("validation_")} == {
+        k: trainer[k] for k in shared - {"validation_prompt"} if not k.startswith("validation_")}
+    assert cluster["validation_prompt"] == trainer["validation_prompt"] == "a cat"
+    assert cluster["lora_type"] == "standard"  # the catalog default, not a second copy of it
+    assert set(cluster) - set(trainer) == {"output_dir", "job_name", "namespace"}

@@ -132,9 +132,9 @@ def test_checkpoint_layout_manifest_and_total_limit(make_cfg, tmp_path):
         del os.environ["KT_TEST_RUN"]
     out = tmp_path / "out"
     names = sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-"))
-    assert names == ["checkpoint-3", "checkpoint-4"]  # step 5 is the final model, not a checkpoint
+    assert names == ["checkpoint-4", "checkpoint-5"]  # the interval falls on the last step too, as in SimpleTuner
     assert not list(out.glob(".tmp-*"))
-    folder = out / "checkpoint-4"
+    folder = out / "checkpoint-5"
     for name in ("pytorch_lora_weights.safetensors", "optimizer.pt", "scheduler.pt", "rank-0.pt",
                  "training_state.json", "manifest.json", "COMPLETE"):
         assert (folder / name).is_file(), name
@@ -142,7 +142,7 @@ def test_checkpoint_layout_manifest_and_total_limit(make_cfg, tmp_path):
     assert set(manifest) == {"pytorch_lora_weights.safetensors", "optimizer.pt", "scheduler.pt", "rank-0.pt",
                              "training_state.json"}
     assert ckpt.verify_checkpoint(folder) is None
-    assert ckpt.read_state(folder).global_step == 4
+    assert ckpt.read_state(folder).global_step == 5
     from safetensors import safe_open
 
     with safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt") as f:
@@ -157,7 +157,7 @@ def test_rolling_checkpoints_are_pruned_separately(make_cfg, tmp_path):
     train_in_process(cfg)
     out = tmp_path / "out"
     steps = {s: ckpt.read_state(p).kind for s, p in ckpt.list_checkpoints(out)}
-    assert steps == {3: "interval", 4: "rolling", 5: "rolling", 6: "interval"}
+    assert steps == {3: "interval", 5: "rolling", 6: "interval", 7: "rolling"}
 
 
 def test_epoch_interval_checkpoints_and_epoch_count(make_cfg, tmp_path):
@@ -167,7 +167,7 @@ def test_epoch_interval_checkpoints_and_epoch_count(make_cfg, tmp_path):
     # 4 images, batch 2 → 2 steps per epoch, 3 epochs
     assert [r.step for r in events.steps] == [1, 2, 3, 4, 5, 6]
     assert [r.epoch for r in events.steps] == [1, 1, 2, 2, 3, 3]
-    assert [c.step for c in events.checkpoints] == [2, 4]
+    assert [c.step for c in events.checkpoints] == [2, 4, 6]  # the last epoch's end too
     assert result.state.epoch == 3
 
 

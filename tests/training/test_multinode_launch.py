@@ -98,8 +98,10 @@ def test_two_nodes_of_two_processes_train_one_model_in_sync(write_config, tmp_pa
     procs = [_start_node(config, n, port, logs[n]) for n in (1, 0)][::-1]  # node 1 first: it must wait for 0
     assert _wait(procs, logs) == [0, 0], _tails(logs)
 
-    (step, folder), = ckpt.list_checkpoints(tmp_path / "out")  # the last step saves the final model instead
-    assert step == 1 and ckpt.verify_checkpoint(folder) is None
+    checkpoints = ckpt.list_checkpoints(tmp_path / "out")
+    assert [step for step, _ in checkpoints] == [1, 2]  # the interval falls on the last step too
+    folder = checkpoints[0][1]
+    assert ckpt.verify_checkpoint(folder) is None
     assert ckpt.read_state(folder).world_size == 4
     per_rank = [ckpt.read_torch(folder / f"rank-{r}.pt") for r in range(4)]
     assert sorted(p.name for p in folder.glob("rank-*.pt")) == [f"rank-{r}.pt" for r in range(4)]

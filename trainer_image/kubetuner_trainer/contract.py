@@ -31,11 +31,16 @@ CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_COMPLETE_MARKER = "COMPLETE"
 
 
-def complete_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
-    """``(step, folder)`` of every complete ``checkpoint-<step>`` under ``output_dir``, by step.
+def checkpoint_folder(output_dir: str | Path, step: int) -> Path:
+    """Where the checkpoint of optimizer step ``step`` lives: ``<output_dir>/checkpoint-<step>``."""
+    return Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
 
-    The one checkpoint discovery of the trainer's scripts, the local runner and anything else that
-    reads an output folder: a folder counts only once its ``COMPLETE`` marker exists.
+
+def checkpoint_folders(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every ``checkpoint-<step>`` folder under ``output_dir``, complete or not, by step.
+
+    The one checkpoint discovery: the trainer's resume, pruning and scripts, the local runner and
+    anything else that reads an output folder use it (or :func:`complete_checkpoints`).
     """
     root = Path(output_dir)
     if not root.is_dir():
@@ -43,10 +48,32 @@ def complete_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     found = []
     for child in root.iterdir():
         suffix = child.name.removeprefix(CHECKPOINT_PREFIX)
-        if child.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() and \
-                (child / CHECKPOINT_COMPLETE_MARKER).is_file():
+        if child.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() and child.is_dir():
             found.append((int(suffix), child))
     return sorted(found)
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every complete checkpoint (its ``COMPLETE`` marker exists, written last), by step."""
+    return [(step, folder) for step, folder in checkpoint_folders(output_dir)
+            if (folder / CHECKPOINT_COMPLETE_MARKER).is_file()]
+
+
+#: the folder under ``output_dir`` that holds validation renders, one ``step-<n>`` folder per validation
+VALIDATION_FOLDER = "validation"
+#: the description of one step's renders inside its folder (the renders are every other file there)
+VALIDATION_INDEX = "index.json"
+
+
+def validation_folder(output_dir: str | Path, step: int) -> Path:
+    """Where the validation renders of optimizer step ``step`` are written."""
+    return Path(output_dir) / VALIDATION_FOLDER / f"step-{step}"
+
+
+def validation_renders(output_dir: str | Path) -> list[Path]:
+    """Every validation render (image or video file) under ``output_dir``, by path."""
+    root = Path(output_dir) / VALIDATION_FOLDER
+    return sorted(p for p in root.glob("step-*/*") if p.is_file() and p.name != VALIDATION_INDEX)
 
 
 class ExitCode(IntEnum):

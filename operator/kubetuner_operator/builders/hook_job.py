@@ -11,6 +11,7 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any
 
+from kubetuner_trainer.placeholders import placeholder_values as shared_placeholder_values
 from kubetuner_trainer.placeholders import substitute_argv
 
 from ..spec import HookSpec, TrainingJobSpec
@@ -35,22 +36,12 @@ def hook_job_name(job_name: str, hook: str, step: int) -> str:
 
 def placeholder_values(job: TrainingJobSpec, step: int, checkpoint_path: str,
                        paths: MountPaths = POD_PATHS) -> dict[str, Any]:
-    """The trainer's placeholder names, filled for one checkpoint."""
-    cfg = job.config
-    return {
-        "local_checkpoint_path": checkpoint_path,
-        "global_step": step,
-        "remote_checkpoint_path": "",
-        "tracker_run_name": cfg.get("tracker_run_name", ""),
-        "tracker_project_name": cfg.get("tracker_project_name", ""),
-        "model_family": job.model.family,
-        "model_type": job.model.type,
-        "lora_type": cfg.get("lora_type", "standard"),
-        "huggingface_path": cfg.get("hub_model_id", ""),
-        "output_dir": paths.output_dir,
-        "job_name": job.name,
-        "namespace": job.namespace,
-    }
+    """The trainer's placeholders (one table, :mod:`kubetuner_trainer.placeholders`) filled for one
+    checkpoint, plus where the hook runs: ``output_dir``, ``job_name`` and ``namespace``."""
+    options = {**job.config, "model_family": job.model.family, "model_type": job.model.type}
+    values = shared_placeholder_values(options, global_step=step, local_checkpoint_path=checkpoint_path)
+    values.update(output_dir=paths.output_dir, job_name=job.name, namespace=job.namespace)
+    return values
 
 
 def default_checkpoint_path(step: int, paths: MountPaths = POD_PATHS) -> str:

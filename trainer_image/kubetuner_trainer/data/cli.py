@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import sys
 import types
 import typing
@@ -113,6 +115,18 @@ def main(args: argparse.Namespace) -> int:
         return _inspect(args, values, environ)
 
 
+@contextlib.contextmanager
+def _report_only():
+    """Keep the data pipeline's warnings out of the terminal while inspecting: the report lists each one."""
+    logger = logging.getLogger(__package__)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _inspect(args: argparse.Namespace, job_values: dict[str, Any], environ: dict[str, str]) -> int:
     from .inspect import format_report, inspect_datasets, to_json
     from .prepare import DataError
@@ -126,8 +140,9 @@ def _inspect(args: argparse.Namespace, job_values: dict[str, Any], environ: dict
     try:
         settings = settings_from_config(values)
         # With an explicit --cache_dir the metadata cache is read and updated, as the trainer would.
-        report = inspect_datasets(settings, environ=environ, use_metadata_cache=bool(values.get("cache_dir")),
-                                  verify=not args.headers_only)
+        with _report_only():
+            report = inspect_datasets(settings, environ=environ, use_metadata_cache=bool(values.get("cache_dir")),
+                                      verify=not args.headers_only)
     except ConfigError as error:
         print(f"kubetuner data inspect: {error}", file=sys.stderr)
         return 2

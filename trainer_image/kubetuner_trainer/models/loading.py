@@ -93,7 +93,8 @@ def _is_local(location: str) -> bool:
 
 
 def _load_failure(exc: BaseException, location: str) -> bool:
-    """Whether ``exc`` says the location does not hold what was asked for (permanent), not a network hiccup."""
+    """Whether ``exc`` is permanent: the location does not hold what was asked for, or its files cannot be
+    fetched even after huggingface_hub's own retries (no network, offline mode)."""
     if _is_local(location):
         return isinstance(exc, (OSError, ValueError, KeyError, TypeError, RuntimeError))
     try:
@@ -106,9 +107,26 @@ def _load_failure(exc: BaseException, location: str) -> bool:
         )
     except ImportError:  # pragma: no cover - huggingface_hub always ships with diffusers
         return False
-    if isinstance(exc, LocalEntryNotFoundError):
-        return False  # no connection: transient
-    return isinstance(exc, (EntryNotFoundError, GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError))
+    if isinstance(exc, (EntryNotFoundError, GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError,
+                        LocalEntryNotFoundError)):
+        return True
+    # diffusers/transformers report a file they could not get (after huggingface_hub's own retries with
+    # backoff) as a plain OSError without errno; one with errno (disk full, I/O error) is not about the location
+    return isinstance(exc, OSError) and exc.errno is None
+
+
+def _unreachable_hint(exc: BaseException) -> str:
+    """A hint when the Hub could not be reached for a file not in the local cache (no network, offline mode)."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, LocalEntryNotFoundError | ConnectionError) or "connect" in str(seen).lower():
+            return ("; the Hub could not be reached and the files are not in the local Hugging Face cache: "
+                    "put the model on a volume (a local folder, or spec.model.source pvc/s3) or let the pod reach "
+                    "the Hub (HF_ENDPOINT, no HF_HUB_OFFLINE)")
+        seen = seen.__cause__ or seen.__context__
+    return ""
 
 
 def load_part(cls: Any, location: str, src: ModelSource, *, subfolder: str | None, option: str,
@@ -140,7 +158,7 @@ def load_part(cls: Any, location: str, src: ModelSource, *, subfolder: str | Non
         where = f"{location}/{subfolder}" if subfolder else location
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError([Problem(option, location, f"cannot load a {cls.__name__} from {where} "
-                                                     f"(expected {what}): {detail}")]) from exc
+                                                     f"(expected {what}): {detail}{_unreachable_hint(exc)}")]) from exc
 
 
 def load_vae(family_cls: type[ModelFamily], src: ModelSource, model: str) -> Any:

@@ -14,6 +14,7 @@ Conventions:
 
 from __future__ import annotations
 
+from ..contract import DEFAULT_METRICS_PORT
 from .model import Option, Upstream
 
 # Group keys in the order the CLI help and the docs show them.
@@ -51,6 +52,11 @@ MODEL_FAMILIES = (
 )
 # The section text also names ``legacy`` (the older name for the SD 1.x/2.x family).
 MODEL_FAMILY_CHOICES = (*MODEL_FAMILIES, "legacy")
+# Families SimpleTuner 3.1.6 registers (helpers/models/*/model.py) that the option spec does not list.
+SIMPLETUNER_ONLY_FAMILIES = (
+    "ace_step", "chroma", "flux2", "hunyuanvideo", "kandinsky5-image", "kandinsky5-video", "sanavideo",
+    "stable_cascade", "z-image",
+)
 
 # Quantization presets of the usage listing, then the SDNQ levels the precision section names.
 PRECISION_PRESETS = (
@@ -105,7 +111,7 @@ OPTIONS: list[Option] = [
     # ------------------------------------------------------------------ core model
     Option("model_family", "str", "core",
            "Which model architecture is trained; decides the pipeline, text encoders and defaults.",
-           choices=MODEL_FAMILY_CHOICES, required=True),
+           choices=MODEL_FAMILY_CHOICES, required=True, upstream=Upstream(choices=SIMPLETUNER_ONLY_FAMILIES)),
     Option("model_flavour", "str", "core",
            "A named variant inside the chosen family (for example a specific release); picks its default weights."),
     Option("model_type", "str", "core",
@@ -949,7 +955,7 @@ OPTIONS: list[Option] = [
            "Webhooks (Discord or custom endpoints) that receive training events; inline JSON or a file. "
            "SIMPLETUNER_JOB_ID fills the payload's job_id."),
     Option("webhook_reporting_interval", "int", "logging",
-           "Seconds between periodic webhook progress reports.", minimum=1),
+           "Seconds between periodic webhook progress reports.", default=30, minimum=1),
     Option("debug_aspect_buckets", "bool", "logging",
            "Log aspect-bucketing decisions in detail.", default=False),
     Option("debug_dataset_loader", "bool", "logging",
@@ -1053,7 +1059,7 @@ OPTIONS: list[Option] = [
     # ------------------------------------------------------------------ kubetuner
     Option("metrics_port", "int", "kubetuner",
            "Port of the trainer's Prometheus metrics endpoint; 0 turns it off.",
-           default=9400, minimum=0, maximum=65535),
+           default=DEFAULT_METRICS_PORT, minimum=0, maximum=65535),
     Option("metrics_host", "str", "kubetuner",
            "Address the metrics endpoint binds to.", default="0.0.0.0"),
     Option("stop_grace_seconds", "float", "kubetuner",

@@ -178,8 +178,6 @@ the latest checkpoint). These are the deliberate differences:
   `huggingface` sources, `dataset_name`, `caption_strategy` huggingface/csv and `metadata_backend`
   parquet/huggingface are refused as not supported yet (`metadata_backend` discovery/json is what
   kubetuner does).
-- **Final checkpoint.** SimpleTuner also writes a checkpoint at the last step; kubetuner writes the
-  final model only (the checkpoint at the last step is not built yet).
 - **LTX-Video image-to-video.** SimpleTuner 3.1.6 declares `--ltx_i2v_prob`,
   `--ltx_partial_noise_fraction` and `--ltx_protect_first_frame` but never applies them; kubetuner
   conditions i2v samples on their first latent frame (kept clean, or lightly noised with

@@ -37,12 +37,15 @@ class Upstream:
     exactly as SimpleTuner's argument parser hands it out. ``off`` lists further values that mean
     "off / no effect" for kubetuner. Writing ``default`` or an ``off`` value is accepted even for
     an option or choice kubetuner has not built, because it asks for nothing kubetuner lacks.
-    ``why`` says why kubetuner's default deliberately differs (shown in the docs).
+    ``why`` says why kubetuner's default deliberately differs (shown in the docs). ``choices`` are
+    values SimpleTuner accepts beyond the spec's (e.g. its newer model families): refused by name.
     """
 
     default: Any = SAME
     off: tuple[Any, ...] = ()
     why: str = ""
+    #: further values SimpleTuner accepts that the option spec does not list (refused as not built yet)
+    choices: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,9 @@ class Option:
         bad = [v for v in items if v not in self.choices]
         if bad:
             allowed = ", ".join(str(c) for c in self.choices)
+            if bad[0] in self.upstream.choices:
+                raise ValueProblem(f"{bad[0]!r} is valid in SimpleTuner but kubetuner does not support it yet; "
+                                   f"kubetuner knows: {allowed}")
             raise ValueProblem(f"{bad[0]!r} is not one of the allowed values: {allowed}")
 
     def _check_bounds(self, value: Any) -> None:

@@ -52,9 +52,6 @@ __all__ = ["Runtime", "Validator", "build_runtime", "check_runtime_config", "pre
 
 log = logging.getLogger(__name__)
 
-DEFAULT_METRICS_HOST = "0.0.0.0"
-DEFAULT_STOP_GRACE_SECONDS = 120.0
-DEFAULT_WEBHOOK_INTERVAL = 30.0
 # How long teardown waits for background scripts before terminating them.
 SCRIPT_WAIT_SECONDS = 600.0
 # How long a hard exit (second signal, spent grace budget) waits for the termination message.
@@ -116,7 +113,7 @@ class Runtime:
         self.metrics.describe_model(model_family=option(cfg, "model_family"),
                                     model_type=option(cfg, "model_type"), job_id=self.job_id)
         self.status = StatusTracker(job_id=self.job_id)
-        self.stop = StopSignal(grace_seconds=float(option(cfg, "stop_grace_seconds", DEFAULT_STOP_GRACE_SECONDS)),
+        self.stop = StopSignal(grace_seconds=float(option(cfg, "stop_grace_seconds")),
                                exit_now=self._exit_now)
         self.scripts = ScriptRunner(self.metrics)
         self.progress = ProgressLogger()
@@ -140,16 +137,16 @@ class Runtime:
     def start(self) -> None:
         cfg = self.cfg
         configure_logging(env_value(cfg, "log_level", "INFO"), self.output_dir)
-        port = self._bind_port if self._bind_port is not None else int(option(cfg, "metrics_port", 0))
+        port = self._bind_port if self._bind_port is not None else int(option(cfg, "metrics_port"))
         if port or self._bind_port is not None:
-            self.server = StatusServer(host=str(option(cfg, "metrics_host", DEFAULT_METRICS_HOST)), port=port,
+            self.server = StatusServer(host=str(option(cfg, "metrics_host")), port=port,
                                        status=self.status.snapshot, metrics=self.metrics.exposition)
             self.server.start()
         targets = wh.parse_webhook_config(option(cfg, "webhook_config"))
         if targets:
             self.webhooks = wh.WebhookDispatcher(
                 targets, job_id=self.job_id, metrics=self.metrics,
-                reporting_interval=float(option(cfg, "webhook_reporting_interval", DEFAULT_WEBHOOK_INTERVAL)),
+                reporting_interval=float(option(cfg, "webhook_reporting_interval")),
             )
         logging_dir = Path(str(option(cfg, "logging_dir")))
         if not logging_dir.is_absolute():

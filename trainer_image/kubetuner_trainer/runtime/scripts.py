@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..contract import complete_checkpoints
+from ..placeholders import placeholder_values as shared_placeholder_values
 from ..placeholders import split_command, substitute_argv
 from ._options import all_options, option
 
@@ -32,29 +33,13 @@ def latest_checkpoint_dir(output_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def placeholder_values(
-    cfg: Any,
-    *,
-    global_step: int,
-    local_checkpoint_path: str | Path | None = None,
-    remote_checkpoint_path: str | None = None,
-) -> dict[str, Any]:
-    """Every placeholder a trainer script may use, resolved for this moment of the run."""
-    values: dict[str, Any] = {
-        name: value for name, value in all_options(cfg).items() if name.startswith("validation_")
-    }
-    values.update(
-        local_checkpoint_path=str(local_checkpoint_path) if local_checkpoint_path else "",
-        global_step=global_step,
-        tracker_run_name=option(cfg, "tracker_run_name", ""),
-        tracker_project_name=option(cfg, "tracker_project_name", ""),
-        model_family=option(cfg, "model_family", ""),
-        model_type=option(cfg, "model_type", ""),
-        lora_type=option(cfg, "lora_type", ""),
-        huggingface_path=option(cfg, "hub_model_id", ""),
-        remote_checkpoint_path=remote_checkpoint_path or "",
-    )
-    return values
+def placeholder_values(cfg: Any, *, global_step: int, local_checkpoint_path: str | Path | None = None,
+                       remote_checkpoint_path: str | None = None) -> dict[str, Any]:
+    """Every placeholder a trainer script may use, resolved for this moment of the run
+    (the one table: :func:`kubetuner_trainer.placeholders.placeholder_values`)."""
+    return shared_placeholder_values(all_options(cfg), global_step=global_step,
+                                     local_checkpoint_path=local_checkpoint_path,
+                                     remote_checkpoint_path=remote_checkpoint_path)
 
 
 class ScriptRunner:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..contract import TrainerState
+from ..contract import VALIDATION_INDEX, TrainerState, validation_folder
 from ..options.model import ValueProblem, parse_json_value
 from ._options import option
 from .scripts import VALIDATION, ScriptRunner, command_of, latest_checkpoint_dir, placeholder_values
@@ -285,7 +285,7 @@ class Validator:
             factories.append(("ema", ema_pipeline_factory))
         if not factories:
             raise ValidationConfigError("validation needs a pipeline factory or a model family")
-        folder = self.output_dir / "validation" / f"step-{step}"
+        folder = validation_folder(self.output_dir, step)
         folder.mkdir(parents=True, exist_ok=True)
         written: list[Path] = []
         index: list[dict[str, Any]] = []
@@ -300,7 +300,7 @@ class Validator:
                 finally:
                     if run is not None:
                         self._unload_adapters(pipeline, run, restore or [])
-        (folder / "index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+        (folder / VALIDATION_INDEX).write_text(json.dumps(index, indent=2), encoding="utf-8")
         log.info("validation at step %d: %d image(s) in %s", step, len(written), folder)
         return written
 

@@ -27,12 +27,11 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, Problem
-from ..contract import CHECKPOINT_COMPLETE_MARKER, CHECKPOINT_PREFIX
+from ..contract import CHECKPOINT_COMPLETE_MARKER, checkpoint_folder, checkpoint_folders
 from ..files import publish, save_safetensors
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 MANIFEST = "manifest.json"
 COMPLETE = CHECKPOINT_COMPLETE_MARKER  # shared with the operator side through the contract
 STATE_FILE = "training_state.json"
@@ -66,7 +65,8 @@ class TrainingState:
 
 
 def checkpoint_path(output_dir: Path, step: int) -> Path:
-    return Path(output_dir) / f"checkpoint-{step}"
+    """``<output_dir>/checkpoint-<step>`` (:func:`~kubetuner_trainer.contract.checkpoint_folder`)."""
+    return checkpoint_folder(output_dir, step)
 
 
 def _sha256(path: Path) -> str:
@@ -139,15 +139,8 @@ def verify_checkpoint(folder: Path) -> str | None:
 
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    """``checkpoint-<step>`` folders, oldest first."""
-    out = []
-    root = Path(output_dir)
-    if root.is_dir():
-        for child in root.iterdir():
-            m = CHECKPOINT_RE.match(child.name)
-            if m and child.is_dir():
-                out.append((int(m.group(1)), child))
-    return sorted(out)
+    """``checkpoint-<step>`` folders, complete or not, oldest first (:func:`~kubetuner_trainer.contract.checkpoint_folders`)."""
+    return checkpoint_folders(output_dir)
 
 
 def find_resume_checkpoint(output_dir: Path, resume_from: str | None) -> Path | None:

@@ -347,6 +347,7 @@ class TrainingLoop:
         set_to_none = bool(cfg.set_grads_to_none or cfg.ramtorch)
         self.optimizer.zero_grad(set_to_none=set_to_none)
         stopped = False
+        saved_at = -1  # the step of the last checkpoint this run wrote
         micro, losses, step_started = 0, [], time.monotonic()
         wait_before = float(getattr(self.data, "data_wait_seconds", 0.0) or 0.0)
         batches = iter(self.data)
@@ -377,8 +378,9 @@ class TrainingLoop:
                     stopped = True
                     break
                 kind = self.checkpointer.due(self.state.global_step)
-                if kind and not done:
+                if kind:  # also at the last step, as SimpleTuner does: a longer run can resume from it
                     self.save_checkpoint(kind)
+                    saved_at = self.state.global_step
                 self._validate(epoch_end=False)
                 # checkpoint and validation time is not part of the next step's timing
                 step_started = time.monotonic()
@@ -386,9 +388,11 @@ class TrainingLoop:
             if end_of_epoch:
                 self.state.epoch += 1
                 self.state.batches_in_epoch = 0
+                if (cfg.checkpoint_epoch_interval and self.state.epoch % cfg.checkpoint_epoch_interval == 0
+                        and saved_at != self.state.global_step):
+                    self.save_checkpoint("epoch")
+                    saved_at = self.state.global_step
                 if self.state.global_step < sched.max_steps and not self._epochs_done():
-                    if cfg.checkpoint_epoch_interval and self.state.epoch % cfg.checkpoint_epoch_interval == 0:
-                        self.save_checkpoint("epoch")
                     self._validate(epoch_end=True)
                     step_started = time.monotonic()
         if hasattr(self.data, "close"):

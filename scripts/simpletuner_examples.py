@@ -1,0 +1,144 @@
+"""Run SimpleTuner's shipped example configs through kubetuner, paths swapped, and print a table.
+
+Each ``examples/<name>/config.json`` of a SimpleTuner release is read as a user would bring it:
+its locations are swapped for local ones (output folder, a tiny model of its family, its dataset
+list with every Hugging Face dataset replaced by a local folder of tiny images) and nothing else
+is changed. ``kubetuner-train --print-config`` then either accepts it, or refuses it; a refusal is
+counted as *unbuilt* when every problem names something kubetuner has not built, else as
+*invalid* (a compatibility bug). With ``--train`` an accepted config of an implemented family
+also trains one step on the tiny model (at a small resolution).
+
+Usage::
+
+    python scripts/simpletuner_examples.py                  # downloads the pinned release from PyPI
+    python scripts/simpletuner_examples.py --examples DIR   # an unpacked ``simpletuner/examples`` folder
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+SIMPLETUNER_RELEASE = "3.1.6"
+#: phrases of kubetuner's refusals that name something not built (options/registry and the loaders)
+UNBUILT_PHRASES = ("does not implement", "does not support it yet", "not supported yet", "implements only")
+#: SimpleTuner options holding a location the user swaps, other than the ones rewritten below
+DROPPED_LOCATIONS = ("pretrained_t5_model_name_or_path", "pretrained_vae_model_name_or_path",
+                     "pretrained_transformer_model_name_or_path", "pretrained_unet_model_name_or_path",
+                     "user_prompt_library", "validation_prompt_library")
+
+
+def download_examples(scratch: Path) -> Path:
+    """``simpletuner/examples`` of the pinned release, from PyPI (``pip download``, no dependencies)."""
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(scratch),
+                    f"simpletuner=={SIMPLETUNER_RELEASE}"], check=True)
+    wheel = next(scratch.glob("simpletuner-*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(scratch / "wheel", [n for n in archive.namelist() if n.startswith("simpletuner/examples/")])
+    return scratch / "wheel" / "simpletuner" / "examples"
+
+
+def swap_datasets(entries: list[dict[str, Any]], images: Path, cache: Path) -> list[dict[str, Any]]:
+    """The dataset list with its locations swapped: every image dataset reads ``images`` from disk."""
+    swapped = []
+    for i, entry in enumerate(entries):
+        entry = dict(entry)
+        if entry.get("dataset_type", "image") in ("image", "conditioning", "video"):
+            for key in ("dataset_name", "aws_bucket_name", "aws_data_prefix", "csv_file"):
+                entry.pop(key, None)
+            entry.update(type="local", instance_data_dir=str(images))
+            if entry.get("metadata_backend") in ("huggingface", "parquet"):
+                entry["metadata_backend"] = "discovery"
+            if entry.get("caption_strategy") in ("huggingface", "parquet", "csv"):
+                entry["caption_strategy"] = "textfile"
+        for key in [k for k in entry if k.startswith("cache_dir")]:
+            entry[key] = str(cache / f"{i}-{key}")
+        swapped.append(entry)
+    return swapped
+
+
+def swap_config(config: dict[str, Any], examples: Path, work: Path, images: Path, model: Path | None) -> Path:
+    """Write ``config`` with its locations swapped into ``work``; returns the config file."""
+    config = dict(config)
+    config["output_dir"] = str(work / "out")
+    config.pop("logging_dir", None)
+    for key in DROPPED_LOCATIONS:
+        config.pop(key, None)
+    if model is not None:
+        config["pretrained_model_name_or_path"] = str(model)
+    if "lycoris_config" in config:
+        config["lycoris_config"] = str(examples / Path(str(config["lycoris_config"])).name)
+    datasets_file = examples / Path(str(config.get("data_backend_config", ""))).name
+    entries = json.loads(datasets_file.read_text()) if datasets_file.is_file() else []
+    (work / "datasets.json").write_text(json.dumps(swap_datasets(entries, images, work / "cache")))
+    config["data_backend_config"] = str(work / "datasets.json")
+    (work / "config.json").write_text(json.dumps(config))
+    return work / "config.json"
+
+
+def classify(code: int, stderr: str) -> tuple[str, str]:
+    """(outcome, first problem) of one ``kubetuner-train`` call."""
+    problems = [line.strip()[2:] for line in stderr.splitlines() if line.strip().startswith("- ")]
+    if code == 0:
+        return "accepted", ""
+    if code == 78 and problems and all(any(p in line for p in UNBUILT_PHRASES) for line in problems):
+        return "unbuilt", problems[0]
+    return "invalid", problems[0] if problems else (stderr.strip().splitlines() or [f"exit {code}"])[-1]
+
+
+def trainer(config: Path, *extra: str) -> tuple[int, str]:
+    done = subprocess.run([sys.executable, "-m", "kubetuner_trainer.cli", "--config", str(config), *extra],
+                          capture_output=True, text=True)
+    return done.returncode, done.stderr
+
+
+def run_example(folder: Path, examples: Path, work: Path, images: Path, *, train: bool) -> dict[str, Any]:
+    from kubetuner_trainer.models.registry import implemented_families
+    from kubetuner_trainer.tiny import build_tiny_model
+
+    config = json.loads((folder / "config.json").read_text())
+    family = str(config.get("model_family", ""))
+    model = build_tiny_model(family, work / "model") if family in implemented_families() else None
+    path = swap_config(config, examples, work, images, model)
+    outcome, problem = classify(*trainer(path, "--print-config"))
+    if train and outcome == "accepted" and model is not None:
+        small = {**json.loads(path.read_text()), "max_train_steps": 1, "num_train_epochs": 0, "resolution": 64,
+                 "resolution_type": "pixel", "validation_disable": True, "metrics_port": 0}
+        path.write_text(json.dumps(small))
+        code, stderr = trainer(path)
+        outcome, problem = ("trained", "") if code == 0 else classify(code, stderr)
+    return {"example": folder.name, "family": family, "outcome": outcome, "problem": problem}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", type=Path, help="an unpacked simpletuner/examples folder (default: download)")
+    parser.add_argument("--train", action="store_true", help="train one step on tiny models when accepted")
+    parser.add_argument("--only", nargs="*", default=None, help="example folder names to run")
+    args = parser.parse_args(argv)
+    from kubetuner_trainer.tiny import build_tiny_dataset
+
+    with tempfile.TemporaryDirectory(prefix="st-examples-") as scratch:
+        root = Path(scratch)
+        examples = args.examples or download_examples(root)
+        images = build_tiny_dataset(root / "images", count=4, sizes=((64, 64),))
+        folders = sorted(p.parent for p in examples.glob("*/config.json"))
+        rows = [run_example(f, examples, Path(tempfile.mkdtemp(dir=root)), images, train=args.train)
+                for f in folders if args.only is None or f.name in args.only]
+    width = max([len(r["example"]) for r in rows] + [7])
+    print(f"{'example':<{width}}  {'family':<13} {'outcome':<9} first problem")
+    for r in rows:
+        print(f"{r['example']:<{width}}  {r['family']:<13} {r['outcome']:<9} {r['problem'][:110]}")
+    counts = {k: sum(r["outcome"] == k for r in rows) for k in ("trained", "accepted", "unbuilt", "invalid")}
+    print("totals: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return 1 if counts["invalid"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
