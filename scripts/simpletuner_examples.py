@@ -98,13 +98,17 @@ def trainer(config: Path, *extra: str) -> tuple[int, str]:
     return done.returncode, done.stderr
 
 
-def run_example(folder: Path, examples: Path, work: Path, images: Path, *, train: bool) -> dict[str, Any]:
+def run_example(folder: Path, examples: Path, work: Path, images: Path, *, train: bool,
+                models: dict[str, Path]) -> dict[str, Any]:
+    """Swap, check and (with ``train``) train one example; ``models`` caches one tiny model per family."""
     from kubetuner_trainer.models.registry import implemented_families
     from kubetuner_trainer.tiny import build_tiny_model
 
     config = json.loads((folder / "config.json").read_text())
     family = str(config.get("model_family", ""))
-    model = build_tiny_model(family, work / "model") if family in implemented_families() else None
+    model = None
+    if train and family in implemented_families():  # --print-config reads no weights: the Hub id may stay
+        model = models.setdefault(family, build_tiny_model(family, work / "model"))
     path = swap_config(config, examples, work, images, model)
     outcome, problem = classify(*trainer(path, "--print-config"))
     if train and outcome == "accepted" and model is not None:
@@ -129,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         examples = args.examples or download_examples(root)
         images = build_tiny_dataset(root / "images", count=4, sizes=((64, 64),))
         folders = sorted(p.parent for p in examples.glob("*/config.json"))
-        rows = [run_example(f, examples, Path(tempfile.mkdtemp(dir=root)), images, train=args.train)
+        models: dict[str, Path] = {}
+        rows = [run_example(f, examples, Path(tempfile.mkdtemp(dir=root)), images, train=args.train, models=models)
                 for f in folders if args.only is None or f.name in args.only]
     width = max([len(r["example"]) for r in rows] + [7])
     print(f"{'example':<{width}}  {'family':<13} {'outcome':<9} first problem")
