@@ -770,7 +770,7 @@ OPTIONS: list[Option] = [
     # ------------------------------------------------------------------ LoRA & LyCORIS
     Option("lora_type", "str", "lora",
            "standard uses PEFT LoRA; lycoris uses the LyCORIS library (LoKr etc.).",
-           choices=("standard", "lycoris"), upstream=Upstream(default="standard")),
+           default="standard", choices=("standard", "lycoris")),
     Option("lora_format", "str", "lora",
            "File layout of saved and loaded LoRA weights: diffusers (PEFT) or comfyui (diffusion_model.* "
            "keys with .alpha). ComfyUI input is auto-detected for some families either way.",
