@@ -25,12 +25,11 @@ from aiohttp import web
 from kubetuner_operator.handlers import OperatorSettings, Reconciler, run_operator
 from kubetuner_operator.kube_api import KubeApi
 from kubetuner_trainer.contract import CheckpointInfo, TrainerStatus
-from kubetuner_trainer.models.registry import implemented_families
-from kubetuner_trainer.options.catalog import MODEL_FAMILY_CHOICES
+from kubetuner_trainer.options import get_registry
 
-#: a family of the spec that kubetuner has not built (derived, so it moves on as families land)
-# every family of the usage listing is built now; the spec's older name ``legacy`` is still refused
-UNBUILT_FAMILY = next(f for f in MODEL_FAMILY_CHOICES if f not in implemented_families())
+#: a switch of the spec that kubetuner has not built (derived, so it moves on as features land); every
+#: model family of the spec is built now, so an unbuilt feature stands for "valid in SimpleTuner, not built"
+UNBUILT_OPTION = next(o.name for o in get_registry() if o.type == "bool" and not o.implemented)
 
 TRAININGJOB_UID = "0b0e8a7c-5d2f-4a53-9a8e-3f1c2b7d9e01"
 

@@ -18,6 +18,7 @@ import aiohttp
 from operator_helpers import (
     NS,
     TJ,
+    UNBUILT_OPTION,
     Cluster,
     FakeTrainer,
     assert_status_fits_crd,
@@ -328,10 +329,10 @@ async def test_deadline_and_ttl(cluster: Cluster) -> None:
 async def test_config_the_trainer_refuses_fails_before_any_pod(cluster: Cluster) -> None:
     # Without the admission webhook, the reconciler runs the same checks before creating children.
     await cluster.start_operator()
-    await create(cluster, make_trainingjob(config={"optimizer": "bnb-adamw8bit", "max_train_steps": 10}))
+    await create(cluster, make_trainingjob(config={UNBUILT_OPTION: True, "max_train_steps": 10}))
     await eventually(lambda: status(cluster).get("phase") == "Failed", "Failed")
     assert condition(cluster, "Failed")["reason"] == "InvalidConfig"
-    assert "spec.config.optimizer" in status(cluster)["message"]
+    assert f"spec.config.{UNBUILT_OPTION}" in status(cluster)["message"]
     await eventually(lambda: "InvalidConfig" in {e["reason"] for e in events(cluster)}, "InvalidConfig event")
     assert not pods(cluster) and not cluster.server.live("v1/persistentvolumeclaims", NS)
 

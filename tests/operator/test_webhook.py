@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 import kopf
-from operator_helpers import UNBUILT_FAMILY, Cluster, eventually
+from operator_helpers import UNBUILT_OPTION, Cluster, eventually
 
 from kubetuner_operator.admission import TenancyPolicy, validate_all
 from kubetuner_operator.handlers import OperatorSettings, Reconciler, run_operator
@@ -87,8 +87,8 @@ async def test_webhook_answers_admission_reviews_over_https(cluster: Cluster, tm
     first = await ask(admission_review(GOOD))
     assert first["allowed"] is True, first
     bad = copy.deepcopy(GOOD)
-    bad["spec"]["model"]["family"] = UNBUILT_FAMILY
-    bad["spec"]["config"].update(optimizer="bnb-adamw8bit",
+    bad["spec"]["config"][UNBUILT_OPTION] = True
+    bad["spec"]["config"].update(max_train_steps=0, num_train_epochs=0,
                                  webhook_config={"webhook_type": "raw", "callback_url": "https://h.example/x",
                                                  "api_key": "literal"})
     bad["spec"]["image"] = "docker.io/someone/miner:1"
@@ -97,7 +97,7 @@ async def test_webhook_answers_admission_reviews_over_https(cluster: Cluster, tm
     message = response["status"]["message"]
     expected = validate_all(bad, policy=policy)  # the same function backs crd --validate and run
     assert len(expected) == 4 and message == "; ".join(expected)
-    for field in ("spec.model.family", "spec.config.optimizer", "spec.config.webhook_config.api_key", "spec.image"):
+    for field in (f"spec.config.{UNBUILT_OPTION}", "spec.config.max_train_steps", "spec.config.webhook_config.api_key", "spec.image"):
         assert field + ":" in message
     # An update that leaves spec alone passes (the operator's own metadata writes), a spec change is judged.
     touched = copy.deepcopy(bad)
