@@ -28,9 +28,11 @@ def test_print_config_refuses_what_a_start_refuses(tmp_path, caplog, monkeypatch
 
 
 def test_options_without_effect_are_warnings_naming_the_option(tmp_path, capsys, caplog):
-    config = _config(tmp_path, lr_scheduler="constant", lr_warmup_steps=10, ema_decay=0.99, prodigy_steps=5)
+    # what SimpleTuner's own example configs write: num_eval_images without a CLIP evaluation, no benchmark
+    config = _config(tmp_path, lr_scheduler="constant", lr_warmup_steps=10, ema_decay=0.99, prodigy_steps=5,
+                     num_eval_images=25, disable_benchmark=True)
     assert main(["--config", config, "--print-config"]) == 0
     assert "lr_warmup_steps = 10" in capsys.readouterr().out
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    for option in ("lr_warmup_steps", "ema_decay", "prodigy_steps"):
+    for option in ("lr_warmup_steps", "ema_decay", "prodigy_steps", "num_eval_images"):
         assert any(w.startswith(f"--{option}=") and "has no effect" in w for w in warnings), warnings

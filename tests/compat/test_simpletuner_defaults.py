@@ -54,7 +54,7 @@ def test_every_default_written_out_at_once_loads():
 @pytest.mark.parametrize(
     ("name", "value"),
     [("controlnet", True), ("scheduled_sampling_max_step_offset", 10), ("evaluation_type", "clip"),
-     ("num_eval_images", 8)],
+     ("text_encoder_limit", 8)],
 )
 def test_other_values_of_unbuilt_options_are_still_refused_by_name(name, value):
     problems = _problems_about({**BASE, name: value}, name)
@@ -62,8 +62,8 @@ def test_other_values_of_unbuilt_options_are_still_refused_by_name(name, value):
 
 
 def test_refusal_names_simpletuner_default():
-    (problem,) = _problems_about({**BASE, "num_eval_images": 8}, "num_eval_images")
-    assert "set it to 4" in problem
+    (problem,) = _problems_about({**BASE, "text_encoder_limit": 8}, "text_encoder_limit")
+    assert "set it to 100" in problem
 
 
 @pytest.mark.parametrize("raw", [False, "false", "", "False"])

@@ -443,7 +443,7 @@ OPTIONS: list[Option] = [
            "Turn validation rendering off entirely.", default=False),
     Option("disable_benchmark", "bool", "validation",
            "Skip the step-0 render of the untouched base model that is shown beside later validation "
-           "images.", default=False),
+           "images.", default=False, upstream=Upstream(off=(True,))),
     Option("validation_on_startup", "bool", "validation",
            "Render one validation round with the base model before the first step.", default=False),
     Option("validation_prompt", "str", "validation",

@@ -99,6 +99,16 @@ def preflight_problems(cfg: Any) -> list[Problem]:
     return check_runtime_config(cfg)
 
 
+def preflight_warnings(cfg: Any) -> list[Problem]:
+    """Runtime options set to no effect: ``num_eval_images`` counts the images of the CLIP evaluation
+    (``--evaluation_type clip``); without it SimpleTuner ignores the value, and so does kubetuner."""
+    is_set = getattr(cfg, "is_set", None)
+    if callable(is_set) and is_set("num_eval_images") and option(cfg, "evaluation_type") in (None, "none"):
+        return [Problem("num_eval_images", option(cfg, "num_eval_images"),
+                        "has no effect without --evaluation_type clip")]
+    return []
+
+
 class Runtime:
     """Implements :class:`~kubetuner_trainer.events.TrainingEvents` by fanning events out."""
 
