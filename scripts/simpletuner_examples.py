@@ -82,6 +82,14 @@ def swap_config(config: dict[str, Any], examples: Path, work: Path, images: Path
     return work / "config.json"
 
 
+def _tiny_sizes(entry: dict[str, Any]) -> dict[str, Any]:
+    """A dataset entry sized for the tiny images and models (64 px), its other settings kept."""
+    entry = {k: v for k, v in entry.items() if k not in ("maximum_image_size", "target_downsample_size")}
+    if entry.get("dataset_type", "image") in ("image", "conditioning", "video"):
+        entry.update(resolution=64, resolution_type="pixel", minimum_image_size=0)
+    return entry
+
+
 def classify(code: int, stderr: str) -> tuple[str, str]:
     """(outcome, first problem) of one ``kubetuner-train`` call."""
     problems = [line.strip()[2:] for line in stderr.splitlines() if line.strip().startswith("- ")]
@@ -115,6 +123,8 @@ def run_example(folder: Path, examples: Path, work: Path, images: Path, *, train
         small = {**json.loads(path.read_text()), "max_train_steps": 1, "num_train_epochs": 0, "resolution": 64,
                  "resolution_type": "pixel", "validation_disable": True, "metrics_port": 0}
         path.write_text(json.dumps(small))
+        datasets = Path(small["data_backend_config"])
+        datasets.write_text(json.dumps([_tiny_sizes(e) for e in json.loads(datasets.read_text())]))
         code, stderr = trainer(path)
         outcome, problem = ("trained", "") if code == 0 else classify(code, stderr)
     return {"example": folder.name, "family": family, "outcome": outcome, "problem": problem}
