@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from training_helpers import InMemoryData, RecordingEvents, train_in_process
+from training_helpers import InMemoryData, assert_lora_resume_is_exact, train_in_process
 
 from kubetuner_trainer.config import ConfigError
 from kubetuner_trainer.contract import ExitCode
 from kubetuner_trainer.models import family_class, load_family
 from kubetuner_trainer.models.loading import resolve_source
-from kubetuner_trainer.training import checkpoints as ckpt
 from kubetuner_trainer.training.preflight import check
 
 LENGTH = 24
@@ -111,18 +110,7 @@ def test_one_step_then_the_loss_falls_on_an_overfit_batch(make_cfg, model_type):
 
 
 def test_lora_resume_is_exact(make_cfg, tmp_path):
-    common = dict(max_train_steps=4, learning_rate=1e-3, gradient_checkpointing=True)
-    straight, _, straight_data = train_in_process(_cfg(make_cfg, output_dir=str(tmp_path / "a"), **common))
-    split_cfg = _cfg(make_cfg, output_dir=str(tmp_path / "b"), **common)
-    first, _, first_data = train_in_process(split_cfg, events=RecordingEvents(stop_after=2))
-    assert first.exit_code == ExitCode.INTERRUPTED
-    resume = ckpt.find_resume_checkpoint(tmp_path / "b", "latest")
-    second, _, second_data = train_in_process(split_cfg.replace(resume_from_checkpoint="latest"), resume=resume)
-    assert second.exit_code == ExitCode.SUCCESS
-    assert first_data.seen + second_data.seen == straight_data.seen
-    assert first.losses + second.losses == straight.losses
-    a, b = (load_file(str(tmp_path / d / "pytorch_lora_weights.safetensors")) for d in ("a", "b"))
-    assert a.keys() == b.keys() and a and all(torch.equal(a[k], b[k]) for k in a)
+    assert_lora_resume_is_exact(lambda **kw: _cfg(make_cfg, max_train_steps=4, learning_rate=1e-3, gradient_checkpointing=True, **kw), tmp_path)
 
 
 def test_saved_lora_loads_into_the_pipelines_transformer_and_changes_it(make_cfg, tiny_model, tmp_path):

@@ -9,13 +9,17 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from training_helpers import InMemoryData, RecordingEvents, train_in_process
+from training_helpers import (
+    InMemoryData,
+    assert_lora_resume_is_exact,
+    fixed_flow_loss,
+    train_in_process,
+)
 
 from kubetuner_trainer.config import ConfigError
 from kubetuner_trainer.contract import ExitCode
 from kubetuner_trainer.models import family_class, load_family
 from kubetuner_trainer.models.loading import resolve_source
-from kubetuner_trainer.training import checkpoints as ckpt
 from kubetuner_trainer.training.preflight import all_warnings, check
 
 LENGTH = 24
@@ -88,20 +92,6 @@ def test_load_balancing_loss_reaches_the_gates(make_cfg):
     assert not torch.allclose(plain_grad, balanced_grad)
 
 
-@torch.no_grad()
-def _fixed_flow_loss(family, data: InMemoryData) -> float:
-    gen = torch.Generator().manual_seed(123)
-    text = {k: torch.stack([t[k] for t in data.text]) for k in data.text[0]}
-    total = 0.0
-    for sigma in (0.2, 0.4, 0.6, 0.8):
-        noise = torch.randn(data.latents.shape, generator=gen)
-        steps = torch.full((data.latents.shape[0],), sigma * 1000.0)
-        noisy = family.objective.noisy_latents(data.latents, noise, steps)
-        pred = family.predict(family.denoiser, noisy, steps, text, None)
-        total += float(torch.nn.functional.mse_loss(pred, family.objective.target(data.latents, noise, steps)))
-    return total / 4
-
-
 @pytest.mark.parametrize("model_type", ["lora", "full"])
 def test_one_step_then_the_loss_falls_on_an_overfit_batch(make_cfg, model_type):
     from accelerate import Accelerator
@@ -113,32 +103,19 @@ def test_one_step_then_the_loss_falls_on_an_overfit_batch(make_cfg, model_type):
     family = load_family(cfg)
     data = InMemoryData(family.encoders(), count=2, batch_size=2, size=16)
     family.denoiser.eval()
-    before = _fixed_flow_loss(family, data)
+    before = fixed_flow_loss(family, data)
     result = TrainingLoop(cfg, Accelerator(cpu=True), family, data, seed=7).run()
     family.denoiser.eval()
-    after = _fixed_flow_loss(family, data)
+    after = fixed_flow_loss(family, data)
     assert result.exit_code == ExitCode.SUCCESS
     assert all(np.isfinite(result.losses)) and len(result.losses) == 20
     assert after < before * 0.9, (before, after)
 
 
 def test_lora_resume_is_exact_with_the_balancing_loss(make_cfg, tmp_path):
-    common = dict(max_train_steps=4, learning_rate=1e-3, gradient_checkpointing=True,
-                  hidream_use_load_balancing_loss=True)
-    data = lambda enc: InMemoryData(enc, size=16)  # noqa: E731
-    straight, _, straight_data = train_in_process(_cfg(make_cfg, output_dir=str(tmp_path / "a"), **common),
-                                                  data_factory=data)
-    split_cfg = _cfg(make_cfg, output_dir=str(tmp_path / "b"), **common)
-    first, _, first_data = train_in_process(split_cfg, events=RecordingEvents(stop_after=2), data_factory=data)
-    assert first.exit_code == ExitCode.INTERRUPTED
-    resume = ckpt.find_resume_checkpoint(tmp_path / "b", "latest")
-    second, _, second_data = train_in_process(split_cfg.replace(resume_from_checkpoint="latest"), resume=resume,
-                                              data_factory=data)
-    assert second.exit_code == ExitCode.SUCCESS
-    assert first_data.seen + second_data.seen == straight_data.seen
-    assert first.losses + second.losses == straight.losses
-    a, b = (load_file(str(tmp_path / d / "pytorch_lora_weights.safetensors")) for d in ("a", "b"))
-    assert a.keys() == b.keys() and a and all(torch.equal(a[k], b[k]) for k in a)
+    assert_lora_resume_is_exact(
+        lambda **kw: _cfg(make_cfg, max_train_steps=4, learning_rate=1e-3, gradient_checkpointing=True, hidream_use_load_balancing_loss=True, **kw), tmp_path,
+        data_factory=lambda enc: InMemoryData(enc, size=16))
 
 
 def _render(pipe) -> np.ndarray:
