@@ -169,9 +169,21 @@ def test_ema_comparison_uses_both_weight_sets(cfg_factory, pipeline_factory, tmp
                                                                                ema_pipeline_factory=ema_factory)}
     assert set(files) == {"validation-32x32-0.png", "ema-validation-32x32-0.png"}
     assert not np.array_equal(pixels(files["validation-32x32-0.png"]), pixels(files["ema-validation-32x32-0.png"]))
-    only = Validator({**base, "ema_validation": "ema_only"}, output_dir=tmp_path / "e")
+    only = Validator({**base, "ema_validation": "ema_only", "use_ema": True}, output_dir=tmp_path / "e")
     assert [p.name for p in only.run(3, pipeline_factory, ema_pipeline_factory=ema_factory)] == [
         "ema-validation-32x32-0.png"]
+
+
+def test_ema_validation_warns_only_when_ema_is_on(cfg_factory, pipeline_factory, tmp_path, caplog):
+    base = cfg_factory(**FAST).to_dict()
+    with caplog.at_level("WARNING", logger=Validator.__module__):
+        files = Validator({**base, "ema_validation": "comparison"}, output_dir=tmp_path / "a").run(1, pipeline_factory)
+    assert [p.name for p in files] == ["validation-32x32-0.png"]
+    assert "EMA" not in caplog.text
+    with caplog.at_level("WARNING", logger=Validator.__module__):
+        Validator({**base, "ema_validation": "comparison", "use_ema": True}, output_dir=tmp_path / "b").run(
+            1, pipeline_factory)
+    assert "gave no EMA weights" in caplog.text
 
 
 def test_run_and_report_feeds_the_runtime(cfg_factory, pipeline_factory, receiver, tmp_path):

@@ -220,7 +220,8 @@ class Validator:
         self.resolutions = parse_resolutions(option(cfg, "validation_resolution"), fallback)
         self.adapter_runs = parse_adapter_runs(cfg)
         self.adapter_mode = option(cfg, "validation_adapter_mode") or "adapter_only"
-        self.ema_mode = option(cfg, "ema_validation") or "none"
+        # ema_validation defaults to "comparison" (SimpleTuner's default) but means nothing without --use_ema.
+        self.ema_mode = (option(cfg, "ema_validation") or "none") if option(cfg, "use_ema") else "none"
         if option(cfg, "validation_noise_scheduler") == "perflow":
             raise ValidationConfigError("validation_noise_scheduler=perflow is not supported; use one of "
                                         + ", ".join(SCHEDULERS))
