@@ -77,13 +77,36 @@ def _family_has_blocks(name: str) -> bool:
     return bool(family_class(name).transformer_block_lists)
 
 
+def slices_attention(family: str) -> bool:
+    """Whether the ``family``'s denoiser class can compute attention in slices (diffusers'
+    ``set_attention_slice``, which the UNets have)."""
+    from ..models import family_class
+
+    return callable(getattr(family_class(family).denoiser_class(), "set_attention_slice", None))
+
+
+def _attention_slice_problems(cfg: Any) -> list[Problem]:
+    if not getattr(cfg, "unet_attention_slice", False):
+        return []
+    cls = _family_class(cfg)
+    if cls is None or slices_attention(cls.family):
+        return []
+    from ..models import implemented_families
+
+    able = [f for f in implemented_families() if slices_attention(f)]
+    return [Problem("unet_attention_slice", True,
+                    f"the {cls.family} model's {cls.denoiser_class_name} has no attention slicing in diffusers; "
+                    f"it works with: {', '.join(able)}")]
+
+
 def preflight_problems(cfg: Any) -> list[Problem]:
     """This area's configuration errors: kernels this machine cannot run, block swap where there are no
     blocks to swap, and combinations that cannot work together."""
     from .attention import attention_problems
 
     device_type = run_device_type()
-    problems = attention_problems(cfg, device_type) + _block_swap_problems(cfg, device_type)
+    problems = attention_problems(cfg, device_type) + _block_swap_problems(cfg, device_type) + \
+        _attention_slice_problems(cfg)
     if getattr(cfg, "enable_group_offload", False) and getattr(cfg, "group_offload_use_stream", False) \
             and device_type == "cuda":
         problems.append(Problem("group_offload_use_stream", True,
@@ -121,9 +144,41 @@ def preflight_problems(cfg: Any) -> list[Problem]:
     return problems
 
 
+#: options SimpleTuner hands only to something kubetuner does not run: accepted (a SimpleTuner config that
+#: sets them trains there), each with why it changes nothing (SimpleTuner 3.1.6: helpers/training/deepspeed.py,
+#: helpers/models/hunyuanvideo/autoencoder.py, trainer.init_controlnet_model)
+NO_EFFECT: dict[str, str] = {
+    "offload_param_path": "has no effect: SimpleTuner passes it only to DeepSpeed ZeRO's NVMe parameter offload "
+                          "(with --deepspeed_config), and kubetuner does not run DeepSpeed; to keep weights off the "
+                          "accelerator use --musubi_blocks_to_swap, --enable_group_offload (with "
+                          "--group_offload_to_disk_path to spill them to disk) or --ramtorch",
+    "vae_enable_patch_conv": "has no effect: SimpleTuner patches the 3D convolutions of the HunyuanVideo VAE only "
+                             "(model_family hunyuanvideo, which kubetuner does not support yet); for other VAEs use "
+                             "--vae_enable_slicing or --vae_enable_tiling",
+    "ramtorch_controlnet": "has no effect: it converts the Linear layers of a ControlNet being trained "
+                           "(--controlnet), and kubetuner does not build ControlNet training yet",
+}
+
+
+def _no_effect_warnings(cfg: Any) -> list[Problem]:
+    from ..optim._settings import asks_for_something
+
+    warnings = [Problem(name, getattr(cfg, name), why) for name, why in NO_EFFECT.items()
+                if asks_for_something(cfg, name)]
+    if asks_for_something(cfg, "sla_config") and (getattr(cfg, "attention_mechanism", None) or "") != "sla":
+        warnings.append(Problem("sla_config", cfg.sla_config, "has no effect: it tunes --attention_mechanism=sla "
+                                                              "only"))
+    return warnings
+
+
 def preflight_warnings(cfg: Any) -> list[Problem]:
     """Options that have no effect as configured."""
-    warnings: list[Problem] = []
+    warnings: list[Problem] = _no_effect_warnings(cfg)
+    if getattr(cfg, "unet_attention_slice", False) and (getattr(cfg, "attention_mechanism", None) or "diffusers") \
+            != "diffusers":
+        warnings.append(Problem("attention_mechanism", cfg.attention_mechanism,
+                                "has no effect with --unet_attention_slice: sliced attention computes its own "
+                                "softmax(QK^T)V per slice"))
     if getattr(cfg, "musubi_blocks_to_swap", 0) and getattr(cfg, "model_type", None) == "full":
         warnings.append(Problem("musubi_blocks_to_swap", cfg.musubi_blocks_to_swap,
                                 "has no effect on full fine-tuning: block swap moves only frozen weights"))

@@ -69,12 +69,16 @@ class MemoryPlan:
 
     # ----- the denoiser ----------------------------------------------------------------------
     def apply(self, denoiser: torch.nn.Module) -> None:
-        """Swap blocks or group-offload the (unwrapped) denoiser as configured.
+        """Slice its attention, then swap blocks or group-offload the (unwrapped) denoiser as configured.
 
         Raises :class:`ConfigError` when the model cannot honour the configured amount (e.g. more
         blocks to swap than it has).
         """
         cfg = self.cfg
+        if getattr(cfg, "unet_attention_slice", False):
+            # "auto" (as SimpleTuner asks): diffusers computes each attention in two slices of its heads
+            denoiser.set_attention_slice("auto")
+            log.info("unet_attention_slice: the %s computes attention in slices", self.family.denoiser_name)
         swap = int(getattr(cfg, "musubi_blocks_to_swap", 0) or 0)
         if swap > 0:
             self._swap_blocks(denoiser, swap)

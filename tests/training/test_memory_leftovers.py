@@ -1,0 +1,87 @@
+"""The memory options #16 left: attention slicing, gradient release, group offload to disk, fused QKV
+projections, and the options that only warn (tiny real models on CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from training_helpers import InMemoryData, train_in_process
+
+from kubetuner_trainer.config import ConfigError
+from kubetuner_trainer.training.preflight import all_warnings, check
+
+
+def _lora(family) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in family.denoiser.state_dict().items() if "lora" in k}
+
+
+def _assert_same_run(first, second, *, rtol: float = 1e-5) -> None:
+    (result_a, family_a), (result_b, family_b) = first, second
+    assert result_b.losses == pytest.approx(result_a.losses, rel=rtol, abs=1e-6)
+    lora_a, lora_b = _lora(family_a), _lora(family_b)
+    assert lora_a.keys() == lora_b.keys() and lora_a
+    for key, value in lora_a.items():
+        torch.testing.assert_close(lora_b[key], value, rtol=rtol * 10, atol=1e-6)
+
+
+def _run(cfg, **kwargs):
+    result, family, _ = train_in_process(cfg, **kwargs)
+    return result, family
+
+
+@pytest.fixture(scope="module")
+def sd1x_baseline(tiny_model, tmp_path_factory):
+    """A plain tiny sd1x LoRA run: what every memory option must reproduce."""
+    from training_helpers import LOOP_TEST_OPTIONS
+
+    from kubetuner_trainer.config import TrainerConfig
+
+    cfg = TrainerConfig.from_mapping({
+        "model_family": "sd1x", "model_type": "lora", "pretrained_model_name_or_path": str(tiny_model("sd1x")),
+        "output_dir": str(tmp_path_factory.mktemp("base") / "out"), "optimizer": "adamw_bf16",
+        "learning_rate": 1e-3, "lora_rank": 4, "mixed_precision": "no", "seed": 7, "max_train_steps": 3,
+        **LOOP_TEST_OPTIONS}, require=False)
+    return _run(cfg)
+
+
+def test_unet_attention_slice_trains_like_full_attention(make_cfg, sd1x_baseline):
+    from diffusers.models.attention_processor import SlicedAttnProcessor
+
+    sliced = _run(make_cfg("sd1x", unet_attention_slice=True, max_train_steps=3))
+    _assert_same_run(sd1x_baseline, sliced)
+    processors = sliced[1].denoiser.attn_processors.values()
+    assert processors and all(isinstance(p, SlicedAttnProcessor) for p in processors)
+
+
+def test_unet_attention_slice_is_refused_for_a_transformer_naming_the_unet_families(make_cfg):
+    with pytest.raises(ConfigError) as info:
+        check(make_cfg("flux", unet_attention_slice=True))
+    (problem,) = [p for p in info.value.problems if p.option == "unet_attention_slice"]
+    assert "FluxTransformer2DModel" in problem.message
+    able = problem.message.split("works with: ")[1].split(", ")
+    assert {"sd1x", "sdxl", "kolors"} <= set(able) and "flux" not in able
+
+
+@pytest.mark.parametrize(("option", "value", "named"), [
+    ("offload_param_path", "/nvme/offload", "DeepSpeed"),
+    ("vae_enable_patch_conv", True, "HunyuanVideo"),
+    ("ramtorch_controlnet", True, "ControlNet"),
+    ("sla_config", {"topk": 0.15}, "attention_mechanism=sla"),
+])
+def test_options_simpletuner_hands_to_what_kubetuner_lacks_are_accepted_with_a_warning(make_cfg, option, value,
+                                                                                        named):
+    cfg = make_cfg("sd1x", **{option: value})
+    check(cfg)
+    warned = {p.option: p.message for p in all_warnings(cfg)}
+    assert "has no effect" in warned[option] and named in warned[option]
+    assert option not in {p.option for p in all_warnings(make_cfg("sd1x"))}
+
+
+def test_sla_config_with_sla_is_refused_by_the_kernel_it_needs(make_cfg):
+    with pytest.raises(ConfigError) as info:
+        check(make_cfg("flux", attention_mechanism="sla", sla_config={"topk": 0.15}))
+    assert "SLA" in {p.option: p.message for p in info.value.problems}["attention_mechanism"]
+
+
+def _two_samples(encoders):
+    return InMemoryData(encoders, count=2, batch_size=2)
