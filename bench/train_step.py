@@ -116,17 +116,23 @@ def text_shapes(model, text_tokens: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def latent_channels(model) -> int:
+    """Channels of a training latent: the VAE's, or RGB for a pixel-space family (``uses_vae`` False)."""
+    return model.vae.config.latent_channels if model.uses_vae else 3
+
+
 class SyntheticData:
     """Endless random batches of one bucket; counts the time the consumer waits for each batch."""
 
     def __init__(self, model, batch_size: int, resolution: int, text_tokens: int = 512, pool: int = 4):
         gen = torch.Generator().manual_seed(0)
         side = resolution // model.latent_downscale
+        channels = latent_channels(model)
         shapes = text_shapes(model, text_tokens)
         self.batches = []
         for _ in range(pool):
             self.batches.append(Batch(
-                latents=torch.randn(batch_size, model.vae.config.latent_channels, side, side, generator=gen),
+                latents=torch.randn(batch_size, channels, side, side, generator=gen),
                 text={k: torch.randn(batch_size, *s, generator=gen) if k != "attention_mask"
                       else torch.ones(batch_size, *s, dtype=torch.long) for k, s in shapes.items()},
                 original_sizes=[(resolution, resolution)] * batch_size, crop_coords=[(0, 0)] * batch_size,
@@ -263,6 +269,8 @@ def unet_reference_loss(model, unet, batch, autocast):
         kwargs["added_cond_kwargs"] = {"text_embeds": batch.text["pooled_prompt_embeds"].to(device), "time_ids": ids}
     with autocast():
         pred = unet(noisy, t, encoder_hidden_states=enc, **kwargs).sample
+    if pred.shape[1] == 2 * latents.shape[1]:  # a learned variance next to ε (DeepFloyd IF): diffusers' IF example
+        pred = pred.chunk(2, dim=1)[0]        # trains the ε half
     return torch.nn.functional.mse_loss(pred.float(), noise.float())
 
 

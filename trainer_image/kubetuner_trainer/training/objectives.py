@@ -65,12 +65,14 @@ class DDPMObjective(Objective):
 
     timestep_dtype = torch.long
 
-    def __init__(self, cfg: Any, scheduler: Any, prediction_type: str, *, refiner: bool | None = None):
-        """``refiner``: train only the refiner's timesteps (unset: ``--refiner_training``; see :class:`TimestepSampler`)."""
+    def __init__(self, cfg: Any, scheduler: Any, prediction_type: str, *, refiner: bool | None = None,
+                 invert: bool | None = None):
+        """``refiner``/``invert``: train only one expert's timesteps (unset: ``--refiner_training`` /
+        ``--refiner_training_invert_schedule``; see :class:`TimestepSampler`)."""
         self.scheduler = scheduler
         self.prediction_type = prediction_type
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
-        self.sampler = TimestepSampler(cfg, self.num_train_timesteps, refiner=refiner)
+        self.sampler = TimestepSampler(cfg, self.num_train_timesteps, refiner=refiner, invert=invert)
         self.alphas_cumprod = scheduler.alphas_cumprod
 
     def to(self, device: torch.device | str) -> DDPMObjective:

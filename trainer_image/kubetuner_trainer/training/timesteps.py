@@ -81,11 +81,12 @@ def refiner_timestep_range(num_timesteps: int, strength: float, *, invert: bool 
 class TimestepSampler:
     """Timestep sampling configured from the options.
 
-    ``refiner``: draw only inside :func:`refiner_timestep_range` (unset: ``--refiner_training``). The
-    ``--timestep_bias_*`` weights and segmented sampling then apply within that range.
+    ``refiner``: draw only inside :func:`refiner_timestep_range` (unset: ``--refiner_training``); ``invert``:
+    the other expert's range (unset: ``--refiner_training_invert_schedule``). The ``--timestep_bias_*``
+    weights and segmented sampling then apply within that range.
     """
 
-    def __init__(self, cfg: Any, num_timesteps: int, *, refiner: bool | None = None):
+    def __init__(self, cfg: Any, num_timesteps: int, *, refiner: bool | None = None, invert: bool | None = None):
         weights = bias_weights(
             num_timesteps, cfg.timestep_bias_strategy,
             multiplier=cfg.timestep_bias_multiplier,
@@ -95,8 +96,9 @@ class TimestepSampler:
         )
         self.low, self.high = 0, num_timesteps
         if cfg.refiner_training if refiner is None else refiner:
+            inverted = cfg.refiner_training_invert_schedule if invert is None else invert
             self.low, self.high = refiner_timestep_range(num_timesteps, float(cfg.refiner_training_strength),
-                                                         invert=bool(cfg.refiner_training_invert_schedule))
+                                                         invert=bool(inverted))
         self.weights = weights[self.low:self.high]
         if self.weights.sum() <= 0:
             raise ValueError(f"timestep bias leaves no timestep in [{self.low}, {self.high}) with a positive weight")

@@ -14,6 +14,14 @@ with ``DPMSolverMultistepScheduler`` (PixArt Sigma's own). Neither
 family loads and validates with subclasses that add them (diffusers' PEFT mixin and its
 transformer-only LoRA loader); saved files still name the upstream classes. LoRA files use the
 diffusers names ``transformer.<layer>.lora_A/B``, which that loader and ComfyUI read.
+
+The ``900M-1024-v0.7-stage1``/``-stage2`` flavours are the two experts of an eDiffi-style split (as in
+SimpleTuner 3.1.6, which recognises them by "stage1"/"stage2" in the flavour or, a flavour being named, in the
+model path): stage 1 takes the high-noise timesteps, ``[int(T·s), T)``, stage 2 the low-noise ones,
+``[0, int(T·s))``, with ``s = --refiner_training_strength`` — ``--refiner_training`` with and without
+``--refiner_training_invert_schedule`` (:func:`~kubetuner_trainer.training.timesteps.refiner_timestep_range`).
+Validation renders with the trained stage alone over the whole schedule: SimpleTuner does not chain the other
+stage into either stage's validation, and kubetuner logs this at start.
 """
 
 from __future__ import annotations
@@ -29,8 +37,47 @@ from ._text_transformer import TextTransformerFamily
 
 #: T5 tokens per prompt (PixArt Sigma's length; SimpleTuner ignores --tokenizer_max_length for PixArt)
 T5_MAX_LENGTH = 300
-#: the eDiffi-style expert flavours SimpleTuner trains with refiner_training (not built here yet)
-EXPERT_FLAVOURS = ("900M-1024-v0.7-stage1", "900M-1024-v0.7-stage2")
+#: the eDiffi-style expert stages, as SimpleTuner spots them in a flavour or model path
+STAGES = ("stage1", "stage2")
+
+
+def expert_stage(cfg: Any) -> str | None:
+    """``"stage1"``/``"stage2"`` when the run trains one PixArt expert, else None.
+
+    SimpleTuner 3.1.6 looks for the stage name in ``--model_flavour`` and, only when a flavour is named, in
+    ``--pretrained_model_name_or_path`` too.
+    """
+    flavour = getattr(cfg, "model_flavour", None)
+    if not flavour:
+        return None
+    location = getattr(cfg, "pretrained_model_name_or_path", None) or ""
+    return next((stage for stage in STAGES if stage in flavour or stage in location), None)
+
+
+def stage_range(cfg: Any, num_timesteps: int) -> tuple[int, int]:
+    """The ``[low, high)`` timesteps the expert named by :func:`expert_stage` trains (stage 1: the inverted,
+    high-noise range; stage 2: the refiner range, inverted only by ``--refiner_training_invert_schedule``).
+
+    Raises ValueError when ``--refiner_training_strength`` leaves the range empty.
+    """
+    from ...training.timesteps import refiner_timestep_range
+
+    return refiner_timestep_range(num_timesteps, float(cfg.refiner_training_strength), invert=stage_inverts(cfg))
+
+
+def stage_problem(cfg: Any) -> Problem | None:
+    """The config error of a stage flavour whose ``--refiner_training_strength`` leaves it no timestep."""
+    try:
+        stage_range(cfg, 1000)
+    except ValueError as exc:
+        return Problem("refiner_training_strength", cfg.refiner_training_strength,
+                       f"{exc} for the PixArt {expert_stage(cfg)} expert; use a value in (0, 1)")
+    return None
+
+
+def stage_inverts(cfg: Any) -> bool:
+    """Whether the expert's range is the inverted one (always for stage 1, as SimpleTuner forces it)."""
+    return expert_stage(cfg) == "stage1" or bool(cfg.refiner_training_invert_schedule)
 
 
 def _as_upstream(cls: type, upstream: type) -> type:
@@ -106,11 +153,8 @@ class PixArtSigmaFamily(TextTransformerFamily):
     @classmethod
     def config_problems(cls, cfg: Any) -> list[Problem]:
         problems = super().config_problems(cfg)
-        if cfg.model_flavour in EXPERT_FLAVOURS:
-            problems.append(Problem("model_flavour", cfg.model_flavour,
-                                    "is a stage expert that SimpleTuner trains with refiner_training, which kubetuner "
-                                    "does not implement for pixart_sigma yet; allowed: "
-                                    + ", ".join(f for f in cls.flavours if f not in EXPERT_FLAVOURS)))
+        if expert_stage(cfg) and stage_problem(cfg):
+            problems.append(stage_problem(cfg))
         return problems
 
     @classmethod
@@ -122,7 +166,23 @@ class PixArtSigmaFamily(TextTransformerFamily):
         if (cfg.max_grad_norm or 0) > 0.01 and not getattr(cfg, "i_know_what_i_am_doing", False):
             warnings.append(Problem("max_grad_norm", cfg.max_grad_norm,
                                     "SimpleTuner lowers it to 0.01 for PixArt Sigma; kubetuner uses the value given"))
+        stage = expert_stage(cfg)
+        if stage and not stage_problem(cfg):
+            low, high = stage_range(cfg, 1000)
+            warnings.append(Problem("model_flavour", cfg.model_flavour,
+                                    f"trains the PixArt {stage} expert on timesteps [{low}, {high}) of 1000 "
+                                    "(refiner_training, as SimpleTuner); validation renders with this stage alone "
+                                    "over the whole schedule, as SimpleTuner does (the other stage is not chained)"))
         return warnings
+
+    def make_objective(self) -> Any:
+        """DDPM on the expert's timesteps for a stage flavour (:func:`stage_range`), else on ``--refiner_training``'s."""
+        if expert_stage(self.cfg) is None:
+            return super().make_objective()
+        from ...training.objectives import DDPMObjective
+
+        return DDPMObjective(self.cfg, self.noise_scheduler, self.prediction_type, refiner=True,
+                             invert=stage_inverts(self.cfg))
 
     @property
     def max_sequence_length(self) -> int:
