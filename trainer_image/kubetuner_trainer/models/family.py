@@ -30,6 +30,13 @@ UNET_ATTENTION_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 UNET_SLIDER_LORA_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "proj_in", "proj_out",
                             "conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2")
 
+#: the denoiser layers SimpleTuner 3.1.6 keeps out of quanto quantization for SD3, Wan and LTX-Video (fnmatch
+#: patterns on module names, quanto's ``exclude``): norms, output projection, patch/position/condition
+#: embedders, feed-forward blocks, modulation tables. The other families but Flux (its own list) have none.
+DIT_QUANTIZATION_EXCLUDE = ("*norm*", "*norm1_context*", "*norm_added_q*", "*norm_added_k*", "proj_out*",
+                            "*pos_embed*", "*patch_embedding*", "*ffn*", "*scale_shift_table*", "*norm_out*",
+                            "*context_embedder*", "*time_text_embed*", "*time_proj*", "*condition_embedder*")
+
 #: the options that relocate a denoiser, by the denoiser's pipeline name
 DENOISER_LOCATION_OPTIONS = {
     "unet": ("pretrained_unet_model_name_or_path", "pretrained_unet_subfolder"),
@@ -110,7 +117,8 @@ class ModelFamily(ABC):
                                                   "text_encoder_2": "lora_te2"}
     #: the prefix of a lone text encoder (kohya: ``lora_te`` when there is only one)
     comfyui_single_text_encoder_prefix: ClassVar[str] = "lora_te"
-    #: denoiser module-name patterns (fnmatch) a quantization preset leaves in full precision
+    #: denoiser module-name patterns (fnmatch on the full module name, quanto's ``exclude``) a quantization
+    #: preset leaves in full precision; SimpleTuner's per-family list (empty: every layer is quantized)
     quantization_exclude: ClassVar[tuple[str, ...]] = ()
     #: whether ``--validation_noise_scheduler`` may replace the pipeline's scheduler (DDPM-type schedulers)
     swappable_validation_scheduler: ClassVar[bool] = True

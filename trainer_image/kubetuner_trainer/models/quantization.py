@@ -384,6 +384,11 @@ def _contiguous_quanto_cpu_matmul() -> None:
 _KEEP: list[Any] = []
 
 
+#: module names fp8-torchao leaves in full precision in every family (SimpleTuner 3.1.6's float8 filter: the
+#: top-level output projection)
+FP8_TORCHAO_EXCLUDE = ("proj_out",)
+
+
 def _torchao(module: Any, preset: QuantPreset, exclude: tuple[str, ...]) -> Any:
     import fnmatch
 
@@ -403,7 +408,8 @@ def _torchao(module: Any, preset: QuantPreset, exclude: tuple[str, ...]) -> Any:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
         def fits(mod: torch.nn.Module, fqn: str) -> bool:  # float8 matmuls need dims divisible by 16
-            return keep(mod, fqn) and mod.in_features % 16 == 0 and mod.out_features % 16 == 0
+            return (keep(mod, fqn) and fqn not in FP8_TORCHAO_EXCLUDE
+                    and mod.in_features % 16 == 0 and mod.out_features % 16 == 0)
 
         module = convert_to_float8_training(module, module_filter_fn=fits,
                                             config=Float8LinearConfig(pad_inner_dim=True))

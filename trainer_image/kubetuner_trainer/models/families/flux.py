@@ -86,6 +86,9 @@ class FluxFamily(ModelFamily):
         "nano": ("single_transformer_blocks.7.proj_out",),
     }
     modelspec_architecture = "flux-1-dev"
+    # SimpleTuner 3.1.6's quanto exclusions for Flux: norms, the output/input projections, the text embedder
+    quantization_exclude = ("*.norm", "*.norm1", "*.norm2", "*.norm2_context", "proj_out", "x_embedder", "norm_out",
+                            "context_embedder")
     comfyui_prefixes = {"transformer": "lora_transformer", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
     swappable_validation_scheduler = False  # validation samples with the model's FlowMatchEulerDiscreteScheduler
 

@@ -43,7 +43,7 @@ import torch
 from ...config import Problem
 from ...training.losses import element_loss, resize_mask
 from ...training.objectives import FLOW_TIMESTEP_SCALE, FlowMatchingObjective
-from ..family import DiffusersClass, ModelFamily
+from ..family import DIT_QUANTIZATION_EXCLUDE, DiffusersClass, ModelFamily
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,7 @@ class LTXVideoFamily(ModelFamily):
     # LoRA targets: the inherited to_k/to_q/to_v/to_out.0 (SimpleTuner's LTX default): every block's attn1 and attn2
     slider_lora_targets = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "proj_in", "proj_out")
     modelspec_architecture = "ltx-video"
+    quantization_exclude = DIT_QUANTIZATION_EXCLUDE
     comfyui_prefixes = {"transformer": "diffusion_model"}
     swappable_validation_scheduler = False  # LTXPipeline samples with its FlowMatchEulerDiscreteScheduler
     is_video = True

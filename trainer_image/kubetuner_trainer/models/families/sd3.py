@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ...config import Problem
-from ..family import ModelFamily
+from ..family import DIT_QUANTIZATION_EXCLUDE, ModelFamily
 from .sd1x import clip_token_ids
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,7 @@ class SD3Family(ModelFamily):
     default_lora_targets = SD3_LORA_TARGETS
     slider_lora_targets = SD3_SLIDER_LORA_TARGETS
     modelspec_architecture = "stable-diffusion-3"
+    quantization_exclude = DIT_QUANTIZATION_EXCLUDE
     # ComfyUI's SD3 LoRA names: OneTrainer's lora_transformer_*, kohya's lora_te1/te2 for CLIP-L/G, lora_te3 for T5
     comfyui_prefixes = {"transformer": "lora_transformer", "text_encoder": "lora_te1",
                         "text_encoder_2": "lora_te2", "text_encoder_3": "lora_te3"}

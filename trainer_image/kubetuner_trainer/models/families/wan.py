@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ...config import Problem
-from ..family import DiffusersClass, ModelFamily
+from ..family import DIT_QUANTIZATION_EXCLUDE, DiffusersClass, ModelFamily
 
 #: UMT5 tokens per prompt (SimpleTuner's fixed Wan length; WanPipeline's max_sequence_length default)
 TEXT_LENGTH = 512
@@ -83,6 +83,7 @@ class WanFamily(ModelFamily):
     default_lora_targets = WAN_LORA_TARGETS
     slider_lora_targets = WAN_LORA_TARGETS
     modelspec_architecture = "wan-2.1-t2v"
+    quantization_exclude = DIT_QUANTIZATION_EXCLUDE
     comfyui_prefixes = {"transformer": "diffusion_model"}
     swappable_validation_scheduler = False  # validation samples with the model's own flow scheduler
     is_video = True
