@@ -15,7 +15,7 @@ from kubetuner_trainer.config import ConfigError
 from kubetuner_trainer.contract import ExitCode
 from kubetuner_trainer.models import family_class, load_family
 from kubetuner_trainer.models.loading import resolve_source
-from kubetuner_trainer.training.preflight import check
+from kubetuner_trainer.training.preflight import all_warnings, check
 
 LENGTH = 24
 
@@ -35,12 +35,14 @@ def test_flavours_and_refusals(make_cfg):
     assert cls.flavours["14b"] == "nvidia/Cosmos-Predict2-14B-Text2Image"
     refusals = [({"train_text_encoder": True}, "train_text_encoder"), ({"lora_format": "comfyui"}, "lora_format"),
                 ({"prediction_type": "flow_matching"}, "prediction_type")]
-    if not guardrail_available():  # the pipeline renders only with NVIDIA's safety checker
-        refusals.append(({"validation_prompt": "a cat"}, "validation_prompt"))
     for changes, option in refusals:
         with pytest.raises(ConfigError) as info:
             check(_cfg(make_cfg, **changes))
         assert option in {p.option for p in info.value.problems}, (changes, info.value)
+    # without NVIDIA's guardrail package validation renders run unscreened, and the start says so
+    warned = [w for w in all_warnings(_cfg(make_cfg, validation_prompt_library=True)) if "cosmos_guardrail" in w.message]
+    assert [w.option for w in warned] == ([] if guardrail_available() else ["validation_prompt_library"])
+    assert not [w for w in all_warnings(_cfg(make_cfg)) if "cosmos_guardrail" in w.message]
 
 
 def test_edm_preconditioning_turns_the_true_velocity_into_the_clean_latent(make_cfg):
@@ -131,8 +133,11 @@ def test_saved_lora_loads_into_the_pipelines_transformer_and_changes_it(make_cfg
     assert pipe.transformer.peft_config["default_0"].lora_alpha == 8
 
 
-def test_cosmos_trains_through_kubetuner_train(tiny_model, tmp_path):
+def test_cosmos_trains_through_kubetuner_train_and_renders_validation(tiny_model, tmp_path, caplog):
+    from PIL import Image
+
     from kubetuner_trainer.cli import main
+    from kubetuner_trainer.models.families.cosmos2image import guardrail_available
     from kubetuner_trainer.tiny import build_tiny_dataset
 
     images = build_tiny_dataset(tmp_path / "images", count=4, sizes=((64, 64),))
@@ -145,11 +150,17 @@ def test_cosmos_trains_through_kubetuner_train(tiny_model, tmp_path):
     config = {"model_family": "cosmos2image", "model_type": "full", "pretrained_model_name_or_path":
               str(tiny_model("cosmos2image")), "data_backend_config": str(datasets), "output_dir": str(tmp_path / "out"),
               "train_batch_size": 2, "max_train_steps": 2, "checkpoint_step_interval": 1, "mixed_precision": "no",
-              "tokenizer_max_length": LENGTH, "learning_rate": 1e-4, "seed": 1}
+              "tokenizer_max_length": LENGTH, "learning_rate": 1e-4, "seed": 1, "validation_prompt": "a red circle",
+              "validation_step_interval": 2, "validation_resolution": "32x32", "validation_num_inference_steps": 2}
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
     assert main(["--config", str(path), "--metrics_port", "0"]) == ExitCode.SUCCESS
     out = tmp_path / "out"
     assert (out / "checkpoint-1").is_dir() and (out / "transformer" / "config.json").is_file()
     index = json.loads((out / "model_index.json").read_text())
-    assert index["_class_name"] == "Cosmos2TextToImagePipeline"
+    assert index["_class_name"] == "Cosmos2TextToImagePipeline" and index["safety_checker"] == [None, None]
+    rendered = sorted((out / "validation" / "step-2").glob("*.png"))
+    assert rendered and Image.open(rendered[0]).size == (32, 32)
+    assert np.asarray(Image.open(rendered[0])).std() > 0
+    if not guardrail_available():  # said at start (config warning) and at the first unscreened render
+        assert sum("cosmos_guardrail" in r.getMessage() for r in caplog.records) >= 2

@@ -103,6 +103,10 @@ def _round8(value: float) -> int:
     return max(8, int(value) // 8 * 8)
 
 
+#: the options that give validation prompts (any of them set: the trainer renders validation images)
+PROMPT_OPTIONS = ("validation_prompt", "validation_prompt_library", "user_prompt_library")
+
+
 def load_prompts(cfg: Any) -> dict[str, str]:
     """Validation prompts by short name: ``--validation_prompt``, the built-in library, the user library."""
     prompts: dict[str, str] = {}

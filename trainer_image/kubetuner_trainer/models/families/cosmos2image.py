@@ -13,9 +13,13 @@ its output ``F`` gives ``x̂₀ = c_skip·x_σ + c_out·F`` with ``c_in = c_skip
 ``c_out = −σ/(1+σ)``; the loss is ``λ(σ)·‖x̂₀ − x₀‖²`` with ``λ = (σ² + σ_d²)/(σ·σ_d)²``. The σ
 range and ``σ_data`` are read from the pipeline class, not typed here.
 
-The pipeline refuses to render without NVIDIA's safety checker (the ``cosmos_guardrail`` package,
-which its license requires and this trainer image does not ship): validation renders need it and
-are refused without it; training, checkpoints and exports do not. The pipeline has no LoRA loader;
+Validation renders and NVIDIA's safety checker: ``Cosmos2TextToImagePipeline`` refuses to render without the
+``cosmos_guardrail`` package's checker (NVIDIA's Open Model License asks for it). When that package is installed,
+validation renders are screened by it. This trainer image does not ship it (it downloads NVIDIA's guardrail
+models at start); without it, validation renders run unscreened, as SimpleTuner 3.1.6 renders Cosmos (its own
+pipeline copy drops the checker) — a choice kubetuner states at start (a configuration warning on
+``validation_prompt``) and logs again at the first unscreened render. Saved pipelines carry no checker and load
+into diffusers' pipeline as ever. The pipeline has no LoRA loader;
 LoRA files load with ``pipe.transformer.load_lora_adapter(path, prefix="transformer")`` (or through the
 subclass here, which adds diffusers' transformer-only ``load_lora_weights``).
 Flavours and hub ids are SimpleTuner 3.1.6's.
@@ -23,6 +27,7 @@ Flavours and hub ids are SimpleTuner 3.1.6's.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
@@ -36,6 +41,8 @@ from ...training.losses import masked_mean
 from ...training.objectives import Objective
 from ..family import DiffusersClass, ModelFamily
 from .pixart_sigma import _as_upstream
+
+log = logging.getLogger(__name__)
 
 #: T5 tokens per prompt when ``--tokenizer_max_length`` is unset (the pipeline's max_sequence_length)
 COSMOS_MAX_LENGTH = 512
@@ -77,11 +84,33 @@ def _transformer_module() -> Any:
     return transformer_cosmos
 
 
+#: said when a validation render runs without NVIDIA's safety checker (configuration warning and render log)
+UNSCREENED_RENDERS = ("validation renders run without NVIDIA's Cosmos safety checker: the cosmos_guardrail package is "
+                      "not installed (SimpleTuner 3.1.6 renders Cosmos without it too; NVIDIA's Open Model License "
+                      "asks for it). Install cosmos_guardrail in the trainer image to screen them, or set no "
+                      "validation prompt")
+
+
+class UnscreenedRenders:
+    """Stands in for ``CosmosSafetyChecker`` during one render when ``cosmos_guardrail`` is not installed: every
+    prompt passes and frames come back as they are (what SimpleTuner's checker-free pipeline does)."""
+
+    def to(self, *args: Any, **kwargs: Any) -> UnscreenedRenders:
+        return self
+
+    def check_text_safety(self, prompt: str) -> bool:
+        return True
+
+    def check_video_safety(self, frames: Any) -> Any:
+        """``frames``: uint8 ``[F, H, W, 3]``, returned unchanged."""
+        return frames
+
+
 @cache
 def pipeline_class() -> type:
-    """``Cosmos2TextToImagePipeline`` that can be assembled (and saved) without a safety checker (it then
-    refuses to render, as upstream does), plus diffusers' transformer-only LoRA loader (``load_lora_weights``).
-    Saved pipelines name the upstream class."""
+    """``Cosmos2TextToImagePipeline`` that can be assembled (and saved) without a safety checker, renders with
+    NVIDIA's checker when ``cosmos_guardrail`` is installed and unscreened (logged) otherwise (see module), plus
+    diffusers' transformer-only LoRA loader (``load_lora_weights``). Saved pipelines name the upstream class."""
     from diffusers import Cosmos2TextToImagePipeline
     from diffusers.loaders.lora_pipeline import SanaLoraLoaderMixin
 
@@ -97,7 +126,24 @@ def pipeline_class() -> type:
             if safety_checker is None:
                 self.register_modules(safety_checker=None)
 
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            if self.safety_checker is not None:
+                return super().__call__(*args, **kwargs)
+            _say_unscreened()
+            # only for this call, and past the config: the pipeline stays checker-free for saving
+            self.__dict__["safety_checker"] = UnscreenedRenders()
+            try:
+                return super().__call__(*args, **kwargs)
+            finally:
+                self.__dict__["safety_checker"] = None
+
     return _as_upstream(AssemblableCosmos2TextToImagePipeline, Cosmos2TextToImagePipeline)
+
+
+@cache
+def _say_unscreened() -> None:
+    """Log :data:`UNSCREENED_RENDERS` once per process (at the first unscreened render)."""
+    log.warning("cosmos2image: %s", UNSCREENED_RENDERS)
 
 
 @cache
@@ -202,17 +248,22 @@ class Cosmos2ImageFamily(ModelFamily):
     @classmethod
     def config_problems(cls, cfg: Any) -> list[Problem]:
         problems = []
-        if cfg.validation_prompt and not guardrail_available():
-            problems.append(Problem("validation_prompt", cfg.validation_prompt,
-                                    "Cosmos2TextToImagePipeline renders only with NVIDIA's safety checker (the "
-                                    "cosmos_guardrail package), which this trainer does not install; unset "
-                                    "validation_prompt"))
         if cfg.train_text_encoder:
             problems.append(Problem("train_text_encoder", True, "Cosmos' T5 encoder is not trained here (the "
                                     "pipeline loads no text-encoder LoRA)"))
         if cfg.lora_format == "comfyui":
             problems.append(Problem("lora_format", "comfyui", "not built for Cosmos yet; use diffusers"))
         return problems
+
+    @classmethod
+    def config_warnings(cls, cfg: Any) -> list[Problem]:
+        """Validation renders without NVIDIA's safety checker (``cosmos_guardrail`` not installed) are said at start."""
+        from ...runtime.validation import PROMPT_OPTIONS
+
+        if guardrail_available():
+            return []
+        asking = [name for name in PROMPT_OPTIONS if getattr(cfg, name, None)]
+        return [Problem(asking[0], getattr(cfg, asking[0]), UNSCREENED_RENDERS)] if asking else []
 
     @classmethod
     def training_scheduler(cls, scheduler: Any, cfg: Any) -> Any:
