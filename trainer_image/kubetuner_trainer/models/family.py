@@ -13,7 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -55,6 +56,22 @@ class DiffusersClass:
         import diffusers
 
         return getattr(diffusers, self.name)
+
+
+@dataclass(frozen=True)
+class RoutedTokens:
+    """Where one block list of the denoiser (an entry of ``transformer_block_lists``) carries the image
+    tokens that TREAD routing (``--tread_config``) routes around blocks.
+
+    ``argument``: the block's ``forward`` argument that holds the tokens ``[B, S, D]``; ``output``: their
+    index in the block's output tuple (None: the block returns the tensor itself); ``trailing``: the image
+    tokens are the last :meth:`ModelFamily.image_token_count` tokens of ``argument``, after tokens that are
+    never routed (text the list carries in front of them); False: every token of ``argument`` is an image token.
+    """
+
+    argument: str = "hidden_states"
+    output: int | None = None
+    trailing: bool = False
 
 
 class FamilyEncoders:
@@ -131,6 +148,9 @@ class ModelFamily(ABC):
     #: the denoiser's lists of repeated transformer blocks (attribute names, in forward order): what
     #: ``--musubi_blocks_to_swap`` swaps and ``--dynamo_use_regional_compilation`` compiles; empty: none
     transformer_block_lists: ClassVar[tuple[str, ...]] = ()
+    #: TREAD routing (``--tread_config``): how each of ``transformer_block_lists`` carries the image tokens,
+    #: in the same order; empty: the family cannot be routed and ``--tread_config`` is refused
+    routed_tokens: ClassVar[tuple[RoutedTokens, ...]] = ()
 
     @classmethod
     def denoiser_class(cls) -> type:
@@ -280,6 +300,20 @@ class ModelFamily(ABC):
         """The denoiser's repeated transformer blocks in forward order (from ``transformer_block_lists``)."""
         model = denoiser if denoiser is not None else self.denoiser
         return [block for name in self.transformer_block_lists for block in getattr(model, name)]
+
+    def route_block_inputs(self, block_list: str, arguments: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
+        """A routed block's ``forward`` arguments (by name) with its per-token side inputs (rotary embeddings,
+        attention masks, per-token modulation) cut to the image tokens TREAD keeps.
+
+        ``keep``: the kept image tokens' indices, ``[K]`` int64, ascending, into the ``N`` image tokens.
+        The routed tokens themselves are already cut. Default: the blocks have no per-token side inputs.
+        """
+        return arguments
+
+    def image_token_count(self, arguments: Mapping[str, Any]) -> int:
+        """The number of image tokens of one denoiser call (``arguments``: its ``forward`` arguments by
+        name); needed only by families with a :attr:`RoutedTokens.trailing` block list."""
+        raise NotImplementedError(f"{self.family} has no block list with trailing image tokens")
 
     @property
     def denoiser(self) -> torch.nn.Module:

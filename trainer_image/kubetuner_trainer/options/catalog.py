@@ -666,7 +666,9 @@ OPTIONS: list[Option] = [
            "Fuse the Q, K and V projections of attention blocks; needs Flash Attention 3 (H100/H200), "
            "otherwise SDPA is used.", default=False),
     Option("tread_config", "json", "advanced",
-           "Settings for TREAD token routing during training; inline JSON or a file."),
+           "Settings for TREAD token routing during training (random image tokens skip a range of "
+           "transformer blocks): {\"routes\": [{\"selection_ratio\", \"start_layer_idx\", \"end_layer_idx\"}]}, "
+           "inline JSON or a file."),
     Option("i_know_what_i_am_doing", "bool", "advanced",
            "Allow experimental combinations and lift built-in safety limits.", default=False),
 

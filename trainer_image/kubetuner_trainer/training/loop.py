@@ -195,12 +195,14 @@ class TrainingLoop:
         return [not (placed_by_plan and n == self.family.denoiser_name) for n in names]
 
     def _accelerate_denoiser(self) -> None:
-        """Block swap / group offload, then ``torch.compile``, on the unwrapped trained denoiser."""
+        """Block swap / group offload, TREAD routing, then ``torch.compile``, on the unwrapped trained denoiser."""
         from ..acceleration.compiling import compile_denoiser
+        from .tread import install_token_routing
 
         name = self.family.denoiser_name
         denoiser = self.acc.unwrap_model(self.wrapped[name]) if name in self.wrapped else self.family.denoiser
         self.memory.apply(denoiser)
+        self.token_router = install_token_routing(self.cfg, self.family, denoiser, self.generator)
         compile_denoiser(self.cfg, self.family, denoiser)
 
     def resume(self, folder: Path) -> None:

@@ -111,6 +111,9 @@ def _family_problems(cls: Any, cfg: Any) -> list[Problem]:
         from .objectives import flow_schedule_problems
 
         problems += flow_schedule_problems(cfg)
+    from .tread import tread_problems
+
+    problems += tread_problems(cfg, cls)
     return problems + list(cls.config_problems(cfg))
 
 

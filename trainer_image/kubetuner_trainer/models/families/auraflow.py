@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ...config import Problem
+from ..family import RoutedTokens
 from ._text_transformer import ATTENTION_LORA_TARGETS, FlowTextTransformerFamily
 
 #: SimpleTuner's AuraFlow prompt lengths: the default and the longest it trains without i_know_what_i_am_doing
@@ -37,6 +38,10 @@ class AuraFlowFamily(FlowTextTransformerFamily):
     }
     default_flavour = "v0.3"
     denoiser_class_name = "AuraFlowTransformer2DModel"
+    transformer_block_lists = ("joint_transformer_blocks", "single_transformer_blocks")
+    #: joint blocks return ``(encoder_hidden_states, hidden_states)``; single blocks carry
+    #: ``[registers + text | image]`` in one sequence
+    routed_tokens = (RoutedTokens(output=1), RoutedTokens(trailing=True))
     text_encoder_location_options = {"pretrained_t5_model_name_or_path": "text_encoder"}
     # SimpleTuner's AuraFlow targets: both streams' attention (to_qkv exists only in fused checkpoints)
     default_lora_targets = ATTENTION_LORA_TARGETS + JOINT_ATTENTION + ("to_qkv",)
@@ -79,6 +84,12 @@ class AuraFlowFamily(FlowTextTransformerFamily):
         """Hidden states with the padding positions zeroed (``AuraFlowPipeline.encode_prompt``)."""
         embeds = encoder(ids, attention_mask=mask)[0]
         return embeds * mask.unsqueeze(-1).to(embeds.dtype)
+
+    def image_token_count(self, arguments: Any) -> int:
+        """Patches of the latents ``[B, C, h, w]`` the transformer was called with."""
+        patch = self.denoiser.config.patch_size
+        height, width = arguments["hidden_states"].shape[-2:]
+        return (height // patch) * (width // patch)
 
     def predict(self, denoiser, noisy_latents, timesteps, text, batch):
         """The velocity ``[B, 4, h, w]``; the transformer takes ``σ = timestep / 1000``."""

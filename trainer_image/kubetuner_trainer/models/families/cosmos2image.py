@@ -39,7 +39,7 @@ import torch
 from ...config import Problem
 from ...training.losses import masked_mean
 from ...training.objectives import Objective
-from ..family import DiffusersClass, ModelFamily
+from ..family import DiffusersClass, ModelFamily, RoutedTokens
 from .pixart_sigma import _as_upstream
 
 log = logging.getLogger(__name__)
@@ -196,6 +196,7 @@ class Cosmos2ImageFamily(ModelFamily):
     denoiser_name = "transformer"
     denoiser_class_name = "CosmosTransformer3DModel"
     transformer_block_lists = ("transformer_blocks",)
+    routed_tokens = (RoutedTokens(),)  # each block takes and returns the image tokens [B, h·w, D]
     scheduler_class_name = "FlowMatchEulerDiscreteScheduler"
     vae_class = DiffusersClass("AutoencoderKLWan")
     text_encoder_location_options = {"pretrained_t5_model_name_or_path": "text_encoder"}
@@ -315,6 +316,19 @@ class Cosmos2ImageFamily(ModelFamily):
                        encoder_hidden_states=text["prompt_embeds"].to(noisy_latents.device, dtype),
                        padding_mask=noisy_latents.new_zeros(1, 1, h, w), return_dict=False)[0][:, :, 0]
         return scale * noisy_latents.float() - sigma * scale * out.float()
+
+    def route_block_inputs(self, block_list: str, arguments: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
+        """The rotary embedding rows (``(cos, sin)``, each ``[S, D]``), the learned positions
+        (``extra_pos_emb [B, S, D]``) and per-token modulation (``temb``/``embedded_timestep [B, S, D]``)
+        of the kept tokens."""
+        rope = arguments.get("image_rotary_emb")
+        if rope is not None:
+            arguments["image_rotary_emb"] = tuple(r.index_select(0, keep.to(r.device)) for r in rope)
+        for name in ("extra_pos_emb", "temb", "embedded_timestep"):
+            value = arguments.get(name)
+            if value is not None and value.dim() == 3:
+                arguments[name] = value.index_select(1, keep.to(value.device))
+        return arguments
 
     def enable_gradient_checkpointing(self, denoiser: torch.nn.Module, interval: int | None = None) -> Any:
         from ...training.checkpointing import enable_gradient_checkpointing

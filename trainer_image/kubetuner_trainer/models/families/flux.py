@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ...config import Problem
-from ..family import ModelFamily
+from ..family import ModelFamily, RoutedTokens
 
 #: T5 sequence length when ``--tokenizer_max_length`` is unset (FluxPipeline's ``max_sequence_length``)
 T5_MAX_LENGTH = 512
@@ -64,6 +64,8 @@ class FluxFamily(ModelFamily):
     default_flavour = "krea"
     denoiser_name = "transformer"
     transformer_block_lists = ("transformer_blocks", "single_transformer_blocks")
+    #: both lists take the image tokens as ``hidden_states`` and return ``(encoder_hidden_states, hidden_states)``
+    routed_tokens = (RoutedTokens(output=1), RoutedTokens(output=1))
     denoiser_class_name = "FluxTransformer2DModel"
     scheduler_class_name = "FlowMatchEulerDiscreteScheduler"
     text_encoder_names = ("text_encoder", "text_encoder_2")
@@ -206,6 +208,20 @@ class FluxFamily(ModelFamily):
             img_ids=image_ids(h, w, device, dtype), return_dict=False, **kwargs,
         )[0]
         return unpack_latents(out, h, w)
+
+    def route_block_inputs(self, block_list: str, arguments: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
+        """The rotary embedding rows (``(cos, sin)``, each ``[S_text + S_image, D]``) and the attention mask
+        (``[B, 1, 1, S_text + S_image]``) of the text tokens and the kept image tokens."""
+        text = arguments["encoder_hidden_states"].shape[1]
+        rows = torch.cat([torch.arange(text, device=keep.device), keep + text])
+        rope = arguments.get("image_rotary_emb")
+        if rope is not None:
+            arguments["image_rotary_emb"] = tuple(r.index_select(0, rows.to(r.device)) for r in rope)
+        extra = arguments.get("joint_attention_kwargs")
+        if extra and extra.get("attention_mask") is not None:
+            mask = extra["attention_mask"]
+            arguments["joint_attention_kwargs"] = {**extra, "attention_mask": mask.index_select(-1, rows.to(mask.device))}
+        return arguments
 
     def enable_gradient_checkpointing(self, denoiser: torch.nn.Module, interval: int | None = None) -> None:
         from ...training.checkpointing import enable_gradient_checkpointing

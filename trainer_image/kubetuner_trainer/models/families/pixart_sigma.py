@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from ...config import Problem
+from ..family import RoutedTokens
 from ._text_transformer import TextTransformerFamily
 
 #: T5 tokens per prompt (PixArt Sigma's length; SimpleTuner ignores --tokenizer_max_length for PixArt)
@@ -128,6 +129,9 @@ class PixArtSigmaFamily(TextTransformerFamily):
     }
     default_flavour = "900M-1024-v0.6"
     denoiser_class_name = "PixArtTransformer2DModel"
+    transformer_block_lists = ("transformer_blocks",)
+    #: each block takes and returns the image tokens ``[B, h·w, D]``; positions are added before the blocks
+    routed_tokens = (RoutedTokens(),)
     scheduler_class_name = "DPMSolverMultistepScheduler"
     text_encoder_location_options = {"pretrained_t5_model_name_or_path": "text_encoder"}
     slider_lora_targets = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0")
@@ -196,6 +200,13 @@ class PixArtSigmaFamily(TextTransformerFamily):
         if self.cfg.t5_padding == "zero":
             embeds = embeds * mask.unsqueeze(-1).to(embeds.dtype)
         return embeds
+
+    def route_block_inputs(self, block_list: str, arguments: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
+        """An image-token attention mask (``[B, 1, S]`` bias), when one is given, cut to the kept tokens."""
+        mask = arguments.get("attention_mask")
+        if mask is not None:
+            arguments["attention_mask"] = mask.index_select(-1, keep.to(mask.device))
+        return arguments
 
     def predict(self, denoiser, noisy_latents, timesteps, text, batch):
         """The noise prediction ``[B, 4, h, w]`` (the learned-variance half of the output dropped)."""

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ...config import Problem
-from ..family import DIT_QUANTIZATION_EXCLUDE, ModelFamily
+from ..family import DIT_QUANTIZATION_EXCLUDE, ModelFamily, RoutedTokens
 from .sd1x import clip_token_ids
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,9 @@ class SD3Family(ModelFamily):
     default_flavour = "medium"
     denoiser_name = "transformer"
     transformer_block_lists = ("transformer_blocks",)
+    #: joint blocks return ``(encoder_hidden_states, hidden_states)``; no per-token side inputs (positions are
+    #: added to the tokens before the blocks)
+    routed_tokens = (RoutedTokens(output=1),)
     denoiser_class_name = "SD3Transformer2DModel"
     scheduler_class_name = "FlowMatchEulerDiscreteScheduler"
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ...config import Problem
-from ..family import DIT_QUANTIZATION_EXCLUDE, DiffusersClass, ModelFamily
+from ..family import DIT_QUANTIZATION_EXCLUDE, DiffusersClass, ModelFamily, RoutedTokens
 
 #: UMT5 tokens per prompt (SimpleTuner's fixed Wan length; WanPipeline's max_sequence_length default)
 TEXT_LENGTH = 512
@@ -74,6 +74,8 @@ class WanFamily(ModelFamily):
     default_flavour = "t2v-480p-1.3b-2.1"
     denoiser_name = "transformer"
     denoiser_class_name = "WanTransformer3DModel"
+    transformer_block_lists = ("blocks",)
+    routed_tokens = (RoutedTokens(),)  # each block takes and returns the video tokens [B, F·h·w, D]
     scheduler_class_name = "UniPCMultistepScheduler"
     vae_class = DiffusersClass("AutoencoderKLWan")
     text_encoder_names = ("text_encoder",)
@@ -203,6 +205,17 @@ class WanFamily(ModelFamily):
         return denoiser(hidden_states=noisy_latents, timestep=timesteps,
                         encoder_hidden_states=text["prompt_embeds"].to(noisy_latents.device, dtype),
                         return_dict=False)[0]
+
+    def route_block_inputs(self, block_list: str, arguments: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
+        """The rotary embedding rows (``(cos, sin)``, each ``[1, S, 1, D]``) and, with per-token timesteps
+        (``temb [B, S, 6, D]``, Wan 2.2), the modulation of the kept tokens."""
+        rope = arguments.get("rotary_emb")
+        if rope is not None:
+            arguments["rotary_emb"] = tuple(r.index_select(1, keep.to(r.device)) for r in rope)
+        temb = arguments.get("temb")
+        if temb is not None and temb.dim() == 4:
+            arguments["temb"] = temb.index_select(1, keep.to(temb.device))
+        return arguments
 
     @classmethod
     def comfyui_key(cls, module_name: str, module_path: str, trained: Sequence[str]) -> str:
