@@ -33,7 +33,7 @@ def test_flavours_and_refusals(make_cfg):
     assert resolve_source(cls, _cfg(make_cfg, pretrained_model_name_or_path=None)).model == \
         "nvidia/Cosmos-Predict2-2B-Text2Image"
     assert cls.flavours["14b"] == "nvidia/Cosmos-Predict2-14B-Text2Image"
-    refusals = [({"train_text_encoder": True}, "train_text_encoder"), ({"lora_format": "comfyui"}, "lora_format"),
+    refusals = [({"train_text_encoder": True}, "train_text_encoder"),
                 ({"prediction_type": "flow_matching"}, "prediction_type")]
     for changes, option in refusals:
         with pytest.raises(ConfigError) as info:
@@ -131,6 +131,29 @@ def test_saved_lora_loads_into_the_pipelines_transformer_and_changes_it(make_cfg
         pipe.load_lora_weights(str(tmp_path / "d"))  # diffusers' transformer-only loader on the pipeline
         assert (pipe.transformer(**inputs)[0] - base).abs().max() > 1e-4
     assert pipe.transformer.peft_config["default_0"].lora_alpha == 8
+
+
+def test_comfyui_export_names_nvidias_original_layers(make_cfg, tmp_path):
+    """ComfyUI loads ``diffusion_model.<layer>`` keys in the original Cosmos-Predict2 names (its CosmosPredict2
+    model keeps them); diffusers' single-file converter maps those names back onto exactly the trained layers."""
+    from diffusers.loaders.single_file_utils import convert_cosmos_transformer_checkpoint_to_diffusers
+
+    targets = '["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "norm1.linear_1", "norm3.linear_2", ' \
+              '"patch_embed.proj", "time_embed.t_embedder.linear_1", "norm_out.linear_2", "proj_out"]'
+    cfg = _cfg(make_cfg, max_train_steps=1, lora_format="comfyui", lora_alpha=2, peft_lora_target_modules=targets)
+    result, family, _ = train_in_process(cfg, data_factory=lambda enc: InMemoryData(enc, count=2, size=16))
+    assert result.exit_code == ExitCode.SUCCESS
+    tensors = load_file(str(result.final_path / "pytorch_lora_weights.safetensors"))
+    layers = {key.rsplit(".", 2)[0] if key.endswith(".weight") else key.rsplit(".", 1)[0] for key in tensors}
+    assert {"diffusion_model.blocks.0.self_attn.q_proj", "diffusion_model.blocks.1.cross_attn.output_proj",
+            "diffusion_model.blocks.0.mlp.layer1", "diffusion_model.x_embedder.proj.1",
+            "diffusion_model.final_layer.linear", "diffusion_model.t_embedder.1.linear_1"} <= layers
+    assert all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in tensors)
+    assert all(float(tensors[f"{layer}.alpha"]) == 2.0 for layer in layers)
+    original = {f"net.{layer.removeprefix('diffusion_model.')}.weight": torch.zeros(1) for layer in layers}
+    converted = {k.removesuffix(".weight") for k in convert_cosmos_transformer_checkpoint_to_diffusers(original)}
+    trained = {name for name, module in family.denoiser.named_modules() if hasattr(module, "lora_A")}
+    assert converted == trained and len(trained) == len(layers)
 
 
 def test_cosmos_trains_through_kubetuner_train_and_renders_validation(tiny_model, tmp_path, caplog):

@@ -139,8 +139,44 @@ def test_lumina2_flavours_options_and_prompt_length(make_cfg):
     assert _family(make_cfg, "lumina2").max_sequence_length == 256
     long = make_cfg("lumina2", **COMMON, tokenizer_max_length=600)
     assert "tokenizer_max_length" in {p.option for p in core_warnings(long)}
-    assert {p.option for p in core_problems(make_cfg("lumina2", lora_format="comfyui"))} == {"lora_format"}
+    assert {p.option for p in core_problems(make_cfg("sana", lora_format="comfyui"))} == {"lora_format"}
+    assert core_problems(make_cfg("lumina2", lora_format="comfyui")) == []
+    # ComfyUI's fused attention.qkv: q, k and v train together, as plain LoRA
+    split = make_cfg("lumina2", lora_format="comfyui", peft_lora_target_modules='["to_q", "to_v"]', use_dora=True)
+    assert {p.option for p in core_problems(split)} == {"peft_lora_target_modules", "use_dora"}
     assert {p.option for p in core_problems(make_cfg("lumina2", train_text_encoder=True))} == {"train_text_encoder"}
+
+
+def test_lumina2_comfyui_export_names_the_original_layers_with_q_k_v_fused_exactly(make_cfg, tmp_path):
+    """ComfyUI loads ``diffusion_model.<layer>`` keys in Alpha-VLLM's original Lumina 2 names; diffusers' single-file
+    converter maps them back onto the trained layers, and the stacked qkv LoRA is the three LoRAs' sum, exactly."""
+    from diffusers.loaders.single_file_utils import convert_lumina2_to_diffusers
+
+    targets = '["to_q", "to_k", "to_v", "to_out.0", "linear_1", "linear_3", "norm1.linear", "x_embedder"]'
+    cfg = make_cfg("lumina2", **COMMON, max_train_steps=1, lora_alpha=2, lora_format="comfyui", learning_rate=5e-2,
+                   peft_lora_target_modules=targets, output_dir=str(tmp_path / "comfy"))
+    result, family, _ = train_in_process(cfg, data_factory=lambda enc: InMemoryData(enc, count=2, batch_size=2))
+    comfy = load_file(str(tmp_path / "comfy" / "pytorch_lora_weights.safetensors"))
+    layers = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in comfy}
+    assert {"diffusion_model.layers.0.attention.qkv", "diffusion_model.noise_refiner.0.attention.out",
+            "diffusion_model.context_refiner.0.feed_forward.w1", "diffusion_model.layers.1.adaLN_modulation.1",
+            "diffusion_model.t_embedder.mlp.0", "diffusion_model.final_layer.adaLN_modulation.1",
+            "diffusion_model.x_embedder"} <= layers
+    assert all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in comfy)
+    # the converter splits qkv at Lumina-Image-2.0's real sizes (2304 + 768 + 768 rows); names are what it checks
+    original = {f"{layer.removeprefix('diffusion_model.')}.weight": torch.zeros(3840 if layer.endswith("qkv") else 1)
+                for layer in layers}
+    converted = {k.removesuffix(".weight") for k in convert_lumina2_to_diffusers(original)}
+    trained = {name for name, module in family.denoiser.named_modules() if hasattr(module, "lora_A")}
+    assert converted == trained
+    # ComfyUI applies (alpha / rank) · up · down to the fused weight: the q, k and v deltas stacked as q; k; v rows
+    qkv = "diffusion_model.layers.0.attention.qkv"
+    down, up = comfy[f"{qkv}.lora_down.weight"], comfy[f"{qkv}.lora_up.weight"]
+    fused = float(comfy[f"{qkv}.alpha"]) / down.shape[0] * up @ down
+    parts = [family.denoiser.get_submodule(f"layers.0.attn.{p}") for p in ("to_q", "to_k", "to_v")]
+    deltas = [m.scaling["default"] * m.lora_B["default"].weight @ m.lora_A["default"].weight for m in parts]
+    assert fused.shape == (32 + 16 + 16, 32) and deltas[1].abs().sum() > 0
+    torch.testing.assert_close(fused, torch.cat(deltas).detach())
 
 
 def test_lumina2_conditioning_is_gemma_with_the_system_prompt_and_time_runs_backwards(make_cfg):

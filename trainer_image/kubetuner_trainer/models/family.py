@@ -134,6 +134,10 @@ class ModelFamily(ABC):
                                                   "text_encoder_2": "lora_te2"}
     #: the prefix of a lone text encoder (kohya: ``lora_te`` when there is only one)
     comfyui_single_text_encoder_prefix: ClassVar[str] = "lora_te"
+    #: layers ComfyUI's model holds as one fused weight, by their last name in the fused weight's row order
+    #: (Lumina 2's ``to_q``, ``to_k``, ``to_v`` → ``attention.qkv``): ``comfyui_key`` gives them one name and the
+    #: export stacks their LoRAs into one (exact); empty: no fused layers
+    comfyui_fused_parts: ClassVar[tuple[str, ...]] = ()
     #: denoiser module-name patterns (fnmatch on the full module name, quanto's ``exclude``) a quantization
     #: preset leaves in full precision; SimpleTuner's per-family list (empty: every layer is quantized)
     quantization_exclude: ClassVar[tuple[str, ...]] = ()

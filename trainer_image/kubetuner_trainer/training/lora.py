@@ -215,21 +215,57 @@ def to_comfyui(family: Any, per_module: dict[str, dict[str, torch.Tensor]],
     """Rewrite diffusers LoRA keys to the names ComfyUI loads, adding ``.alpha`` per layer.
 
     Layer names come from ``family.comfyui_key`` (for the UNet families kohya's:
-    ``unet.down_blocks.0…to_q.lora_A.weight`` → ``lora_unet_down_blocks_0_…_to_q.lora_down.weight``).
+    ``unet.down_blocks.0…to_q.lora_A.weight`` → ``lora_unet_down_blocks_0_…_to_q.lora_down.weight``). Layers the
+    family names alike (``comfyui_fused_parts``) become one LoRA on the fused weight (:func:`fuse_lora_layers`).
+    Raises ValueError for a key with no ComfyUI name.
     """
-    out: dict[str, torch.Tensor] = {}
+    layers: dict[str, list[tuple[str, dict[str, torch.Tensor], float]]] = {}
     trained = list(per_module)
     for name, sd in per_module.items():
+        parts: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in sd.items():
             for peft_part, kohya_part in _KOHYA_SUFFIXES:
                 if peft_part in key:
                     module_path, rest = key.split(peft_part, 1)
-                    suffix = kohya_part + rest if rest else kohya_part.rstrip(".")
-                    base = family.comfyui_key(name, module_path, trained)
-                    out[base + suffix] = tensor
-                    if kohya_part == ".lora_down.":
-                        out[base + ".alpha"] = torch.tensor(float(alphas[name]))
+                    parts.setdefault(module_path, {})[kohya_part + rest if rest else kohya_part.rstrip(".")] = tensor
                     break
             else:
                 raise ValueError(f"unexpected LoRA key {key!r} in the {name}")
+        for module_path, tensors in parts.items():
+            base = family.comfyui_key(name, module_path, trained)
+            layers.setdefault(base, []).append((module_path, tensors, float(alphas[name])))
+    out: dict[str, torch.Tensor] = {}
+    for base, group in layers.items():
+        if len(group) > 1 or group[0][0].rsplit(".", 1)[-1] in family.comfyui_fused_parts:
+            tensors, alpha = fuse_lora_layers(base, group, family.comfyui_fused_parts)
+        else:
+            _, tensors, alpha = group[0]
+        out.update({base + suffix: tensor for suffix, tensor in tensors.items()})
+        if ".lora_down.weight" in tensors:
+            out[base + ".alpha"] = torch.tensor(alpha)
     return out
+
+
+def fuse_lora_layers(base: str, group: list[tuple[str, dict[str, torch.Tensor], float]],
+                     order: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], float]:
+    """One LoRA for a fused weight (e.g. ``qkv`` = ``[q; k; v]`` rows) from its parts' LoRAs, exactly.
+
+    ``group``: (module path, kohya tensors, alpha) per part; ``order``: the parts' last names in row order.
+    ``ΔW_i = (α_i/r_i)·B_i·A_i`` stacks as ``blockdiag(α_i/r_i·B_i) · [A_1; …; A_n]``: ``lora_down [Σr, in]``,
+    ``lora_up [Σout, Σr]``, alpha ``Σr`` (ComfyUI scales by alpha/rank = 1). Raises ValueError when a part is
+    missing or carries more than ``lora_down``/``lora_up`` (DoRA).
+    """
+    by_part = {path.rsplit(".", 1)[-1]: (tensors, alpha) for path, tensors, alpha in group}
+    if sorted(by_part) != sorted(order) or len(group) != len(order):
+        raise ValueError(f"ComfyUI holds {base} as one fused weight of {', '.join(order)}: train all of them "
+                         f"(LoRA targets) or none (trained: {', '.join(sorted(by_part))})")
+    downs, ups = [], []
+    for part in order:
+        tensors, alpha = by_part[part]
+        if set(tensors) != {".lora_down.weight", ".lora_up.weight"}:
+            raise ValueError(f"ComfyUI's fused {base} takes plain LoRA layers only (not DoRA)")
+        down, up = tensors[".lora_down.weight"], tensors[".lora_up.weight"]
+        downs.append(down)
+        ups.append(up * (alpha / down.shape[0]))
+    return {".lora_down.weight": torch.cat(downs), ".lora_up.weight": torch.block_diag(*ups)}, float(
+        sum(d.shape[0] for d in downs))

@@ -44,8 +44,9 @@ class TextTransformerFamily(ModelFamily):
     mask_key: ClassVar[str] = "prompt_attention_mask"
     #: whether the pipeline pads prompts on the right whatever the tokenizer says (SanaPipeline does)
     pad_right: ClassVar[bool] = False
-    #: whether ComfyUI loads this family's LoRA files (its diffusers ``transformer.<layer>`` names)
-    comfyui_loads_diffusers_names: ClassVar[bool] = False
+    #: whether ComfyUI has a LoRA loader for this family (keys from :meth:`comfyui_key`: by default the diffusers
+    #: names ``transformer.<layer>``, which ComfyUI maps for PixArt and AuraFlow)
+    comfyui_loads_lora: ClassVar[bool] = False
 
     @classmethod
     def tokenizer_classes(cls) -> tuple[type, ...]:
@@ -56,9 +57,9 @@ class TextTransformerFamily(ModelFamily):
     @classmethod
     def config_problems(cls, cfg: Any) -> list[Problem]:
         problems = refused_train_text_encoder(cfg, cls.family, cls.pipeline_class)
-        if getattr(cfg, "lora_format", None) == "comfyui" and not cls.comfyui_loads_diffusers_names:
-            problems.append(Problem("lora_format", "comfyui", f"ComfyUI has no LoRA key names for {cls.family} "
-                                                              "that kubetuner writes; use diffusers"))
+        if getattr(cfg, "lora_format", None) == "comfyui" and not cls.comfyui_loads_lora:
+            problems.append(Problem("lora_format", "comfyui", f"ComfyUI has no {cls.family} model, hence no LoRA "
+                                                              "loader for it; use diffusers"))
         return problems
 
     @classmethod

@@ -47,7 +47,7 @@ class AuraFlowFamily(FlowTextTransformerFamily):
     default_lora_targets = ATTENTION_LORA_TARGETS + JOINT_ATTENTION + ("to_qkv",)
     slider_lora_targets = ATTENTION_LORA_TARGETS
     modelspec_architecture = "auraflow"
-    comfyui_loads_diffusers_names = True
+    comfyui_loads_lora = True
 
     @classmethod
     def text_encoder_classes(cls) -> tuple[type, ...]:

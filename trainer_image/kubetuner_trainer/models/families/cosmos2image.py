@@ -19,7 +19,9 @@ validation renders are screened by it. This trainer image does not ship it (it d
 models at start); without it, validation renders run unscreened, as SimpleTuner 3.1.6 renders Cosmos (its own
 pipeline copy drops the checker) — a choice kubetuner states at start (a configuration warning on
 ``validation_prompt``) and logs again at the first unscreened render. Saved pipelines carry no checker and load
-into diffusers' pipeline as ever. The pipeline has no LoRA loader;
+into diffusers' pipeline as ever. ``--lora_format comfyui`` names layers ``diffusion_model.<layer>`` in NVIDIA's
+original names (``blocks.0.self_attn.q_proj``), which ComfyUI's Cosmos-Predict2 model keeps. The pipeline has no
+LoRA loader;
 LoRA files load with ``pipe.transformer.load_lora_adapter(path, prefix="transformer")`` (or through the
 subclass here, which adds diffusers' transformer-only ``load_lora_weights``).
 Flavours and hub ids are SimpleTuner 3.1.6's.
@@ -83,6 +85,21 @@ def _transformer_module() -> Any:
         transformer_cosmos.transforms = _NearestResize
     return transformer_cosmos
 
+
+#: diffusers' Cosmos-Predict2 layer names → NVIDIA's original ones (dot-separated segments, applied in order):
+#: the names ComfyUI's CosmosPredict2 model uses (comfy/ldm/cosmos/predict2.py), the inverse of the renames in
+#: diffusers' single-file converter ``convert_cosmos_transformer_checkpoint_to_diffusers``
+ORIGINAL_LAYER_NAMES = (
+    ("transformer_blocks", "blocks"), ("attn1", "self_attn"), ("attn2", "cross_attn"),
+    ("to_q", "q_proj"), ("to_k", "k_proj"), ("to_v", "v_proj"), ("to_out.0", "output_proj"),
+    ("ff.net.0.proj", "mlp.layer1"), ("ff.net.2", "mlp.layer2"),
+    ("norm1.linear_1", "adaln_modulation_self_attn.1"), ("norm1.linear_2", "adaln_modulation_self_attn.2"),
+    ("norm2.linear_1", "adaln_modulation_cross_attn.1"), ("norm2.linear_2", "adaln_modulation_cross_attn.2"),
+    ("norm3.linear_1", "adaln_modulation_mlp.1"), ("norm3.linear_2", "adaln_modulation_mlp.2"),
+    ("time_embed.t_embedder", "t_embedder.1"), ("patch_embed.proj", "x_embedder.proj.1"),
+    ("norm_out.linear_1", "final_layer.adaln_modulation.1"), ("norm_out.linear_2", "final_layer.adaln_modulation.2"),
+    ("proj_out", "final_layer.linear"),
+)
 
 #: said when a validation render runs without NVIDIA's safety checker (configuration warning and render log)
 UNSCREENED_RENDERS = ("validation renders run without NVIDIA's Cosmos safety checker: the cosmos_guardrail package is "
@@ -205,6 +222,7 @@ class Cosmos2ImageFamily(ModelFamily):
     slider_lora_targets = SLIDER_TARGETS
     modelspec_architecture = "cosmos-predict2"
     swappable_validation_scheduler = False
+    comfyui_prefixes = {"transformer": "diffusion_model"}
 
     @classmethod
     def denoiser_class(cls) -> type:
@@ -252,8 +270,6 @@ class Cosmos2ImageFamily(ModelFamily):
         if cfg.train_text_encoder:
             problems.append(Problem("train_text_encoder", True, "Cosmos' T5 encoder is not trained here (the "
                                     "pipeline loads no text-encoder LoRA)"))
-        if cfg.lora_format == "comfyui":
-            problems.append(Problem("lora_format", "comfyui", "not built for Cosmos yet; use diffusers"))
         return problems
 
     @classmethod
@@ -334,6 +350,16 @@ class Cosmos2ImageFamily(ModelFamily):
         from ...training.checkpointing import enable_gradient_checkpointing
 
         return enable_gradient_checkpointing(denoiser, interval)
+
+    @classmethod
+    def comfyui_key(cls, module_name: str, module_path: str, trained: Sequence[str]) -> str:
+        """``diffusion_model.<layer>`` in NVIDIA's original Cosmos-Predict2 names, which ComfyUI's CosmosPredict2
+        model keeps and maps LoRA keys onto (:data:`ORIGINAL_LAYER_NAMES`), e.g. ``transformer_blocks.0.attn1.to_q``
+        → ``diffusion_model.blocks.0.self_attn.q_proj``."""
+        path = f".{module_path}."
+        for diffusers_name, original in ORIGINAL_LAYER_NAMES:
+            path = path.replace(f".{diffusers_name}.", f".{original}.")
+        return f"{cls.comfyui_prefixes[module_name]}.{path[1:-1]}"
 
     # ----- validation ------------------------------------------------------------------------
     def build_pipeline(self, *, denoiser=None, text_encoders=None, scheduler=None):

@@ -101,7 +101,7 @@ class DeepFloydFamily(ModelFamily):
             problems.append(Problem("train_text_encoder", True, "DeepFloyd trains its UNet only; the T5 encoder "
                                                                 "stays frozen"))
         if cfg.model_type == "lora" and cfg.lora_format == "comfyui":
-            problems.append(Problem("lora_format", "comfyui", "ComfyUI does not load DeepFloyd IF; use diffusers"))
+            problems.append(Problem("lora_format", "comfyui", "ComfyUI has no DeepFloyd IF model, hence no LoRA loader for it; use diffusers"))
         length = getattr(cfg, "tokenizer_max_length", None)
         if length and length > T5_MAX_LENGTH and not getattr(cfg, "i_know_what_i_am_doing", False):
             problems.append(Problem("tokenizer_max_length", length,

@@ -8,10 +8,15 @@ transformer gets the second-to-last hidden states and the mask. Lumina's transfo
 other way: it is given ``t = 1 − σ`` (1 = clean image) and predicts ``x₀ − ε``, so the prediction
 is negated into the velocity ``ε − x₀`` the flow objective compares with (as the pipeline negates
 it before its scheduler step). ``--pretrained_gemma_model_name_or_path`` relocates Gemma.
+
+``--lora_format comfyui`` writes ``diffusion_model.<layer>`` keys in the original Lumina 2 names, which ComfyUI's
+Lumina2 model keeps; the q, k and v LoRAs become one LoRA on its fused ``attention.qkv`` (stacked, exact), so they
+train together or not at all.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -24,6 +29,18 @@ from ._text_transformer import ATTENTION_LORA_TARGETS, FlowTextTransformerFamily
 #: Gemma tokens per prompt when --tokenizer_max_length is unset, and the most SimpleTuner allows
 GEMMA_MAX_LENGTH = 256
 GEMMA_LIMIT = 512
+#: diffusers' Lumina 2 layer names → Alpha-VLLM's original ones (dot-separated segments, applied in order): the
+#: names ComfyUI's Lumina2 model uses (comfy/ldm/lumina/model.py; q, k and v fused into ``attention.qkv``), the
+#: inverse of the renames in diffusers' single-file converter ``convert_lumina2_to_diffusers``
+ORIGINAL_LAYER_NAMES = (
+    ("time_caption_embed.timestep_embedder.linear_1", "t_embedder.mlp.0"),
+    ("time_caption_embed.timestep_embedder.linear_2", "t_embedder.mlp.2"),
+    ("time_caption_embed.caption_embedder", "cap_embedder"),
+    ("attn", "attention"), ("to_out.0", "out"), ("to_q", "qkv"), ("to_k", "qkv"), ("to_v", "qkv"), ("to_qkv", "qkv"),
+    ("feed_forward.linear_1", "feed_forward.w1"), ("feed_forward.linear_2", "feed_forward.w2"),
+    ("feed_forward.linear_3", "feed_forward.w3"), ("norm1.linear", "adaLN_modulation.1"),
+    ("norm_out.linear_1", "final_layer.adaLN_modulation.1"), ("norm_out.linear_2", "final_layer.linear"),
+)
 #: what Lumina2Pipeline puts between its system prompt and the user's prompt
 PROMPT_START = " <Prompt Start> "
 
@@ -39,6 +56,9 @@ class Lumina2Family(FlowTextTransformerFamily):
     default_lora_targets = ATTENTION_LORA_TARGETS + ("to_qkv",)  # to_qkv: fused checkpoints only
     slider_lora_targets = ATTENTION_LORA_TARGETS
     modelspec_architecture = "lumina-2"
+    comfyui_loads_lora = True
+    comfyui_prefixes = {"transformer": "diffusion_model"}
+    comfyui_fused_parts = ("to_q", "to_k", "to_v")  # ComfyUI's Lumina 2 attention holds them as one qkv weight
 
     @classmethod
     def text_encoder_classes(cls) -> tuple[type, ...]:
@@ -49,6 +69,38 @@ class Lumina2Family(FlowTextTransformerFamily):
     @classmethod
     def build_tiny(cls, folder: Path, *, seed: int = 0) -> Path:
         return build_tiny_lumina2(folder, seed=seed)
+
+    @classmethod
+    def comfyui_key(cls, module_name: str, module_path: str, trained: Sequence[str]) -> str:
+        """``diffusion_model.<layer>`` in Alpha-VLLM's original Lumina 2 names, which ComfyUI's Lumina2 model keeps
+        (:data:`ORIGINAL_LAYER_NAMES`); ``to_q``/``to_k``/``to_v`` all name the fused ``attention.qkv``, which the
+        export fills with one stacked LoRA."""
+        path = f".{module_path}."
+        for diffusers_name, original in ORIGINAL_LAYER_NAMES:
+            path = path.replace(f".{diffusers_name}.", f".{original}.")
+        return f"{cls.comfyui_prefixes[module_name]}.{path[1:-1]}"
+
+    @classmethod
+    def config_problems(cls, cfg: Any) -> list[Problem]:
+        """ComfyUI's fused ``attention.qkv`` takes q, k and v trained together, as plain LoRA."""
+        problems = super().config_problems(cfg)
+        if cfg.lora_format != "comfyui" or cfg.model_type != "lora":
+            return problems
+        from ...training.lora import parse_target_modules
+
+        try:
+            named = {t.rsplit(".", 1)[-1] for t in parse_target_modules(cfg.peft_lora_target_modules, ())}
+        except ValueError:
+            return problems  # preflight reports the malformed list itself
+        fused = set(cls.comfyui_fused_parts)
+        if named & fused and not fused <= named:
+            problems.append(Problem("peft_lora_target_modules", cfg.peft_lora_target_modules,
+                                    "with lora_format=comfyui, name to_q, to_k and to_v together: ComfyUI's Lumina 2 "
+                                    "holds them as one fused attention.qkv weight"))
+        if cfg.use_dora:
+            problems.append(Problem("use_dora", True, "has no ComfyUI form for Lumina 2's fused attention.qkv; use "
+                                                      "lora_format=diffusers"))
+        return problems
 
     @classmethod
     def config_warnings(cls, cfg: Any) -> list[Problem]:

@@ -182,7 +182,7 @@ class OmniGenFamily(ModelFamily):
             problems.append(Problem("train_text_encoder", True, "OmniGen has no separate text encoder (its "
                                                                 "transformer reads the tokens); leave it off"))
         if cfg.lora_format == "comfyui":
-            problems.append(Problem("lora_format", "comfyui", "ComfyUI has no OmniGen v1 LoRA loader; use diffusers"))
+            problems.append(Problem("lora_format", "comfyui", "ComfyUI has no OmniGen v1 model (only OmniGen 2), hence no LoRA loader for it; use diffusers"))
         return problems
 
     @classmethod

@@ -138,7 +138,7 @@ class PixArtSigmaFamily(TextTransformerFamily):
     modelspec_architecture = "pixart-sigma"
     embeds_key = "prompt_embeds"
     mask_key = "prompt_attention_mask"
-    comfyui_loads_diffusers_names = True
+    comfyui_loads_lora = True
 
     @classmethod
     def denoiser_class(cls) -> type:
