@@ -69,7 +69,7 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("sdxl-quanto", {"model_family": "sdxl", "model_type": "lora", "base_model_precision": "int8-quanto"}),
     ("sdxl-controlnet", {"model_family": "sdxl", "controlnet": True}),
     ("sdxl-group-offload", {"model_family": "sdxl", "enable_group_offload": True}),
-    ("sdxl-clip-eval", {"model_family": "sdxl", "evaluation_type": "clip"}),
+    ("sdxl-validation-preview", {"model_family": "sdxl", "validation_preview": True}),
     ("sdxl-crepa", {"model_family": "sdxl", "crepa_enabled": True, "crepa_block_index": 8}),
     ("sdxl-layersync", {"model_family": "sdxl", "layersync_enabled": True, "layersync_student_block": 4}),
     ("sdxl-scheduled-sampling", {"model_family": "sdxl", "scheduled_sampling_max_step_offset": 10}),

@@ -150,8 +150,9 @@ class QueueEvents:
     def checkpoint(self, info: Any, *, seconds: float) -> None:
         self._send("checkpoint", info, seconds=seconds)
 
-    def validation(self, step: int, images: list[Path], *, seconds: float) -> None:
-        self._send("validation", step, images, seconds=seconds)
+    def validation(self, step: int, images: list[Path], *, seconds: float,
+                   scores: dict[str, float] | None = None) -> None:
+        self._send("validation", step, images, seconds=seconds, scores=scores)
 
     def error(self, message: str) -> None:
         self._queue.put(("error", (message,), {}))

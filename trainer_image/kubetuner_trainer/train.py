@@ -144,7 +144,8 @@ def run_process(cfg: TrainerConfig, events: TrainingEvents) -> ExitCode:
         memory.before_caching()
         data = build_data(cfg, family, rank=rank, world=world, encoders=memory.encoders(family.encoders()))
         memory.after_caching()
-        validator = build_validator(cfg, family)  # every process decides when; the main one renders
+        # every process decides when; the main one renders (and scores)
+        validator = build_validator(cfg, family, main_process=accelerator.is_main_process)
         if cfg.delete_model_after_load and accelerator.is_local_main_process:
             _delete_cached_model(cfg, family, validator)
 
@@ -207,10 +208,18 @@ def build_data(cfg: Any, family: Any, *, rank: int, world: int, encoders: Any = 
     return build_training_data(cfg, encoders or family.encoders(), rank=rank, world_size=world)
 
 
-def build_validator(cfg: Any, family: Any) -> Any:
-    """The runtime's validation renderer when it is available and validation is configured."""
+def build_validator(cfg: Any, family: Any, *, main_process: bool = True) -> Any:
+    """The runtime's validation renderer when it is available and validation is configured.
+
+    On the main process, when its renders are scored (``--evaluation_type clip``), the CLIP model is loaded
+    here, before training: a missing or unreachable one is a ConfigError (exit 78).
+    """
     try:
+        from .runtime.clip_evaluation import load_scorer
         from .runtime.validation import Validator
     except ImportError:
         return None
-    return Validator(cfg, family, Path(cfg.output_dir))
+    validator = Validator(cfg, family, Path(cfg.output_dir))
+    if main_process and validator.renders:
+        validator.scorer = load_scorer(cfg)
+    return validator

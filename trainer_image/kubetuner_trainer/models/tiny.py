@@ -45,6 +45,26 @@ def write_clip_tokenizer(folder: Path, max_length: int = 77) -> None:
     tok.save_pretrained(folder)
 
 
+def build_tiny_clip(folder: Path, *, seed: int = 0, image_size: int = 32) -> Path:
+    """A CLIP model folder (model, tokenizer, image processor) laid out as ``openai/clip-vit-*`` repos are.
+
+    For ``--pretrained_evaluation_model_name_or_path``: text and vision towers of 2 layers, 32 wide,
+    patches of 8 pixels on ``image_size``-pixel inputs, the byte-level tokenizer of
+    :func:`write_clip_tokenizer`.
+    """
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    torch.manual_seed(seed)
+    text = _clip_config().to_dict()
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=image_size, patch_size=8)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder)
+    write_clip_tokenizer(folder)
+    CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                          crop_size={"height": image_size, "width": image_size}).save_pretrained(folder)
+    return folder
+
+
 def tiny_unet_config(*, cross_attention_dim: int = 32, sdxl: bool = False, size: str = "tiny",
                      sample_size: int = 16) -> dict[str, Any]:
     """UNet2DConditionModel config: ``tiny`` for tests, ``sdxl`` for the real SDXL layout."""

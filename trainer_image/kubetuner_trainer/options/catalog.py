@@ -471,8 +471,10 @@ OPTIONS: list[Option] = [
            "Flux only: skip classifier-free guidance for the first N sampling timesteps.", minimum=0,
            upstream=Upstream(default=2)),
     Option("validation_disable_unconditional", "bool", "validation",
-           "Do not render the unconditional image during validation (kubetuner never renders one).",
-           default=False, upstream=Upstream(off=(True,))),
+           "Do not render the unconditional image (the empty prompt, named unconditional) first in every "
+           "validation; video families never render it.", default=True,
+           upstream=Upstream(default=False, why="the unconditional render adds one render per resolution to every "
+                                                "validation; SimpleTuner's own examples mostly turn it off.")),
     Option("validation_guidance_skip_layers", "json", "validation",
            "Transformer layers left out of the guidance pass (skip-layer guidance), as a JSON list."),
     Option("validation_guidance_skip_layers_start", "float", "validation",
@@ -522,18 +524,23 @@ OPTIONS: list[Option] = [
     Option("validation_preview_steps", "int", "validation",
            "Decode and send a preview every N sampling steps.", default=1, minimum=1),
     Option("evaluation_type", "str", "validation",
-           "clip scores how well validation images match their prompts; none turns scoring off.",
-           choices=("none", "clip"), upstream=Upstream(default="none")),
+           "clip scores every validation render against its prompt (CLIP score, 0-100) and reports "
+           "clip/mean, min, max, std and per-prompt scores to trackers, metrics and webhooks; none turns "
+           "scoring off.", default="none", choices=("none", "clip")),
     Option("pretrained_evaluation_model_name_or_path", "str", "validation",
-           "Model used to compute evaluation scores (the CLIP model for clip).",
-           upstream=Upstream(default="openai/clip-vit-large-patch14-336")),
+           "CLIP model used by evaluation_type=clip: a hub id or a local folder with the model, its tokenizer "
+           "and image processor.", default="openai/clip-vit-large-patch14-336"),
     Option("eval_steps_interval", "int", "validation",
            "Run evaluation every N optimizer steps.", minimum=1),
     Option("eval_epoch_interval", "float", "validation",
            "Run evaluation every N epochs; fractions such as 0.5 evaluate several times per epoch.",
            minimum=0),
     Option("num_eval_images", "int", "validation",
-           "Images rendered for evaluation scoring.", minimum=1, upstream=Upstream(default=4)),
+           "With evaluation_type=clip: the most validation renders scored per validation, in render order; "
+           "unset scores every render.", minimum=1,
+           upstream=Upstream(default=4, why="SimpleTuner 3.1.6 scores every validation prompt whatever this "
+                                            "says and uses its 4 to cap the evaluation-loss batches; kubetuner's "
+                                            "evaluation loss uses every held-out sample.")),
     Option("eval_timesteps", "int", "validation",
            "Timesteps at which the evaluation loss is measured.", default=28, minimum=1),
     Option("eval_dataset_id", "str", "validation",

@@ -24,6 +24,7 @@ from ..events import StepReport
 from ..termination import write_termination_message
 from . import webhooks as wh
 from ._options import all_options, env_value, option
+from .clip_evaluation import clip_evaluation_requested
 from .metrics import TrainerMetrics
 from .publishing import (
     HubUploader,
@@ -46,7 +47,7 @@ from .trackers import (
     configure_logging,
     selected_trackers,
 )
-from .validation import Validator, check_validation_config
+from .validation import ValidationConfigError, Validator, check_validation_config
 
 __all__ = ["Runtime", "Validator", "build_runtime", "check_runtime_config", "preflight_problems"]
 
@@ -99,14 +100,36 @@ def preflight_problems(cfg: Any) -> list[Problem]:
     return check_runtime_config(cfg)
 
 
+#: options SimpleTuner 3.1.6 declares but never reads (nothing in its trainer uses them): accepted, warned
+UNAPPLIED = {
+    "validation_torch_compile": "validation renders are not compiled (SimpleTuner 3.1.6 never applies it "
+                                "either); --dynamo_* compiles the model, validation included",
+    "enable_watermark": "renders are not watermarked (SimpleTuner 3.1.6 never applies it either)",
+}
+
+
 def preflight_warnings(cfg: Any) -> list[Problem]:
-    """Runtime options set to no effect: ``num_eval_images`` counts the images of the CLIP evaluation
-    (``--evaluation_type clip``); without it SimpleTuner ignores the value, and so does kubetuner."""
+    """Runtime options set to no effect: ``num_eval_images`` caps the renders the CLIP evaluation scores
+    (``--evaluation_type clip``), which scores nothing when validation renders nothing; :data:`UNAPPLIED`."""
+    warnings = []
     is_set = getattr(cfg, "is_set", None)
-    if callable(is_set) and is_set("num_eval_images") and option(cfg, "evaluation_type") in (None, "none"):
-        return [Problem("num_eval_images", option(cfg, "num_eval_images"),
-                        "has no effect without --evaluation_type clip")]
-    return []
+    clip = clip_evaluation_requested(cfg)
+    if callable(is_set) and is_set("num_eval_images") and not clip:
+        warnings.append(Problem("num_eval_images", option(cfg, "num_eval_images"),
+                                "has no effect without --evaluation_type clip"))
+    if clip and not _renders(cfg):
+        warnings.append(Problem("evaluation_type", "clip",
+                                "has no effect: validation renders no images (set --validation_prompt, leave "
+                                "--validation_disable off and --validation_method simpletuner-local)"))
+    warnings += [Problem(name, True, f"has no effect: {why}") for name, why in UNAPPLIED.items() if option(cfg, name)]
+    return warnings
+
+
+def _renders(cfg: Any) -> bool:
+    try:
+        return Validator(cfg).renders
+    except ValidationConfigError:
+        return True  # reported by check_runtime_config
 
 
 class Runtime:
@@ -280,12 +303,15 @@ class Runtime:
         elif command_of(self.cfg, "post_upload_script") is not None:
             self._uploaded("none", "", info.step)  # the hook runs even without remote targets
 
-    def validation(self, step: int, images: list[Path], *, seconds: float) -> None:
-        self.metrics.observe_validation(seconds, len(images))
+    def validation(self, step: int, images: list[Path], *, seconds: float,
+                   scores: dict[str, float] | None = None) -> None:
+        self.metrics.observe_validation(seconds, len(images), scores)
         for tracker in self.trackers:
             tracker.validation(step, images)
+            for tag, value in (scores or {}).items():
+                tracker.scalar(tag, value, step)
         if self.webhooks is not None and images:
-            self.webhooks.send(wh.validation_event(self.job_id, step, images, seconds))
+            self.webhooks.send(wh.validation_event(self.job_id, step, images, seconds, scores))
 
     def error(self, message: str) -> None:
         log.error("%s", message)

@@ -13,6 +13,8 @@ from prometheus_client.exposition import generate_latest
 from .. import __version__
 from ..contract import CheckpointInfo, TrainerState
 from ..events import StepReport
+from .clip_evaluation import MEAN as CLIP_MEAN
+from .clip_evaluation import PROMPT_PREFIX as CLIP_PROMPT_PREFIX
 
 PREFIX = "kubetuner_trainer"
 
@@ -99,6 +101,14 @@ class TrainerMetrics:
         self.validation_images = Counter(
             f"{PREFIX}_validation_images", "Validation images generated.", registry=r,
         )
+        self.clip_score = Gauge(
+            f"{PREFIX}_validation_clip_score", "CLIP score (0-100) of each validation prompt's renders at the "
+            "last validation (--evaluation_type clip), averaged over its scored images.", ["prompt"], registry=r,
+        )
+        self.clip_score_mean = Gauge(
+            f"{PREFIX}_validation_clip_score_mean", "Mean CLIP score over the validation prompts at the last "
+            "validation (--evaluation_type clip).", registry=r,
+        )
         self.errors = Counter(f"{PREFIX}_errors", "Errors reported by the training loop.", registry=r)
         self.webhook_events = Counter(
             f"{PREFIX}_webhook_events", "Webhook deliveries by result (sent, failed, dropped).",
@@ -159,10 +169,19 @@ class TrainerMetrics:
             self.last_checkpoint_step.set(info.step)
             self.last_checkpoint_time.set(unix_time)
 
-    def observe_validation(self, seconds: float, images: int) -> None:
+    def observe_validation(self, seconds: float, images: int, scores: dict[str, float] | None = None) -> None:
+        """One validation round: its duration, images and CLIP scores (``clip/mean``, ``clip/prompt/<name>``)."""
         self.validation_duration.observe(seconds)
         if images:
             self.validation_images.inc(images)
+        if not scores:
+            return
+        self.clip_score.clear()  # prompts of an earlier round that are gone now
+        for tag, value in scores.items():
+            if tag.startswith(CLIP_PROMPT_PREFIX):
+                self.clip_score.labels(prompt=tag[len(CLIP_PROMPT_PREFIX):]).set(value)
+            elif tag == CLIP_MEAN:
+                self.clip_score_mean.set(value)
 
     def observe_error(self) -> None:
         self.errors.inc()

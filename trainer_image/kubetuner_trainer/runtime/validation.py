@@ -4,7 +4,10 @@ The loop asks :meth:`Validator.due` after each step (and at epoch ends) and call
 :meth:`Validator.run` (or :meth:`Validator.run_and_report`) with a factory that builds the
 pipeline around the current weights — ``lambda: family.build_pipeline(denoiser=unwrapped_denoiser)``.
 Images land in ``output_dir/validation/step-<n>/`` with an ``index.json`` describing each file
-(prompt, seed, size, variant). Video families' pipelines return clips (``.frames``): each is written as
+(prompt, seed, size, variant, and with ``--evaluation_type clip`` the render's CLIP score, see
+:mod:`.clip_evaluation`). Unless ``--validation_disable_unconditional`` (kubetuner's default) or the family
+renders video, an ``unconditional`` render of the empty prompt comes first, as in SimpleTuner. Video
+families' pipelines return clips (``.frames``): each is written as
 ``<name>.mp4``, ``<name>.gif`` and its first frame ``<name>.png`` (the PNG is what trackers receive) at
 the family's ``output_framerate``.
 """
@@ -30,6 +33,9 @@ from .scripts import VALIDATION, ScriptRunner, command_of, latest_checkpoint_dir
 log = logging.getLogger(__name__)
 
 PipelineFactory = Callable[[], Any]
+
+#: short name of the empty-prompt render (SimpleTuner's name for it)
+UNCONDITIONAL = "unconditional"
 
 DEFAULT_STEPS = 30
 DEFAULT_GUIDANCE = 7.5
@@ -207,7 +213,8 @@ class Validator:
     """Decides when to validate and renders the validation images."""
 
     def __init__(self, cfg: Any, family: Any = None, output_dir: str | Path | None = None, *,
-                 scripts: ScriptRunner | None = None) -> None:
+                 scripts: ScriptRunner | None = None, scorer: Any = None) -> None:
+        """``scorer``: a :class:`~.clip_evaluation.ClipScorer` scoring each render (``--evaluation_type clip``)."""
         self.cfg = cfg
         self.family = family  # the model family (``ModelFamily``), whose pipeline renders by default
         self.output_dir = Path(str(output_dir or option(cfg, "output_dir", ".")))
@@ -218,6 +225,11 @@ class Validator:
         self._epoch_ends = 0
         self.epoch_interval = option(cfg, "validation_epoch_interval")
         self.prompts = load_prompts(cfg)
+        self.scorer = scorer
+        limit = option(cfg, "num_eval_images")
+        self.score_limit = int(limit) if limit is not None else None
+        self.last_scores: dict[str, float] = {}
+        self._scores: dict[str, list[float]] = {}
         fallback = int(option(cfg, "resolution", 512) or 512)
         if fallback <= 10:  # megapixel-style --resolution
             fallback = int(math.sqrt(fallback * 1_000_000))
@@ -233,6 +245,17 @@ class Validator:
     @property
     def enabled(self) -> bool:
         return not self.disabled and (self.external or bool(self.prompts))
+
+    @property
+    def renders(self) -> bool:
+        """Whether validation renders images itself (not disabled, not an external script, has prompts)."""
+        return self.enabled and not self.external
+
+    def _rendered_prompts(self) -> dict[str, str]:
+        """The prompts of one round: the unconditional one first unless disabled (video families never)."""
+        if option(self.cfg, "validation_disable_unconditional") or getattr(self.family, "is_video", False):
+            return self.prompts
+        return {UNCONDITIONAL: "", **self.prompts}
 
     def due(self, step: int, epoch_end: bool = False, epoch: int | None = None) -> bool:
         """Whether to validate after ``step`` (``epoch_end``: the step closed epoch ``epoch``)."""
@@ -264,13 +287,24 @@ class Validator:
             log.exception("validation at step %d failed", step)
             events.error(f"validation at step {step} failed: {error}")
             images = []
-        events.validation(step, images, seconds=time.monotonic() - started)
+            self.last_scores = {}
+        seconds = time.monotonic() - started
+        if self.last_scores:
+            events.validation(step, images, seconds=seconds, scores=dict(self.last_scores))
+        else:  # event sinks that predate CLIP scores take no scores argument
+            events.validation(step, images, seconds=seconds)
         events.state(TrainerState.TRAINING)
         return images
 
     def run(self, step: int, pipeline_factory: PipelineFactory | None = None, *,
             ema_pipeline_factory: PipelineFactory | None = None) -> list[Path]:
-        """Render the validation images for ``step``; returns the files written."""
+        """Render the validation images for ``step``; returns the files written.
+
+        With a scorer, :attr:`last_scores` holds the round's CLIP scores afterwards (see
+        :func:`.clip_evaluation.summarize`): at most ``--num_eval_images`` renders are scored, in render order.
+        """
+        self.last_scores = {}
+        self._scores = {}
         if self.disabled:
             return []
         if self.external:
@@ -307,6 +341,13 @@ class Validator:
                         self._unload_adapters(pipeline, run, restore or [])
         (folder / VALIDATION_INDEX).write_text(json.dumps(index, indent=2), encoding="utf-8")
         log.info("validation at step %d: %d image(s) in %s", step, len(written), folder)
+        if self.scorer is not None:
+            from .clip_evaluation import MEAN, summarize
+
+            self.last_scores = summarize(self._scores)
+            if self.last_scores:
+                log.info("CLIP score at step %d: mean %.2f over %d prompt(s)", step, self.last_scores[MEAN],
+                         len(self._scores))
         return written
 
     def _base_seed(self) -> int:
@@ -368,7 +409,7 @@ class Validator:
         if option(self.cfg, "validation_seed_source") == "gpu" and torch.cuda.is_available():
             device = "cuda"
         files = []
-        for short_name, prompt in self.prompts.items():
+        for short_name, prompt in self._rendered_prompts().items():
             for width, height in self.resolutions:
                 for number in range(count):
                     image_seed = seed + number
@@ -393,9 +434,23 @@ class Validator:
                         entry.update(self._save_clip(output.frames[0], folder, stem))
                     else:
                         output.images[0].save(path)
+                    self._score(path, prompt, "-".join(p for p in (label, short_name) if p), entry)
                     files.append(path)
                     index.append(entry)
         return files
+
+    def _score(self, path: Path, prompt: str, key: str, entry: dict[str, Any]) -> None:
+        """CLIP-score the render at ``path`` (a clip's first frame) while under ``--num_eval_images``."""
+        if self.scorer is None:
+            return
+        if self.score_limit is not None and sum(map(len, self._scores.values())) >= self.score_limit:
+            return
+        from PIL import Image
+
+        with Image.open(path) as image:
+            (score,) = self.scorer.score([image], [prompt])
+        entry["clip_score"] = round(score, 4)
+        self._scores.setdefault(key, []).append(score)
 
     def _save_clip(self, frames: Any, folder: Path, stem: str) -> dict[str, Any]:
         """Write a rendered clip (PIL frames) as MP4 + GIF + first-frame PNG; returns its index fields."""

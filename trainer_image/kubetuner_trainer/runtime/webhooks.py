@@ -40,6 +40,7 @@ from typing import Any
 
 from ..contract import CheckpointInfo, TrainerState, TrainerStatus
 from ._options import json_entries
+from .clip_evaluation import MEAN as CLIP_MEAN
 from .status import utc_now
 
 log = logging.getLogger(__name__)
@@ -168,15 +169,23 @@ def upload_event(job_id: str | None, target: str, uri: str, step: int | None) ->
                       {"target": target, "uri": uri, "step": step})
 
 
-def validation_event(job_id: str | None, step: int, images: Iterable[Path], seconds: float) -> dict:
+def validation_event(job_id: str | None, step: int, images: Iterable[Path], seconds: float,
+                     scores: dict[str, float] | None = None) -> dict:
+    """``training.validation`` with the images inline (base64) and, with ``--evaluation_type clip``, the
+    round's CLIP scores (``clip/mean``, ``clip/prompt/<name>``, ...)."""
     encoded = []
     for path in images:
         path = Path(path)
         mime = "image/png" if path.suffix.lower() == ".png" else "image/jpeg"
         encoded.append({"name": path.name, "mime_type": mime,
                         "base64": base64.b64encode(path.read_bytes()).decode("ascii")})
-    return make_event("training.validation", job_id, f"{len(encoded)} validation image(s) at step {step}",
-                      {"step": step, "seconds": round(seconds, 3), "images": encoded})
+    data: dict[str, Any] = {"step": step, "seconds": round(seconds, 3), "images": encoded}
+    message = f"{len(encoded)} validation image(s) at step {step}"
+    if scores:
+        data["scores"] = {k: round(v, 4) for k, v in scores.items()}
+        if CLIP_MEAN in scores:
+            message += f", CLIP score {scores[CLIP_MEAN]:.2f}"
+    return make_event("training.validation", job_id, message, data)
 
 
 def error_event(job_id: str | None, message: str) -> dict:
