@@ -191,6 +191,9 @@ def test_warnings_name_what_has_no_effect(cfg_factory):
     assert warned(evaluation_type="clip") == {"evaluation_type"}  # no prompt: nothing to score
     assert warned(**FAST, evaluation_type="clip", validation_method="external-script",
                   validation_external_script="true") == {"evaluation_type"}
+    assert warned(validation_torch_compile=True, enable_watermark=True) == {"validation_torch_compile",
+                                                                              "enable_watermark"}
+    assert warned(validation_torch_compile=False, enable_watermark=False) == set()
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian package prometheus) not installed")
