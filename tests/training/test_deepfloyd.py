@@ -47,6 +47,17 @@ def test_flavours_name_simpletuners_hub_ids_and_what_deepfloyd_refuses(if_cfg):
             preflight.check(if_cfg(**overrides))
         assert [p.option for p in refused.value.problems] == [option]
     preflight.check(if_cfg(tokenizer_max_length=120, i_know_what_i_am_doing=True))
+    preflight.check(if_cfg(train_text_encoder=True, model_type="full"))  # T5 trains with the UNet (below)
+
+
+def test_full_training_with_train_text_encoder_trains_and_saves_t5(if_cfg, tiny_model, tmp_path):
+    from transformers import T5EncoderModel
+
+    result, _, _ = train_in_process(if_cfg(model_type="full", train_text_encoder=True, max_train_steps=2))
+    assert result.exit_code == ExitCode.SUCCESS
+    before = T5EncoderModel.from_pretrained(str(tiny_model("deepfloyd")), subfolder="text_encoder").state_dict()
+    after = T5EncoderModel.from_pretrained(str(tmp_path / "out"), subfolder="text_encoder").state_dict()
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
 
 
 def test_pixel_space_no_vae_and_the_epsilon_half_of_the_output(if_cfg, tiny_model):

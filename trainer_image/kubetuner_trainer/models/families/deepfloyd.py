@@ -96,12 +96,17 @@ class DeepFloydFamily(ModelFamily):
 
     @classmethod
     def config_problems(cls, cfg: Any) -> list[Problem]:
+        """``--train_text_encoder`` trains T5 with ``model_type=full`` (the saved pipeline carries it); a T5 LoRA is
+        refused: IFPipeline's loader converts only CLIP-named text-encoder LoRA layers (``q_proj``…), so T5's
+        ``q``/``k``/``v``/``o`` LoRA fails to load ("Could not automatically infer state dict type")."""
         problems = []
-        if cfg.train_text_encoder:
-            problems.append(Problem("train_text_encoder", True, "DeepFloyd trains its UNet only; the T5 encoder "
-                                                                "stays frozen"))
+        if cfg.train_text_encoder and cfg.model_type == "lora":
+            problems.append(Problem("train_text_encoder", True, "a LoRA on DeepFloyd's T5 encoder cannot be loaded: "
+                                    "IFPipeline.load_lora_weights converts text-encoder LoRAs of CLIP layers only; "
+                                    "train the UNet LoRA only, or use model_type=full"))
         if cfg.model_type == "lora" and cfg.lora_format == "comfyui":
-            problems.append(Problem("lora_format", "comfyui", "ComfyUI has no DeepFloyd IF model, hence no LoRA loader for it; use diffusers"))
+            problems.append(Problem("lora_format", "comfyui", "ComfyUI has no DeepFloyd IF model, hence no LoRA "
+                                                              "loader for it; use diffusers"))
         length = getattr(cfg, "tokenizer_max_length", None)
         if length and length > T5_MAX_LENGTH and not getattr(cfg, "i_know_what_i_am_doing", False):
             problems.append(Problem("tokenizer_max_length", length,
