@@ -6,16 +6,20 @@ architecture size, at a resolution and batch size. Both loops run in this proces
 denoiser weights and the same synthetic batches (random latents and text embeddings of the family's
 shapes), so the ratio isolates the loop's own overhead. The reference is a diffusers-example-style
 loop: ε-MSE on a UNet, or for Flux the rectified-flow loop of diffusers' Flux LoRA example
-(logit-normal sigmas, packed latents, velocity target).
+(logit-normal sigmas, packed latents, velocity target); SD3 and Wan (video: ``--frames`` pixel frames per
+synthetic clip, ``[B, C, 1 + (frames−1)/4, h, w]`` latents) the same recipe on unpacked latents.
 
     python bench/train_step.py --family sdxl --arch tiny --resolution 64 --batch 1,2 --steps 8
     python bench/train_step.py --family flux --arch tiny --resolution 64 --batch 1,2 --steps 8
+    python bench/train_step.py --family wan --arch tiny --resolution 64 --frames 17 --batch 1,2 --steps 8
     python bench/train_step.py --family sdxl --arch sdxl --resolution 1024 --batch 1,max --dtype bf16 \
         --gradient-checkpointing          # CUDA; "max" doubles the batch until it runs out of memory
     python bench/train_step.py --family flux --arch flux --resolution 1024 --batch 1,max --dtype bf16 \
         --gradient-checkpointing          # CUDA: the FLUX.1-dev transformer layout (12B, random weights)
     python bench/train_step.py --family sd3 --arch sd3-medium --resolution 1024 --batch 1,max --dtype bf16 \
         --gradient-checkpointing          # CUDA: the SD 3.5 Medium (or sd3-large) transformer layout
+    python bench/train_step.py --family wan --arch wan-1.3b --resolution 480 --frames 33 --batch 1,max \
+        --dtype bf16 --gradient-checkpointing   # CUDA: the Wan 2.1 T2V 1.3B transformer layout, video clips
     python bench/train_step.py --family flux --arch flux --resolution 1024 --batch 1 --dtype bf16 \
         --gradient-checkpointing --blocks-to-swap 20   # or --group-offload block_level: our loop offloads,
                                                        # the reference keeps every weight resident
@@ -75,13 +79,22 @@ def build_family(family: str, arch: str, workdir: Path, dtype: torch.dtype, devi
 
 
 #: ``--arch`` value -> the family whose real-size denoiser layout it is (``tiny`` fits every family)
-REAL_SIZE_ARCHES = {"sdxl": "sdxl", "flux": "flux", "sd3-medium": "sd3", "sd3-large": "sd3"}
+REAL_SIZE_ARCHES = {"sdxl": "sdxl", "flux": "flux", "sd3-medium": "sd3", "sd3-large": "sd3", "wan-1.3b": "wan"}
+#: the Wan 2.1 T2V 1.3B transformer (its hub config)
+WAN_1_3B_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+                            out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
+                            cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
 
 
 def real_size_denoiser(arch: str) -> torch.nn.Module:
     """The real SDXL UNet, FLUX.1-dev or SD 3.5 Medium/Large transformer layout with random weights
     (tiny text side for Flux; SD3 keeps its real 4096/2048 conditioning widths, fed synthetically)."""
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+    from diffusers import (
+        FluxTransformer2DModel,
+        SD3Transformer2DModel,
+        UNet2DConditionModel,
+        WanTransformer3DModel,
+    )
 
     from kubetuner_trainer.models.tiny import (
         tiny_flux_transformer_config,
@@ -89,6 +102,8 @@ def real_size_denoiser(arch: str) -> torch.nn.Module:
         tiny_unet_config,
     )
 
+    if arch == "wan-1.3b":
+        return WanTransformer3DModel(**WAN_1_3B_TRANSFORMER)
     if arch.startswith("sd3-"):
         return SD3Transformer2DModel(**tiny_sd3_transformer_config(arch.removeprefix("sd3-")))
     if arch == "flux":
@@ -107,6 +122,8 @@ def text_shapes(model, text_tokens: int) -> dict[str, tuple[int, ...]]:
         cfg = model.denoiser.config
         return {"prompt_embeds": (77 + text_tokens, cfg.joint_attention_dim),
                 "pooled_prompt_embeds": (cfg.pooled_projection_dim,)}
+    if model.family == "wan":
+        return {"prompt_embeds": (text_tokens, model.denoiser.config.text_dim), "attention_mask": (text_tokens,)}
     unet_cfg = model.denoiser.config
     shapes = {"prompt_embeds": (77 if model.family != "kolors" else 256,
                                 unet_cfg.encoder_hid_dim or unet_cfg.cross_attention_dim)}
@@ -116,23 +133,28 @@ def text_shapes(model, text_tokens: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def latent_channels(model) -> int:
-    """Channels of a training latent: the VAE's, or RGB for a pixel-space family (``uses_vae`` False)."""
-    return model.vae.config.latent_channels if model.uses_vae else 3
+def latent_shape(model, side: int, frames: int) -> tuple[int, ...]:
+    """One sample's latent shape: ``[C, h, w]`` (RGB for a pixel-space family, ``uses_vae`` False), or
+    ``[C, f, h, w]`` for Wan (``frames`` pixel frames through the family's frame rule and the VAE's 4× temporal
+    compression)."""
+    if model.family == "wan":
+        latent_frames = 1 + (model.video_frame_count(frames) - 1) // model.vae.config.scale_factor_temporal
+        return model.denoiser.config.out_channels, latent_frames, side, side
+    return (model.vae.config.latent_channels if model.uses_vae else 3), side, side
 
 
 class SyntheticData:
     """Endless random batches of one bucket; counts the time the consumer waits for each batch."""
 
-    def __init__(self, model, batch_size: int, resolution: int, text_tokens: int = 512, pool: int = 4):
+    def __init__(self, model, batch_size: int, resolution: int, text_tokens: int = 512, pool: int = 4,
+                 frames: int = 1):
         gen = torch.Generator().manual_seed(0)
         side = resolution // model.latent_downscale
-        channels = latent_channels(model)
         shapes = text_shapes(model, text_tokens)
         self.batches = []
         for _ in range(pool):
             self.batches.append(Batch(
-                latents=torch.randn(batch_size, channels, side, side, generator=gen),
+                latents=torch.randn(batch_size, *latent_shape(model, side, frames), generator=gen),
                 text={k: torch.randn(batch_size, *s, generator=gen) if k != "attention_mask"
                       else torch.ones(batch_size, *s, dtype=torch.long) for k, s in shapes.items()},
                 original_sizes=[(resolution, resolution)] * batch_size, crop_coords=[(0, 0)] * batch_size,
@@ -312,6 +334,20 @@ def sd3_reference_loss(model, transformer, batch, autocast):
     return torch.nn.functional.mse_loss(pred.float(), (noise - latents).float())
 
 
+def wan_reference_loss(model, transformer, batch, autocast):
+    """The SD3/Flux examples' rectified-flow recipe on Wan video latents: logit-normal sigmas, timesteps 1000·σ,
+    velocity target."""
+    device = model.device
+    latents = batch.latents.to(device)
+    noise = torch.randn_like(latents)
+    sigmas = torch.sigmoid(torch.randn(latents.shape[0], device=device)).view(-1, 1, 1, 1, 1)
+    noisy = (1.0 - sigmas) * latents + sigmas * noise
+    with autocast():
+        pred = transformer(hidden_states=noisy, timestep=sigmas.flatten() * 1000.0,
+                           encoder_hidden_states=batch.text["prompt_embeds"].to(device), return_dict=False)[0]
+    return torch.nn.functional.mse_loss(pred.float(), (noise - latents).float())
+
+
 def bench_reference(model, base_denoiser, data, steps: int, warmup: int, *, rank: int, lr: float,
                     autocast_dtype: torch.dtype | None, gradient_checkpointing: bool) -> Measurement:
     """A plain loop as in diffusers' example training scripts: PEFT LoRA on attention, AdamW."""
@@ -330,7 +366,8 @@ def bench_reference(model, base_denoiser, data, steps: int, warmup: int, *, rank
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
     times: list[float] = []
-    loss_fn = {"flux": flux_reference_loss, "sd3": sd3_reference_loss}.get(model.family, unet_reference_loss)
+    loss_fn = {"flux": flux_reference_loss, "sd3": sd3_reference_loss, "wan": wan_reference_loss}.get(
+        model.family, unet_reference_loss)
 
     def autocast():
         return torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
@@ -445,12 +482,13 @@ def run_case(args, batch_size: int, cfg: TrainerConfig, model, device: torch.dev
     try:
         for _ in range(args.repeats):
             model.components.denoiser = fresh_denoiser(model, pristine, cfg)
-            ours.append(bench_kubetuner(cfg, model, SyntheticData(model, batch_size, args.resolution, args.text_tokens),
-                                        args.steps, args.warmup))
+            data = SyntheticData(model, batch_size, args.resolution, args.text_tokens, frames=args.frames)
+            ours.append(bench_kubetuner(cfg, model, data, args.steps, args.warmup))
             # the reference keeps every weight resident
             model.components.denoiser = fresh_denoiser(model, pristine, cfg, device)
             _free(device)
-            ref.append(bench_reference(model, model.denoiser, SyntheticData(model, batch_size, args.resolution, args.text_tokens),
+            data = SyntheticData(model, batch_size, args.resolution, args.text_tokens, frames=args.frames)
+            ref.append(bench_reference(model, model.denoiser, data,
                                        args.steps, args.warmup, rank=args.rank, lr=1e-4,
                                        autocast_dtype=dtype if dtype != torch.float32 else None,
                                        gradient_checkpointing=args.gradient_checkpointing))
@@ -467,10 +505,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--family", default="sdxl", choices=implemented_families())
     parser.add_argument("--arch", default="tiny", choices=("tiny", *REAL_SIZE_ARCHES),
                         help="tiny test denoiser, or the real SDXL UNet (sdxl family) / FLUX.1-dev (flux) / "
-                             "SD 3.5 Medium or Large (sd3) transformer layout with random weights")
+                             "SD 3.5 Medium or Large (sd3) / Wan 2.1 T2V 1.3B (wan) transformer layout with "
+                             "random weights")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--text-tokens", type=int, default=512,
                         help="Flux: T5 sequence length of the synthetic prompts (FLUX.1-dev trains with 512)")
+    parser.add_argument("--frames", type=int, default=17, help="video families (wan): pixel frames per synthetic clip")
     parser.add_argument("--batch", default="1", help="comma-separated batch sizes; 'max' searches the largest")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per loop")
     parser.add_argument("--warmup", type=int, default=2)
@@ -533,7 +573,8 @@ def main(argv: list[str] | None = None) -> int:
               f"device={device} lora_rank={args.rank} optimizer={args.optimizer} "
               f"gradient_checkpointing={args.gradient_checkpointing} base_precision={args.base_precision} "
               f"steps={args.steps} warmup={args.warmup} "
-              f"repeats={args.repeats} text_tokens={args.text_tokens if args.family == 'flux' else 'n/a'}\n"
+              f"repeats={args.repeats} text_tokens={args.text_tokens if args.family in ('flux', 'wan') else 'n/a'} "
+              f"frames={args.frames if args.family == 'wan' else 'n/a'}\n"
               f"ours only: blocks_to_swap={args.blocks_to_swap} group_offload={args.group_offload}"
               f"/{args.group_offload_blocks} attention={args.attention or 'diffusers'}\n"
               f"peak for MFU: {peak:.2f} TFLOP/s ({peak_note})\n")

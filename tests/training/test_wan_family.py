@@ -40,10 +40,10 @@ def test_flavours_and_rules_follow_simpletuner(make_cfg):
     src = resolve_source(cls, _wan_cfg(make_cfg, pretrained_model_name_or_path=None, model_flavour="t2v-480p-14b-2.1"))
     assert src.model == "Wan-AI/Wan2.1-T2V-14B-Diffusers"
     assert [cls.video_frame_count(n) for n in (1, 9, 10, 150)] == [1, 9, 9, 149]
-    problems = cls.config_problems(_wan_cfg(make_cfg, model_flavour="i2v-14b-2.1", train_text_encoder=True,
+    problems = cls.config_problems(_wan_cfg(make_cfg, model_flavour="vace-1.3b-2.1", train_text_encoder=True,
                                             aspect_bucket_alignment=24))
     assert [p.option for p in problems] == ["model_flavour", "train_text_encoder", "aspect_bucket_alignment"]
-    assert "allowed: t2v-480p-1.3b-2.1, t2v-480p-14b-2.1" in problems[0].message
+    assert "allowed: t2v-480p-1.3b-2.1, t2v-480p-14b-2.1, i2v-14b-2.1" in problems[0].message
     assert not cls.config_problems(_wan_cfg(make_cfg, model_flavour="t2v-480p-14b-2.1"))
 
 

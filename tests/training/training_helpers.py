@@ -26,17 +26,24 @@ class InMemoryData:
                  sizes: list[tuple[int, int]] | None = None, masks: torch.Tensor | None = None):
         gen = torch.Generator().manual_seed(seed)
         pixels = torch.rand(count, 3, size, size, generator=gen) * 2 - 1
-        self.latents = encoders.encode_images(pixels)
+        self.set_latents(encoders.encode_images(pixels))
         self.prompts = [f"a photo of thing {i}" for i in range(count)]
         self.text = encoders.encode_prompts(self.prompts)
         self.sizes = sizes or [(size, size)] * count
         self.masks = masks  # [count, 1, H, W] pixel masks, or None
+        self.is_i2v: bool | None = None  # the batches' Batch.is_i2v (a video dataset's video.is_i2v)
         self.batch_size = batch_size
         self.count = count
         self.epoch = 0
         self.position = 0
         self.seen: list[tuple[int, int, tuple[int, ...]]] = []
         self.data_wait_seconds = 0.0
+
+    def set_latents(self, encoded: torch.Tensor | dict[str, torch.Tensor]) -> None:
+        """The encoder's output: latents, or a dict of latents and the conditioning cached with them."""
+        conditioning = dict(encoded) if isinstance(encoded, dict) else None
+        self.latents = conditioning.pop("latents") if conditioning else encoded
+        self.conditioning = conditioning
 
     @property
     def steps_per_epoch(self) -> int:
@@ -60,6 +67,8 @@ class InMemoryData:
                 paths=[str(i) for i in idx], dataset_ids=["mem"] * len(idx), is_regularisation=[False] * len(idx),
                 epoch=self.epoch, position=self.position,
                 masks=self.masks[idx] if self.masks is not None else None,
+                cached_conditioning={k: v[idx] for k, v in self.conditioning.items()} if self.conditioning else None,
+                is_i2v=self.is_i2v,
             )
             self.seen.append((self.epoch, self.position, tuple(idx)))
             self.position += 1

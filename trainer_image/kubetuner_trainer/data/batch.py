@@ -21,6 +21,9 @@ class Batch:
     dataset_ids: list[str]
     is_regularisation: list[bool]
     masks: torch.Tensor | None = None
+    #: tensors cached with the latents that condition the denoiser, stacked per name (``[B, ...]``): what a
+    #: family's encoder returns besides ``latents`` (e.g. Wan image-to-video's first-frame latents); None: none
+    cached_conditioning: dict[str, torch.Tensor] | None = None
     #: video datasets: the entry's ``video.is_i2v`` (None: unset, the family's default applies; image datasets)
     is_i2v: bool | None = None
     epoch: int = 0

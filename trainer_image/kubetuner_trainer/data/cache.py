@@ -44,9 +44,30 @@ class Encoders(Protocol):
     cache_key: str
     latent_downscale: int
 
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor: ...
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]: ...
 
     def encode_prompts(self, prompts: list[str]) -> list[dict[str, torch.Tensor]]: ...
+
+
+#: one sample's cached latents ``[C, ...]``, or a dict of them with the tensors that condition the denoiser
+#: (``{"latents": ..., "<name>": ...}``, for a family whose encoder returns a dict, e.g. Wan image-to-video)
+CacheEntry = torch.Tensor | dict[str, torch.Tensor]
+
+
+def split_encoded(encoded: torch.Tensor | dict[str, torch.Tensor], count: int) -> list[CacheEntry]:
+    """A batch encoder output (``[B, ...]`` or a dict of ``[B, ...]`` tensors) → one cache entry per sample."""
+    if isinstance(encoded, dict):
+        return [{name: tensor[i] for name, tensor in encoded.items()} for i in range(count)]
+    return [encoded[i] for i in range(count)]
+
+
+def stack_entries(entries: Sequence[CacheEntry]) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    """Cache entries of one batch → (latents ``[B, ...]``, the other tensors stacked per name, or None)."""
+    if isinstance(entries[0], dict):
+        names = [name for name in entries[0] if name != "latents"]
+        return (torch.stack([e["latents"] for e in entries]),
+                {name: torch.stack([e[name] for e in entries]) for name in names})
+    return torch.stack(list(entries)), None
 
 
 class CacheEntryError(ValueError):
@@ -129,8 +150,9 @@ class LatentCache:
         width, height = plan.target_size
         return height // self.latent_downscale, width // self.latent_downscale
 
-    def load(self, plan: SamplePlan) -> torch.Tensor | None:
-        """The cached latents of ``plan``; None when missing, stale or corrupt (then recompute)."""
+    def load(self, plan: SamplePlan) -> CacheEntry | None:
+        """The cached latents of ``plan`` (a :data:`CacheEntry`); None when missing, stale or corrupt (then
+        recompute)."""
         key = self.entry_key(plan)
         try:
             data = self.storage.read(key)
@@ -144,7 +166,7 @@ class LatentCache:
             log.warning("latent cache entry %s is unusable (%s); it will be recomputed", key, error)
             self._forget(key)
             return None
-        return tensors["latents"]
+        return tensors["latents"] if len(tensors) == 1 else tensors
 
     def _verify(self, plan: SamplePlan, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
         if meta.get("fingerprint") != self.fingerprint(plan):
@@ -159,10 +181,11 @@ class LatentCache:
             if self._index is not None:
                 self._index.discard(key)
 
-    def blob(self, plan: SamplePlan, latents: torch.Tensor) -> tuple[str, bytes]:
+    def blob(self, plan: SamplePlan, entry: CacheEntry) -> tuple[str, bytes]:
         meta = {"fingerprint": self.fingerprint(plan), "model": self.model_key, "source": plan.key,
                 "version": plan.version, "geometry": json.dumps(plan.geometry())}
-        return self.entry_key(plan), pack({"latents": latents}, meta, self.compress)
+        tensors = entry if isinstance(entry, dict) else {"latents": entry}
+        return self.entry_key(plan), pack(tensors, meta, self.compress)
 
     def store(self, items: Sequence[tuple[str, bytes]]) -> None:
         self.storage.write_many(items)
@@ -171,8 +194,8 @@ class LatentCache:
                 self._index.update(k for k, _ in items)
 
     def encode(self, plans: Sequence[SamplePlan], source: Storage, encoders: Encoders,
-               ) -> tuple[dict[str, torch.Tensor], list[tuple[str, str]]]:
-        """Encode ``plans`` (all of one target size) now; returns latents per key and failures."""
+               ) -> tuple[dict[str, CacheEntry], list[tuple[str, str]]]:
+        """Encode ``plans`` (all of one target size) now; returns the entries per key and failures."""
         pixels, keys, failed = [], [], []
         for plan in plans:
             try:
@@ -185,10 +208,9 @@ class LatentCache:
         if not pixels:
             return {}, failed
         with torch.no_grad():
-            latents = encoders.encode_images(torch.stack(pixels))
-        blobs = [self.blob(plan, latents[i]) for i, plan in enumerate(keys)]
-        self.store(blobs)
-        return {plan.key: latents[i] for i, plan in enumerate(keys)}, failed
+            entries = split_encoded(encoders.encode_images(torch.stack(pixels)), len(keys))
+        self.store([self.blob(plan, entries[i]) for i, plan in enumerate(keys)])
+        return {plan.key: entries[i] for i, plan in enumerate(keys)}, failed
 
     def build(self, plans: Sequence[SamplePlan], source: Storage, encoders: Encoders, *, batch_size: int = 4,
               workers: int = 8, write_batch: int = 64,
@@ -231,8 +253,8 @@ class LatentCache:
                         report.failed.append((plan.key, reason))
                 if good:
                     with torch.no_grad():
-                        latents = encoders.encode_images(torch.stack([x for _, x in good]))
-                    pending_writes.extend(self.blob(p, latents[i]) for i, (p, _) in enumerate(good))
+                        entries = split_encoded(encoders.encode_images(torch.stack([x for _, x in good])), len(good))
+                    pending_writes.extend(self.blob(p, entries[i]) for i, (p, _) in enumerate(good))
                     report.encoded += len(good)
                 if len(pending_writes) >= write_batch or index == len(batches) - 1:
                     writes.append(writer.submit(self.store, pending_writes))

@@ -17,7 +17,7 @@ import torch
 
 from .batch import Batch
 from .buckets import SamplePlan
-from .cache import MISSING_FILE, Encoders
+from .cache import MISSING_FILE, CacheEntry, Encoders, stack_entries
 from .eval_split import eval_dataset_ids, held_out_ids, split_eval_problems
 from .prepare import DataError
 
@@ -73,7 +73,7 @@ class EvalSource:
                 for start in range(0, len(group), self.batch_size):
                     yield self._assemble(dataset, group[start:start + self.batch_size])
 
-    def _latents(self, dataset: EvalDataset, plans: list[SamplePlan]) -> list[torch.Tensor]:
+    def _latents(self, dataset: EvalDataset, plans: list[SamplePlan]) -> list[CacheEntry]:
         found = {p.key: dataset.latents.load(p) for p in plans}
         todo = [p for p in plans if found[p.key] is None]
         if todo:
@@ -85,11 +85,12 @@ class EvalSource:
         return [found[p.key] for p in plans]
 
     def _assemble(self, dataset: EvalDataset, plans: list[SamplePlan]) -> Batch:
-        latents = self._latents(dataset, plans)
+        latents, conditioning = stack_entries(self._latents(dataset, plans))
         captions = [dataset.captions[p.key] for p in plans]
         embeds = [dataset.text.get(c, self.encoders) for c in captions]
         return Batch(
-            latents=torch.stack(latents),
+            latents=latents,
+            cached_conditioning=conditioning,
             text={key: torch.stack([e[key] for e in embeds]) for key in embeds[0]},
             original_sizes=[(p.original_size[1], p.original_size[0]) for p in plans],
             crop_coords=[p.crop_coords for p in plans],

@@ -22,7 +22,7 @@ from kubetuner_trainer.config.errors import MISSING, Problem
 
 from .batch import Batch
 from .buckets import SamplePlan
-from .cache import MISSING_FILE, Encoders, LatentCache, TextEmbedCache
+from .cache import MISSING_FILE, CacheEntry, Encoders, LatentCache, TextEmbedCache, stack_entries
 from .dataset_config import DatasetConfig, DatasetConfigError, DatasetEntry, load_dataset_config
 from .debug_logging import apply_debug_logging, log_batch, log_bucket_decisions, log_sampler_statistics
 from .evaluation import EvalDataset, EvalSource, eval_dataset_ids, held_out_ids
@@ -160,9 +160,9 @@ class TrainingData:
         return "" if random.Random(int.from_bytes(digest[:8], "big")).random() < p else caption
 
     def _latents(self, dataset: _Dataset, plans: tuple[SamplePlan, ...],
-                 ) -> tuple[list[SamplePlan], list[torch.Tensor]]:
+                 ) -> tuple[list[SamplePlan], list[CacheEntry]]:
         """Latents for ``plans``; an unusable sample is swapped for another of its bucket (plan and all)."""
-        out: dict[str, torch.Tensor] = {}
+        out: dict[str, CacheEntry] = {}
         missing = []
         for plan in plans:
             latents = None if plan.key in self._bad else dataset.latents.load(plan)
@@ -193,7 +193,7 @@ class TrainingData:
                 chosen.append(substitute)
         return chosen, [out[p.key] for p in chosen]
 
-    def _substitute(self, dataset: _Dataset, bad: SamplePlan) -> tuple[SamplePlan, torch.Tensor]:
+    def _substitute(self, dataset: _Dataset, bad: SamplePlan) -> tuple[SamplePlan, CacheEntry]:
         """The next usable sample after ``bad`` in its bucket (deterministic, so every run agrees)."""
         bucket = dataset.prepared.buckets.buckets[bad.bucket]
         start = next((i for i, p in enumerate(bucket) if p.key == bad.key), 0)
@@ -212,14 +212,16 @@ class TrainingData:
 
     def _assemble(self, scheduled: ScheduledBatch) -> Batch:
         dataset = self.datasets[scheduled.dataset_index]
-        plans, latents = self._latents(dataset, scheduled.plans)
+        plans, entries = self._latents(dataset, scheduled.plans)
+        latents, conditioning = stack_entries(entries)
         captions = [self._caption(scheduled, i, dataset.prepared.captions[p.key]) for i, p in enumerate(plans)]
         embeds = [dataset.text.get(c, self.encoders) for c in captions]
         text = {key: torch.stack([e[key] for e in embeds]) for key in embeds[0]}
         location = dataset.prepared.storage.describe().rstrip("/")
         log_batch(dataset.entry.id, scheduled.epoch, scheduled.position, [p.key for p in plans], plans[0].target_size)
         return Batch(
-            latents=torch.stack(latents),
+            latents=latents,
+            cached_conditioning=conditioning,
             text=text,
             original_sizes=[(p.original_size[1], p.original_size[0]) for p in plans],
             crop_coords=[p.crop_coords for p in plans],

@@ -83,8 +83,9 @@ class FamilyEncoders:
         self.latent_downscale = family.latent_downscale
 
     @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``[B,3,H,W]`` images or ``[B,3,F,H,W]`` clips (video datasets) → latents."""
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        """``[B,3,H,W]`` images or ``[B,3,F,H,W]`` clips (video datasets) → latents, or a dict of ``latents`` and
+        the tensors that condition the denoiser, cached with them (``Batch.cached_conditioning``)."""
         if pixels.dim() == 5:
             return self._family.encode_videos(pixels)
         return self._family.encode_images(pixels)
@@ -185,6 +186,12 @@ class ModelFamily(ABC):
         """The class that loads ``flavour`` (or, none named, the model at ``location``): the family itself
         unless a flavour has other components (the SDXL refiner)."""
         return cls
+
+    @classmethod
+    def denoiser_subfolder(cls, flavour: str | None) -> str | None:
+        """The model subfolder the trained denoiser loads from when ``--pretrained_<denoiser>_subfolder`` is
+        unset; None: its pipeline name (:attr:`denoiser_name`). E.g. one expert of a two-stage model."""
+        return None
 
     @classmethod
     @abstractmethod

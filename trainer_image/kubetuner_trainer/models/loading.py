@@ -71,7 +71,8 @@ def resolve_source(family_cls: type[ModelFamily], cfg: Any) -> ModelSource:
         variant=cfg.variant or None,
         vae=cfg.pretrained_vae_model_name_or_path or None,
         denoiser=getattr(cfg, location_option, None) or None,
-        denoiser_subfolder=getattr(cfg, subfolder_option, None) or None,
+        denoiser_subfolder=(getattr(cfg, subfolder_option, None) or family_cls.denoiser_subfolder(cfg.model_flavour)
+                            or None),
         single_file=is_single_file(str(model)),
         text_encoders=text_encoders,
     )
