@@ -85,3 +85,58 @@ def test_sla_config_with_sla_is_refused_by_the_kernel_it_needs(make_cfg):
 
 def _two_samples(encoders):
     return InMemoryData(encoders, count=2, batch_size=2)
+
+
+# a decaying learning rate: the hooks must read the live one
+RELEASE = {"optimizer": "optimi-adamw", "max_grad_norm": 0.0, "max_train_steps": 3, "lr_scheduler": "linear"}
+
+
+def test_released_gradients_train_like_a_plain_optimizer_step(make_cfg):
+    plain = _run(make_cfg("sd1x", **RELEASE))
+    released = _run(make_cfg("sd1x", optimizer_release_gradients=True, **RELEASE))
+    _assert_same_run(plain, released)
+    assert all(p.grad is None for p in released[1].denoiser.parameters())  # freed in the backward pass
+
+
+def test_gradient_release_accumulates_until_the_micro_batch_that_ends_the_step():
+    from optimi import AdamW
+
+    from kubetuner_trainer.optim import GradientRelease
+
+    layer = torch.nn.Linear(4, 2)
+    optimizer = AdamW(layer.parameters(), lr=0.1, gradient_release=True)
+    release = GradientRelease(optimizer, layer.parameters())
+    before = layer.weight.detach().clone()
+    release.before_backward(False)
+    layer(torch.ones(1, 4)).sum().backward()
+    assert torch.equal(layer.weight, before) and layer.weight.grad is None  # accumulated into the state
+    release.before_backward(True)
+    layer(torch.ones(1, 4)).sum().backward()
+    assert not torch.equal(layer.weight, before) and layer.weight.grad is None
+    saved = optimizer.state_dict()
+    assert all("group" not in entry for entry in saved["state"].values())  # no copy of the live group saved
+    release.remove()
+    again = AdamW(layer.parameters(), lr=0.1, gradient_release=True)
+    GradientRelease(again, layer.parameters()).remove()  # its state-dict hooks stay on the optimizer
+    again.load_state_dict(saved)
+    assert all(again.state[p]["group"] is again.param_groups[0] for p in layer.parameters())
+
+
+def test_gradient_release_resumes_exactly(make_cfg, tmp_path):
+    from training_helpers import assert_lora_resume_is_exact
+
+    assert_lora_resume_is_exact(lambda **kw: make_cfg("sd1x", optimizer_release_gradients=True,
+                                                      **{**RELEASE, "max_train_steps": 4}, **kw), tmp_path)
+
+
+def test_gradient_release_refusals_and_warnings(make_cfg):
+    with pytest.raises(ConfigError) as info:
+        check(make_cfg("sd1x", optimizer_release_gradients=True, optimizer="optimi-adamw", mixed_precision="fp16",
+                       num_processes=2))
+    messages = [p.message for p in info.value.problems if p.option == "optimizer_release_gradients"]
+    assert any("fp16" in m and "bf16" in m for m in messages) and any("single process" in m for m in messages)
+    warned = {p.option: p.message for p in all_warnings(make_cfg("sd1x", optimizer_release_gradients=True))}
+    assert "only the optimi-* optimizers" in warned["optimizer_release_gradients"]
+    warned = {p.option: p.message for p in all_warnings(make_cfg("sd1x", optimizer_release_gradients=True,
+                                                                 optimizer="optimi-lion", max_grad_norm=1.0))}
+    assert "--max_grad_norm" in warned["optimizer_release_gradients"]

@@ -25,6 +25,7 @@ import torch
 from ..config import MISSING, ConfigError, Problem
 from ._settings import setting
 from .ema import EMAModel
+from .gradient_release import GradientRelease, releases_gradients
 from .optimizer_config import OptimizerConfigError, parse_optimizer_config
 from .optimizers import OPTIMIZERS, OptimizerSpec, optimizer_kwargs, optimizer_spec
 from .preflight import optimizer_problems, preflight_problems, preflight_warnings, scheduler_problems
@@ -38,12 +39,14 @@ __all__ = [
     "OptimizerConfigError",
     "OptimizerSpec",
     "build_lr_scheduler",
+    "GradientRelease",
     "build_optimizer",
     "lr_scale_factor",
     "optimizer_eval_mode",
     "optimizer_spec",
     "optimizer_train_mode",
     "parse_optimizer_config",
+    "releases_gradients",
     "preflight_problems",
     "preflight_warnings",
 ]

@@ -45,6 +45,7 @@ class OptimizerSpec:
     fixed: Mapping[str, Any] = field(default_factory=dict)  # always passed; not user-settable
     unsupported: str | None = None  # why kubetuner cannot offer this choice at all
     plain_groups: bool = False  # the class refuses param-group keys of its own (e.g. "name")
+    releases_gradients: bool = False  # takes gradient_release=True (--optimizer_release_gradients; optimi)
 
     def load(self) -> type:
         """Import and return the optimizer class."""
@@ -106,7 +107,7 @@ _ST_LOW_EPS = {"eps": 1e-6}
 def _optimi(name: str, cls: str, summary: str, *, adam: bool, preset: Mapping[str, Any] | None = None) -> OptimizerSpec:
     return OptimizerSpec(
         f"optimi-{name}", summary, f"optimi:{cls}", adam_family=adam, modules=("optimi",),
-        fixed={"gradient_release": False}, preset=dict(preset or {}),
+        fixed={"gradient_release": False}, preset=dict(preset or {}), releases_gradients=True,
     )
 
 
@@ -257,6 +258,8 @@ def optimizer_kwargs(cfg: Any, spec: OptimizerSpec, param_dtypes: Sequence[Any] 
         kwargs["bf16_stochastic_round"] = any(str(dtype) == "torch.bfloat16" for dtype in param_dtypes)
     kwargs.update({k: v for k, v in spec.preset.items() if k not in _PRESET_OPTIONS})
     kwargs.update(spec.fixed)
+    if spec.releases_gradients and setting(cfg, "optimizer_release_gradients"):
+        kwargs["gradient_release"] = True  # each parameter steps in its backward hook (gradient_release.py)
     overrides = check_against(
         spec.name, parse_optimizer_config(setting(cfg, "optimizer_config")), accepted, spec.integer_keywords()
     )

@@ -110,7 +110,9 @@ def ema_problems(cfg: Any) -> list[Problem]:
 
 def preflight_problems(cfg: Any) -> list[Problem]:
     """Every optimizer/schedule/EMA problem of ``cfg`` on this machine (empty list: all fine)."""
-    return optimizer_problems(cfg) + scheduler_problems(cfg) + ema_problems(cfg)
+    from .gradient_release import release_problems
+
+    return optimizer_problems(cfg) + scheduler_problems(cfg) + ema_problems(cfg) + release_problems(cfg)
 
 
 def preflight_warnings(cfg: Any) -> list[Problem]:
@@ -118,7 +120,9 @@ def preflight_warnings(cfg: Any) -> list[Problem]:
 
     Each names the option and says why; training goes ahead.
     """
-    warnings = []
+    from .gradient_release import release_warnings
+
+    warnings = release_warnings(cfg)
     name = setting(cfg, "optimizer")
     spec = OPTIMIZERS.get(name or "")
     schedule_free = bool(spec and spec.schedule_free)

@@ -178,6 +178,9 @@ class TrainingLoop:
                                     device_placement=self._device_placement(names) + [True])
         *modules, self.optimizer = prepared if isinstance(prepared, (list, tuple)) else (prepared,)
         self.wrapped = dict(zip(names, modules, strict=True))
+        self.release = None  # --optimizer_release_gradients: steps happen in backward hooks
+        if optim.releases_gradients(cfg):
+            self.release = optim.GradientRelease(self.optimizer, self.params)
         self._accelerate_denoiser()
         self.checkpointer = Checkpointer(
             cfg, self.acc, trainable=self.trainable, training_state=self.state, events=self.events, ema=self.ema,
@@ -367,6 +370,8 @@ class TrainingLoop:
                     for module in self.wrapped.values():
                         stack.enter_context(self.acc.no_sync(module))
                 loss = self.compute_loss(batch)
+                if self.release is not None:
+                    self.release.before_backward(sync)
                 self.acc.backward(loss / accum)
             losses.append(loss.detach())
             self.state.batches_in_epoch += 1
@@ -411,8 +416,10 @@ class TrainingLoop:
     def _optimizer_step(self, losses: list[torch.Tensor], step_started: float, wait_before: float) -> None:
         from .precision import cast_gradients
 
-        cast_gradients(self.cfg, self.params)
-        grad_norm = self._clip()
+        grad_norm = None
+        if self.release is None:  # released gradients were applied and freed in the backward pass
+            cast_gradients(self.cfg, self.params)
+            grad_norm = self._clip()
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=bool(self.cfg.set_grads_to_none or self.cfg.ramtorch))
