@@ -30,6 +30,14 @@ UNET_ATTENTION_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 #: projections and the time embedding (SimpleTuner's slider targets, less the names a UNet lacks)
 UNET_SLIDER_LORA_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "proj_in", "proj_out",
                             "conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2")
+#: a UNet ControlNet's LoRA layers (SimpleTuner's ControlNet targets: attention, feed-forward, resnet convs,
+#: time embedding, the conditioning embedding and the zero convolutions); names a model lacks are skipped
+UNET_CONTROLNET_LORA_TARGETS = (
+    "to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out", "conv", "conv1", "conv2",
+    "conv_in", "conv_shortcut", "linear_1", "linear_2", "time_emb_proj",
+    *(f"controlnet_cond_embedding.{n}" for n in ("conv_in", *(f"blocks.{i}" for i in range(6)), "conv_out")),
+    *(f"controlnet_down_blocks.{i}" for i in range(12)), "controlnet_mid_block",
+)
 
 #: the denoiser layers SimpleTuner 3.1.6 keeps out of quanto quantization for SD3, Wan and LTX-Video (fnmatch
 #: patterns on module names, quanto's ``exclude``): norms, output projection, patch/position/condition
@@ -156,6 +164,19 @@ class ModelFamily(ABC):
     #: TREAD routing (``--tread_config``): how each of ``transformer_block_lists`` carries the image tokens,
     #: in the same order; empty: the family cannot be routed and ``--tread_config`` is refused
     routed_tokens: ClassVar[tuple[RoutedTokens, ...]] = ()
+    #: ControlNet training (``--controlnet``): the diffusers ControlNet class built from this family's denoiser
+    #: and the pipeline that renders with it; None: this family trains no ControlNet here
+    controlnet_class_name: ClassVar[str | None] = None
+    controlnet_pipeline_class: ClassVar[str | None] = None
+    #: the ControlNet class method that builds it from the denoiser's weights
+    controlnet_constructor: ClassVar[str] = "from_unet"
+    #: what the ControlNet reads of the control image: ``pixels`` (RGB in [0, 1], what the pipeline's control
+    #: image processor gives a UNet ControlNet) or ``latents`` (the VAE's scaled latents, as SD3/Flux pipelines)
+    controlnet_input: ClassVar[str] = "pixels"
+    #: the pipeline call argument that takes the control image
+    controlnet_image_argument: ClassVar[str] = "image"
+    #: the ControlNet's layers a LoRA wraps (``--controlnet`` with ``--model_type lora``)
+    controlnet_lora_targets: ClassVar[tuple[str, ...]] = UNET_CONTROLNET_LORA_TARGETS
 
     @classmethod
     def denoiser_class(cls) -> type:
@@ -277,6 +298,10 @@ class ModelFamily(ABC):
         from ..acceleration import configure_vae
 
         components = load_components(cls, cfg, weight_dtype=weight_dtype)
+        if getattr(cfg, "controlnet", False):  # built from the denoiser's weights before they are quantized
+            from .controlnet import CONTROLNET, build_controlnet
+
+            components.extra[CONTROLNET] = build_controlnet(cls, cfg, components, weight_dtype=weight_dtype)
         quantize_components(cls, cfg, components, device)
         configure_vae(cfg, components.vae)
         model = cls(cfg, components, device=device, weight_dtype=weight_dtype)
@@ -294,6 +319,8 @@ class ModelFamily(ABC):
             c.denoiser.to(self.device)
         if c.vae is not None:
             c.vae.to(self.device)
+        if self.controlnet is not None:
+            self.controlnet.to(self.device)
         for te in c.text_encoders:
             te.to(self.device)
         self.objective.to(self.device)
@@ -329,6 +356,11 @@ class ModelFamily(ABC):
     @property
     def denoiser(self) -> torch.nn.Module:
         return self.components.denoiser
+
+    @property
+    def controlnet(self) -> torch.nn.Module | None:
+        """The ControlNet built or loaded for ``--controlnet`` (None without it)."""
+        return self.components.extra.get("controlnet")
 
     @property
     def vae(self) -> torch.nn.Module:
@@ -423,6 +455,35 @@ class ModelFamily(ABC):
         ``timesteps`` are on the objective's scale; the output has the shape of ``noisy_latents``.
         """
 
+    # ----- ControlNet (models/controlnet.py drives these) ------------------------------------------
+    @classmethod
+    def supports_controlnet(cls) -> bool:
+        return cls.controlnet_class_name is not None and cls.controlnet_pipeline_class is not None
+
+    @classmethod
+    def controlnet_init_kwargs(cls, components: Components) -> dict[str, Any]:
+        """Arguments of :attr:`controlnet_constructor` before ``--controlnet_custom_config``. For a UNet ControlNet:
+        diffusers' defaults, except that the control image's embedding downsamples by the VAE's factor (8 for
+        every released model; smaller for tiny test models)."""
+        vae = components.vae
+        blocks = len(vae.config.block_out_channels) if vae is not None else 4
+        return {} if blocks == 4 else {"conditioning_embedding_out_channels": (16, 32, 96, 256, 512)[:blocks]}
+
+    def controlnet_lora_target_list(self, cfg: Any) -> tuple[str, ...]:
+        """The ControlNet's LoRA targets for this configuration (a family with target presets may pick one)."""
+        return self.controlnet_lora_targets
+
+    def controlnet_residuals(self, controlnet: torch.nn.Module, control: torch.Tensor, args: tuple[Any, ...],
+                             kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Run ``controlnet`` for one denoiser call (``args``/``kwargs``: the call :meth:`predict` makes) and return
+        the denoiser keyword arguments that carry its output. This default is the UNet ControlNet
+        (``ControlNetModel``): the down-block and mid-block residuals; ``control`` is ``[B, 3, H, W]`` in [0, 1]."""
+        sample, timestep = args[0], args[1]
+        down, mid = controlnet(sample, timestep, encoder_hidden_states=kwargs["encoder_hidden_states"],
+                               added_cond_kwargs=kwargs.get("added_cond_kwargs"), controlnet_cond=control.to(sample.dtype),
+                               return_dict=False)
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
     def lora_targets(self, cfg: Any) -> tuple[str, ...]:
         """The denoiser's LoRA targets: the preset named by ``lora_target_option``, the slider targets with
         ``--slider_lora_target``, else the default."""
@@ -473,15 +534,22 @@ class ModelFamily(ABC):
         return kwargs
 
     def build_pipeline(self, *, denoiser: torch.nn.Module | None = None,
-                       text_encoders: Sequence[torch.nn.Module] | None = None, scheduler: Any = None):
-        """The family's diffusers pipeline around the given (unwrapped) modules, for validation."""
+                       text_encoders: Sequence[torch.nn.Module] | None = None, scheduler: Any = None,
+                       controlnet: torch.nn.Module | None = None):
+        """The family's diffusers pipeline around the given (unwrapped) modules, for validation; with a
+        ``controlnet``, the family's ControlNet pipeline (:attr:`controlnet_pipeline_class`)."""
+        import inspect
+
         import diffusers
 
-        cls = getattr(diffusers, self.pipeline_class)
         comps = self.pipeline_components(denoiser=denoiser, text_encoders=text_encoders)
         if scheduler is not None:
             comps["scheduler"] = scheduler
-        return cls(**comps)
+        if controlnet is None:
+            return getattr(diffusers, self.pipeline_class)(**comps)
+        cls = getattr(diffusers, str(self.controlnet_pipeline_class))
+        accepted = inspect.signature(cls.__init__).parameters
+        return cls(**{k: v for k, v in comps.items() if k in accepted}, controlnet=controlnet)
 
     @classmethod
     def lora_loader_class(cls):

@@ -1031,9 +1031,11 @@ OPTIONS: list[Option] = [
     Option("controlnet", "bool", "controlnet",
            "Train ControlNet branches (full or LoRA) next to the main network.", default=False),
     Option("controlnet_model_name_or_path", "str", "controlnet",
-           "Existing ControlNet weights to start from."),
+           "Existing ControlNet weights to start from (a diffusers model folder or hub id); unset: the "
+           "ControlNet is built from the base model's weights."),
     Option("controlnet_custom_config", "json", "controlnet",
-           "Custom ControlNet architecture settings; inline JSON or a file."),
+           "Settings of the ControlNet built from the base model: keyword arguments of the family's diffusers "
+           "constructor (from_unet/from_transformer), e.g. {\"num_layers\": 2}; inline JSON or a file."),
     Option("control", "bool", "controlnet",
            "Train channel-wise control: conditioning images are concatenated to the input channels.",
            default=False),

@@ -423,6 +423,10 @@ class Validator:
                         kwargs["guidance_rescale"] = float(rescale)
                     if self.family is not None:
                         kwargs = self.family.pipeline_call_kwargs(kwargs)
+                        if option(self.cfg, "controlnet"):
+                            from ..models.controlnet import controlnet_call_kwargs
+
+                            kwargs = controlnet_call_kwargs(self.family, kwargs)
                     with torch.no_grad():
                         output = pipeline(**kwargs)
                     stem = "-".join(p for p in (label, short_name, f"{width}x{height}", str(number)) if p)

@@ -247,7 +247,7 @@ class TrainingLoop:
                 mask = None
         with self.acc.autocast(), self.attention.training():
             text = self._text(batch)
-            pred = self.family.predict(self.wrapped[self.family.denoiser_name], noisy, timesteps, text, batch)
+            pred = self.family.predict(self.trainable.predict_module(self.wrapped, batch), noisy, timesteps, text, batch)
         target = objective.target(latents, noise, timesteps)
         return objective.loss(cfg, pred, target, timesteps, mask)
 
@@ -314,15 +314,13 @@ class TrainingLoop:
         if self.is_main:
             with self._eval_mode() as unwrapped, self.trainable.validation_context(), \
                     self.memory.for_validation() as prepare, self.attention.inference():
-                tes = self.trainable.text_encoders(unwrapped)
-                denoiser = unwrapped[self.family.denoiser_name]
+                trainable = self.trainable
                 ema_factory = None
                 if self.ema is not None:
-                    ema_factory = lambda: prepare(self.family.build_pipeline(  # noqa: E731
-                        denoiser=self.trainable.ema_denoiser(self.ema).to(self.device), text_encoders=tes))
+                    ema_factory = lambda: prepare(trainable.pipeline(unwrapped, ema=self.ema,  # noqa: E731
+                                                                     device=self.device))
                 v.run_and_report(
-                    self.state.global_step, self.events,
-                    lambda: prepare(self.family.build_pipeline(denoiser=denoiser, text_encoders=tes)),
+                    self.state.global_step, self.events, lambda: prepare(trainable.pipeline(unwrapped)),
                     ema_pipeline_factory=ema_factory,
                 )
         self.acc.wait_for_everyone()
@@ -444,11 +442,11 @@ class TrainingLoop:
         if self.evaluator is None or not self.eval_schedule.due(self.state.global_step):
             return {}
         with self._eval_mode() as unwrapped:
-            denoiser = unwrapped[self.family.denoiser_name]
 
             def predict(batch: Any, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
                 with self.acc.autocast(), self.attention.training():
-                    return self.family.predict(denoiser, noisy, timesteps, self._text(batch, unwrapped), batch)
+                    return self.family.predict(self.trainable.predict_module(unwrapped, batch), noisy, timesteps,
+                                               self._text(batch, unwrapped), batch)
 
             reduce = (lambda t: self.acc.reduce(t, reduction="sum")) if self.world > 1 else None
             components = self.evaluator.evaluate(predict, reduce)

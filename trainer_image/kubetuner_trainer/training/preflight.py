@@ -111,10 +111,11 @@ def _family_problems(cls: Any, cfg: Any) -> list[Problem]:
         from .objectives import flow_schedule_problems
 
         problems += flow_schedule_problems(cfg)
+    from ..models.controlnet import controlnet_problems
     from .tread import tread_problems
 
     problems += tread_problems(cfg, cls)
-    return problems + list(cls.config_problems(cfg))
+    return problems + list(cls.config_problems(cfg)) + controlnet_problems(cls, cfg)
 
 
 def _asks_for_something(cfg: Any, option: str) -> bool:
@@ -182,9 +183,10 @@ def core_warnings(cfg: Any) -> list[Problem]:
         cls = family_class(cfg.model_family)
     except ValueError:
         return []
+    from ..models.controlnet import controlnet_warnings
     from ..models.quantization import quantization_warnings
 
-    warnings = list(cls.config_warnings(cfg)) + quantization_warnings(cfg, cls)
+    warnings = list(cls.config_warnings(cfg)) + quantization_warnings(cfg, cls) + controlnet_warnings(cfg)
     if "flow_matching" in cls.prediction_types:
         from .objectives import flow_schedule_warnings
 

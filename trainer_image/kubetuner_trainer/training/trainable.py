@@ -90,6 +90,18 @@ class Trainable(ABC):
         return [modules.get(n, te) for n, te in zip(self.family.text_encoder_names, self.family.text_encoders,
                                                      strict=True)]
 
+    def predict_module(self, modules: dict[str, torch.nn.Module], batch: Any) -> Any:
+        """What the family's ``predict`` calls for ``batch``: the (wrapped) denoiser among ``modules``, or the
+        frozen one when it does not train."""
+        return modules.get(self.family.denoiser_name, self.family.denoiser)
+
+    def pipeline(self, modules: dict[str, torch.nn.Module], *, ema: Any = None,
+                 device: torch.device | str | None = None) -> Any:
+        """The family's pipeline around the unwrapped trained ``modules`` (with ``ema``: its EMA weights on
+        ``device``), for validation renders."""
+        denoiser = self.ema_denoiser(ema).to(device) if ema is not None else modules[self.denoiser_name]
+        return self.family.build_pipeline(denoiser=denoiser, text_encoders=self.text_encoders(modules))
+
     def metadata(self, title: str) -> dict[str, str]:
         return ckpt.modelspec_metadata(self.cfg, architecture=self.family.modelspec_architecture, title=title,
                                        lora=isinstance(self, LoRATrainable))
@@ -215,6 +227,10 @@ class FullTrainable(Trainable):
 
 def build_trainable(family: Any, cfg: Any) -> Trainable:
     """The trainable for ``--model_type`` (and, for LoRA, ``--lora_type``)."""
+    if cfg.controlnet:
+        from .controlnet import ControlNetFullTrainable, ControlNetLoRATrainable
+
+        return ControlNetFullTrainable(family, cfg) if cfg.model_type == "full" else ControlNetLoRATrainable(family, cfg)
     if cfg.model_type == "full":
         return FullTrainable(family, cfg)
     if cfg.lora_type == "lycoris":

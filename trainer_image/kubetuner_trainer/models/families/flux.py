@@ -27,6 +27,9 @@ ATTENTION = ("to_k", "to_q", "to_v", "to_qkv", "to_out.0")
 CONTEXT = ("add_k_proj", "add_q_proj", "add_v_proj", "add_qkv_proj", "to_add_out")
 CONTEXT_FFS = ("ff_context.net.0.proj", "ff_context.net.2")
 IMAGE_FFS = ("ff.net.0.proj", "ff.net.2", "proj_mlp", "proj_out")
+#: SimpleTuner's ``controlnet`` preset: the FluxControlNetModel's input embedder and output projections
+CONTROLNET_TARGETS = ("controlnet_x_embedder", *(f"controlnet_blocks.{i}" for i in range(4)),
+                      *(f"controlnet_single_blocks.{i}" for i in range(10)))
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -93,6 +96,12 @@ class FluxFamily(ModelFamily):
                             "context_embedder")
     comfyui_prefixes = {"transformer": "lora_transformer", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
     swappable_validation_scheduler = False  # validation samples with the model's FlowMatchEulerDiscreteScheduler
+    controlnet_class_name = "FluxControlNetModel"
+    controlnet_pipeline_class = "FluxControlNetPipeline"
+    controlnet_constructor = "from_transformer"
+    controlnet_input = "latents"
+    controlnet_image_argument = "control_image"
+    controlnet_lora_targets = CONTROLNET_TARGETS
 
     @classmethod
     def text_encoder_classes(cls) -> tuple[type, ...]:
@@ -222,6 +231,29 @@ class FluxFamily(ModelFamily):
             mask = extra["attention_mask"]
             arguments["joint_attention_kwargs"] = {**extra, "attention_mask": mask.index_select(-1, rows.to(mask.device))}
         return arguments
+
+    # ----- ControlNet ---------------------------------------------------------------------------
+    @classmethod
+    def controlnet_init_kwargs(cls, components: Any) -> dict[str, Any]:
+        """The transformer's own head layout (``from_transformer`` would otherwise assume FLUX.1's 24 × 128)."""
+        config = components.denoiser.config
+        return {"attention_head_dim": config.attention_head_dim, "num_attention_heads": config.num_attention_heads}
+
+    def controlnet_lora_target_list(self, cfg: Any) -> tuple[str, ...]:
+        """``--flux_lora_target all+ffs+embedder+controlnet`` adds the ``all+ffs+embedder`` layers of the ControlNet's
+        transformer blocks; any other preset trains the ``controlnet`` ones (SimpleTuner switches to it)."""
+        if cfg.flux_lora_target == "all+ffs+embedder+controlnet":
+            return self.lora_target_presets["all+ffs+embedder"] + CONTROLNET_TARGETS
+        return CONTROLNET_TARGETS
+
+    def controlnet_residuals(self, controlnet, control, args, kwargs):
+        """FluxControlNetModel on the packed control latents: per-block residuals of both block lists."""
+        hidden = kwargs["hidden_states"]
+        names = ("encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids", "guidance",
+                 "joint_attention_kwargs")
+        blocks, single = controlnet(hidden_states=hidden, controlnet_cond=pack_latents(control.to(hidden.dtype)),
+                                    **{k: kwargs[k] for k in names if k in kwargs}, return_dict=False)
+        return {"controlnet_block_samples": blocks, "controlnet_single_block_samples": single}
 
     def enable_gradient_checkpointing(self, denoiser: torch.nn.Module, interval: int | None = None) -> None:
         from ...training.checkpointing import enable_gradient_checkpointing

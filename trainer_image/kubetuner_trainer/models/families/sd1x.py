@@ -23,6 +23,8 @@ class SD1xFamily(ModelFamily):
     flavours = {"1.5": "stable-diffusion-v1-5/stable-diffusion-v1-5", "1.4": "CompVis/stable-diffusion-v1-4"}
     default_flavour = "1.5"
     modelspec_architecture = "stable-diffusion-v1"
+    controlnet_class_name = "ControlNetModel"
+    controlnet_pipeline_class = "StableDiffusionControlNetPipeline"
 
     @classmethod
     def build_tiny(cls, folder: Path, *, seed: int = 0) -> Path:

@@ -32,6 +32,14 @@ from .sd1x import clip_token_ids
 
 log = logging.getLogger(__name__)
 
+#: SD3ControlNetModel's LoRA layers (SimpleTuner's SD3 ControlNet targets): every attention and feed-forward
+#: projection, the patch and text embedders, the time/text embedding and the zero-initialised output blocks
+CONTROLNET_LORA_TARGETS = (
+    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff.net.0.proj",
+    "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "pos_embed.proj", "pos_embed_input.proj",
+    "context_embedder", "timestep_embedder.linear_1", "timestep_embedder.linear_2", "text_embedder.linear_1",
+    "text_embedder.linear_2", *(f"controlnet_blocks.{i}" for i in range(64)),
+)
 #: T5 tokens per prompt when ``--tokenizer_max_length`` is unset (SimpleTuner's SD3 default and limit)
 T5_MAX_LENGTH = 154
 UNCOND_BEHAVIOURS = ("empty_string", "zero")
@@ -98,6 +106,12 @@ class SD3Family(ModelFamily):
     slider_lora_targets = SD3_SLIDER_LORA_TARGETS
     modelspec_architecture = "stable-diffusion-3"
     quantization_exclude = DIT_QUANTIZATION_EXCLUDE
+    controlnet_class_name = "SD3ControlNetModel"
+    controlnet_pipeline_class = "StableDiffusion3ControlNetPipeline"
+    controlnet_constructor = "from_transformer"
+    controlnet_input = "latents"
+    controlnet_image_argument = "control_image"
+    controlnet_lora_targets = CONTROLNET_LORA_TARGETS
     # ComfyUI's SD3 LoRA names: OneTrainer's lora_transformer_*, kohya's lora_te1/te2 for CLIP-L/G, lora_te3 for T5
     comfyui_prefixes = {"transformer": "lora_transformer", "text_encoder": "lora_te1",
                         "text_encoder_2": "lora_te2", "text_encoder_3": "lora_te3"}
@@ -186,6 +200,28 @@ class SD3Family(ModelFamily):
         return denoiser(hidden_states=noisy_latents, timestep=timesteps,
                         encoder_hidden_states=text["prompt_embeds"].to(dtype),
                         pooled_projections=text["pooled_prompt_embeds"].to(dtype), return_dict=False)[0]
+
+    # ----- ControlNet ---------------------------------------------------------------------------
+    @classmethod
+    def controlnet_init_kwargs(cls, components: Any) -> dict[str, Any]:
+        """No extra conditioning channel: the control image's 16 latent channels only (SimpleTuner's choice)."""
+        return {"num_extra_conditioning_channels": 0}
+
+    def controlnet_residuals(self, controlnet, control, args, kwargs):
+        """SD3ControlNetModel's per-block residuals. As StableDiffusion3ControlNetPipeline, a ControlNet whose config
+        sets ``force_zeros_for_pooled_projection`` (InstantX's layout, also what ``from_transformer`` builds) reads
+        zero pooled projections and control latents without the VAE's shift."""
+        config = controlnet.config
+        pooled = kwargs["pooled_projections"]
+        if config.force_zeros_for_pooled_projection:
+            pooled = torch.zeros_like(pooled)
+            shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+            control = control + shift * self.vae.config.scaling_factor
+        hidden = kwargs["hidden_states"]
+        samples = controlnet(hidden_states=hidden, controlnet_cond=control.to(hidden.dtype),
+                             encoder_hidden_states=kwargs["encoder_hidden_states"], pooled_projections=pooled,
+                             timestep=kwargs["timestep"], return_dict=False)[0]
+        return {"block_controlnet_hidden_states": samples}
 
     # ----- validation ----------------------------------------------------------------------------
     def pipeline_call_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -100,6 +100,8 @@ class SDXLFamily(MicroConditionedFamily):
     text_encoder_names = ("text_encoder", "text_encoder_2")
     tokenizer_names = ("tokenizer", "tokenizer_2")
     modelspec_architecture = "stable-diffusion-xl-v1-base"
+    controlnet_class_name = "ControlNetModel"
+    controlnet_pipeline_class = "StableDiffusionXLControlNetPipeline"
 
     @classmethod
     def build_tiny(cls, folder: Path, *, seed: int = 0) -> Path:
@@ -156,6 +158,8 @@ class SDXLRefinerFamily(SDXLFamily):
     text_encoder_names = ("text_encoder_2",)
     tokenizer_names = ("tokenizer_2",)
     modelspec_architecture = "stable-diffusion-xl-v1-refiner"
+    controlnet_class_name = None  # diffusers has no refiner ControlNet pipeline
+    controlnet_pipeline_class = None
 
     @classmethod
     def for_flavour(cls, flavour: str | None, location: str | None = None) -> type[ModelFamily]:
