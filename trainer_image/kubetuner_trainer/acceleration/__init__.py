@@ -155,8 +155,9 @@ NO_EFFECT: dict[str, str] = {
     "vae_enable_patch_conv": "has no effect: SimpleTuner patches the 3D convolutions of the HunyuanVideo VAE only "
                              "(model_family hunyuanvideo, which kubetuner does not support yet); for other VAEs use "
                              "--vae_enable_slicing or --vae_enable_tiling",
-    "ramtorch_controlnet": "has no effect: it converts the Linear layers of a ControlNet being trained "
-                           "(--controlnet), and kubetuner does not build ControlNet training yet",
+    "ramtorch_controlnet": "has no effect: kubetuner keeps a trained ControlNet (--controlnet) on the accelerator; "
+                           "--ramtorch streams the frozen base model's Linear layers (and with "
+                           "--ramtorch_text_encoder/--ramtorch_vae the helpers')",
 }
 
 
