@@ -172,6 +172,7 @@ def test_lumina2_comfyui_export_names_the_original_layers_with_q_k_v_fused_exact
     # ComfyUI applies (alpha / rank) · up · down to the fused weight: the q, k and v deltas stacked as q; k; v rows
     qkv = "diffusion_model.layers.0.attention.qkv"
     down, up = comfy[f"{qkv}.lora_down.weight"], comfy[f"{qkv}.lora_up.weight"]
+    assert down.shape[0] == 3 * 4 and float(comfy[f"{qkv}.alpha"]) == 3 * 2.0  # rank 4, alpha 2 per part
     fused = float(comfy[f"{qkv}.alpha"]) / down.shape[0] * up @ down
     parts = [family.denoiser.get_submodule(f"layers.0.attn.{p}") for p in ("to_q", "to_k", "to_v")]
     deltas = [m.scaling["default"] * m.lora_B["default"].weight @ m.lora_A["default"].weight for m in parts]

@@ -147,13 +147,19 @@ def flatten_with_prefix(per_module: dict[str, dict[str, torch.Tensor]]) -> dict[
 def load_lora_into(family: Any, trained: dict[str, torch.nn.Module], path: str | Path) -> None:
     """Load a LoRA file (diffusers or kohya keys) into already-attached adapters; exact for our own files."""
     from diffusers.utils import convert_unet_state_dict_to_peft
-    from peft.utils import set_peft_model_state_dict
 
     path = Path(path)
     if path.is_dir():
         path = path / "pytorch_lora_weights.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"init_lora: no LoRA weights at {path}")
+    from safetensors.torch import load_file
+
+    own = from_comfyui(family, trained, load_file(str(path)))
+    if own is not None:  # our own ComfyUI-format file (e.g. a checkpoint): read back exactly, fused layers too
+        for name, module in trained.items():
+            _set_adapter_state(name, module, own[name], path)
+        return
     loader = family.lora_loader_class()
     # loaders differ in what follows the state dict (alphas, metadata); with metadata it is always first
     state = loader.lora_state_dict(str(path), return_lora_metadata=True)[0]
@@ -169,10 +175,18 @@ def load_lora_into(family: Any, trained: dict[str, torch.nn.Module], path: str |
             from diffusers.utils import convert_state_dict_to_peft
 
             part = _without_text_model_level(module, convert_state_dict_to_peft(part))
-        result = set_peft_model_state_dict(module, part, adapter_name=ADAPTER_NAME)
-        unexpected = getattr(result, "unexpected_keys", None)
-        if unexpected:
-            raise ValueError(f"init_lora: {path} has weights that do not fit the {name}: {unexpected[:5]}")
+        _set_adapter_state(name, module, part, path)
+
+
+def _set_adapter_state(name: str, module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Copy PEFT-format LoRA weights into ``module``'s attached adapter; raises ValueError for weights that do not
+    fit it."""
+    from peft.utils import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(module, state, adapter_name=ADAPTER_NAME)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ValueError(f"init_lora: {path} has weights that do not fit the {name}: {unexpected[:5]}")
 
 
 def _without_text_model_level(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -250,22 +264,69 @@ def fuse_lora_layers(base: str, group: list[tuple[str, dict[str, torch.Tensor], 
                      order: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], float]:
     """One LoRA for a fused weight (e.g. ``qkv`` = ``[q; k; v]`` rows) from its parts' LoRAs, exactly.
 
-    ``group``: (module path, kohya tensors, alpha) per part; ``order``: the parts' last names in row order.
-    ``ΔW_i = (α_i/r_i)·B_i·A_i`` stacks as ``blockdiag(α_i/r_i·B_i) · [A_1; …; A_n]``: ``lora_down [Σr, in]``,
-    ``lora_up [Σout, Σr]``, alpha ``Σr`` (ComfyUI scales by alpha/rank = 1). Raises ValueError when a part is
-    missing or carries more than ``lora_down``/``lora_up`` (DoRA).
+    ``group``: (module path, kohya tensors, alpha) per part, all of one rank ``r`` and alpha ``α`` (one adapter
+    config); ``order``: the parts' last names in row order. ``ΔW_i = (α/r)·B_i·A_i`` stacks as
+    ``(nα/nr)·blockdiag(B_i)·[A_1; …; A_n]``: ``lora_down [n·r, in]``, ``lora_up [Σout, n·r]``, alpha ``n·α``.
+    :func:`from_comfyui` splits it back bit for bit. Raises ValueError when a part is missing, the parts differ
+    in rank or alpha, or carry more than ``lora_down``/``lora_up`` (DoRA).
     """
     by_part = {path.rsplit(".", 1)[-1]: (tensors, alpha) for path, tensors, alpha in group}
     if sorted(by_part) != sorted(order) or len(group) != len(order):
         raise ValueError(f"ComfyUI holds {base} as one fused weight of {', '.join(order)}: train all of them "
                          f"(LoRA targets) or none (trained: {', '.join(sorted(by_part))})")
-    downs, ups = [], []
-    for part in order:
-        tensors, alpha = by_part[part]
-        if set(tensors) != {".lora_down.weight", ".lora_up.weight"}:
-            raise ValueError(f"ComfyUI's fused {base} takes plain LoRA layers only (not DoRA)")
-        down, up = tensors[".lora_down.weight"], tensors[".lora_up.weight"]
-        downs.append(down)
-        ups.append(up * (alpha / down.shape[0]))
-    return {".lora_down.weight": torch.cat(downs), ".lora_up.weight": torch.block_diag(*ups)}, float(
-        sum(d.shape[0] for d in downs))
+    parts = [by_part[part] for part in order]
+    if any(set(tensors) != {".lora_down.weight", ".lora_up.weight"} for tensors, _ in parts):
+        raise ValueError(f"ComfyUI's fused {base} takes plain LoRA layers only (not DoRA)")
+    downs = [tensors[".lora_down.weight"] for tensors, _ in parts]
+    if len({d.shape[0] for d in downs}) != 1 or len({alpha for _, alpha in parts}) != 1:
+        raise ValueError(f"the parts of ComfyUI's fused {base} need one LoRA rank and alpha")
+    ups = [tensors[".lora_up.weight"] for tensors, _ in parts]
+    return {".lora_down.weight": torch.cat(downs), ".lora_up.weight": torch.block_diag(*ups)}, parts[0][1] * len(parts)
+
+
+def from_comfyui(family: Any, trained: dict[str, torch.nn.Module],
+                 tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]] | None:
+    """The per-module PEFT state dicts of a file :func:`to_comfyui` wrote for these adapters (its exact inverse:
+    fused layers are split back by rank and by each part's output size), or None when ``tensors`` are not that
+    layout (a diffusers file, someone else's LoRA)."""
+    names = list(trained)
+    layers: dict[str, list[tuple[str, str, torch.nn.Module]]] = {}
+    for name, module in trained.items():
+        for path, sub in module.named_modules():
+            if isinstance(getattr(sub, "lora_A", None), torch.nn.ModuleDict) and ADAPTER_NAME in sub.lora_A:
+                try:
+                    base = family.comfyui_key(name, path, names)
+                except ValueError:
+                    return None
+                layers.setdefault(base, []).append((name, path, sub))
+    found = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in tensors}
+    if not layers or found != set(layers):
+        return None
+    out: dict[str, dict[str, torch.Tensor]] = {name: {} for name in trained}
+    for base, group in layers.items():
+        fused = len(group) > 1 or group[0][1].rsplit(".", 1)[-1] in family.comfyui_fused_parts
+        if fused:
+            order = {part: i for i, part in enumerate(family.comfyui_fused_parts)}
+            group = sorted(group, key=lambda item: order[item[1].rsplit(".", 1)[-1]])
+            down, up = tensors[f"{base}.lora_down.weight"], tensors[f"{base}.lora_up.weight"]
+            rank, row = down.shape[0] // len(group), 0
+            for i, (name, path, sub) in enumerate(group):
+                rows = sub.lora_B[ADAPTER_NAME].weight.shape[0]
+                out[name][f"{path}.lora_A.weight"] = down[i * rank:(i + 1) * rank]
+                out[name][f"{path}.lora_B.weight"] = up[row:row + rows, i * rank:(i + 1) * rank]
+                row += rows
+            continue
+        name, path, _ = group[0]
+        for key, tensor in tensors.items():
+            if not key.startswith(base + ".") or key == f"{base}.alpha":
+                continue
+            rest = key[len(base):]
+            for peft_part, kohya_part in _PEFT_PARTS:
+                if rest.startswith(kohya_part.rstrip(".")):
+                    out[name][path + peft_part.rstrip(".") + rest[len(kohya_part.rstrip(".")):]] = tensor
+                    break
+    return out
+
+
+#: kohya's names of PEFT's LoRA parts (what :func:`to_comfyui` writes for our own adapters)
+_PEFT_PARTS = ((".lora_A.", ".lora_down."), (".lora_B.", ".lora_up."), (".lora_magnitude_vector", ".dora_scale"))
