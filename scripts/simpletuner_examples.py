@@ -6,7 +6,8 @@ list with every Hugging Face dataset replaced by a local folder of tiny images) 
 is changed. ``kubetuner-train --print-config`` then either accepts it, or refuses it; a refusal is
 counted as *unbuilt* when every problem names something kubetuner has not built, else as
 *invalid* (a compatibility bug). With ``--train`` an accepted config of an implemented family
-also trains one step on the tiny model (at a small resolution).
+also trains one step on the tiny model (at a small resolution; with ``tread_config``, a tiny model
+with enough blocks for its routes).
 
 Usage::
 
@@ -27,7 +28,8 @@ from typing import Any
 
 SIMPLETUNER_RELEASE = "3.1.6"
 #: phrases of kubetuner's refusals that name something not built (options/registry and the loaders)
-UNBUILT_PHRASES = ("does not implement", "does not support it yet", "not supported yet", "implements only")
+UNBUILT_PHRASES = ("does not implement", "does not support it yet", "not supported yet", "implements only",
+                   "does not build yet")
 #: SimpleTuner options holding a location the user swaps, other than the ones rewritten below
 DROPPED_LOCATIONS = ("pretrained_t5_model_name_or_path", "pretrained_vae_model_name_or_path",
                      "pretrained_transformer_model_name_or_path", "pretrained_unet_model_name_or_path",
@@ -90,6 +92,31 @@ def _tiny_sizes(entry: dict[str, Any]) -> dict[str, Any]:
     return entry
 
 
+def deepen_for_routes(model: Path, family: str, tread_config: Any) -> Path:
+    """Give a tiny model's denoiser enough blocks for an example's TREAD routes (tiny models have one or two
+    per list; SimpleTuner's Wan example routes blocks up to 24): every ``*layers`` count of its config grows
+    alike to the least that fits the routes, and the denoiser is saved again with random weights."""
+    from kubetuner_trainer.models import family_class
+    from kubetuner_trainer.training.tread import TreadConfigError, parse_tread_config, resolve_routes
+
+    cls = family_class(family)
+    folder = model / cls.denoiser_name
+    config = json.loads((folder / "config.json").read_text())
+    counts = [k for k, v in config.items() if k.endswith("layers") and isinstance(v, int) and v > 0]
+    routes = parse_tread_config(tread_config)
+    for per_list in range(1, 65):
+        try:
+            resolve_routes(routes, per_list * len(counts))
+        except TreadConfigError:
+            continue
+        if per_list <= min(config[k] for k in counts):
+            return model
+        denoiser = cls.denoiser_class().from_config({**config, **dict.fromkeys(counts, per_list)})
+        denoiser.save_pretrained(folder)
+        return model
+    return model
+
+
 def classify(code: int, stderr: str) -> tuple[str, str]:
     """(outcome, first problem) of one ``kubetuner-train`` call."""
     problems = [line.strip()[2:] for line in stderr.splitlines() if line.strip().startswith("- ")]
@@ -116,7 +143,10 @@ def run_example(folder: Path, examples: Path, work: Path, images: Path, *, train
     family = str(config.get("model_family", ""))
     model = None
     if train and family in implemented_families():  # --print-config reads no weights: the Hub id may stay
-        model = models.setdefault(family, build_tiny_model(family, work / "model"))
+        if config.get("tread_config"):  # deep enough for its routes: built for this example alone
+            model = deepen_for_routes(build_tiny_model(family, work / "model"), family, config["tread_config"])
+        else:
+            model = models.setdefault(family, build_tiny_model(family, work / "model"))
     path = swap_config(config, examples, work, images, model)
     outcome, problem = classify(*trainer(path, "--print-config"))
     if train and outcome == "accepted" and model is not None:

@@ -38,3 +38,26 @@ def test_examples_are_swapped_and_classified(tmp_path):
         done.stdout + done.stderr[-3000:]
     assert "totals: trained 0, accepted 1, unbuilt 1, invalid 1" in done.stdout
     assert done.returncode == 1  # an invalid example is a compatibility finding
+
+
+
+def test_a_tiny_model_grows_enough_blocks_for_an_examples_tread_routes(tmp_path):
+    import importlib.util
+
+    from diffusers import AuraFlowTransformer2DModel
+
+    from kubetuner_trainer.models.families.auraflow import tiny_auraflow_transformer_config
+    from kubetuner_trainer.training.tread import parse_tread_config, resolve_routes
+
+    spec = importlib.util.spec_from_file_location("simpletuner_examples_script", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    AuraFlowTransformer2DModel(**tiny_auraflow_transformer_config()).save_pretrained(tmp_path / "transformer")
+    # SimpleTuner's Wan example: blocks 2 to 23, then 24 to the last but one
+    routes = {"routes": [{"selection_ratio": 0.25, "start_layer_idx": 2, "end_layer_idx": 23},
+                         {"selection_ratio": 0.1, "start_layer_idx": 24, "end_layer_idx": -2}]}
+    script.deepen_for_routes(tmp_path, "auraflow", routes)
+    grown = AuraFlowTransformer2DModel.from_pretrained(tmp_path / "transformer")
+    blocks = len(grown.joint_transformer_blocks) + len(grown.single_transformer_blocks)
+    assert (len(grown.joint_transformer_blocks), blocks) == (13, 26)  # the least that fits, grown alike
+    resolve_routes(parse_tread_config(routes), blocks)
