@@ -132,6 +132,13 @@ class QwenImageFamily(ModelFamily):
     slider_lora_targets = SLIDER_TARGETS
     modelspec_architecture = "qwen-image"
     swappable_validation_scheduler = False  # validation samples with the model's FlowMatchEulerDiscreteScheduler
+    controlnet_class_name = "QwenImageControlNetModel"
+    controlnet_pipeline_class = "QwenImageControlNetPipeline"
+    controlnet_constructor = "from_transformer"
+    controlnet_input = "latents"
+    controlnet_image_argument = "control_image"
+    #: the ControlNet's zero-initialised input embedder and per-block output projections
+    controlnet_lora_targets = ("controlnet_x_embedder", *(f"controlnet_blocks.{i}" for i in range(64)))
 
     @classmethod
     def text_encoder_classes(cls) -> tuple[type, ...]:
@@ -274,6 +281,22 @@ class QwenImageFamily(ModelFamily):
         )[0]
         return unpack_latents(out, h, w)
 
+    # ----- ControlNet ---------------------------------------------------------------------------
+    @classmethod
+    def controlnet_init_kwargs(cls, components: Any) -> dict[str, Any]:
+        """The transformer's own head layout (``from_transformer`` would otherwise assume Qwen-Image's 24 × 128)."""
+        config = components.denoiser.config
+        return {"attention_head_dim": config.attention_head_dim, "num_attention_heads": config.num_attention_heads}
+
+    def controlnet_residuals(self, controlnet, control, args, kwargs):
+        """QwenImageControlNetModel on the packed control latents (normalised like the targets, as
+        QwenImageControlNetPipeline encodes its control image): one residual per transformer block."""
+        hidden = kwargs["hidden_states"]
+        names = ("encoder_hidden_states", "encoder_hidden_states_mask", "timestep", "img_shapes")
+        samples = controlnet(hidden_states=hidden, controlnet_cond=pack_latents(control.to(hidden.dtype)),
+                             **{k: kwargs[k] for k in names}, return_dict=False)
+        return {"controlnet_block_samples": samples}
+
     # ----- validation ------------------------------------------------------------------------
     def pipeline_call_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """QwenImagePipeline's arguments: the trained text length; no distilled guidance (the model has
@@ -350,6 +373,8 @@ class QwenImageEditFamily(QwenImageFamily):
     pipeline_class = "QwenImageEditPipeline"
     modelspec_architecture = "qwen-image-edit"
     reference_images = 1
+    controlnet_class_name = None  # diffusers' Qwen-Image ControlNet pipeline is text-to-image only
+    controlnet_pipeline_class = None
 
     @classmethod
     def for_flavour(cls, flavour: str | None, location: str | None = None) -> type[ModelFamily]:
