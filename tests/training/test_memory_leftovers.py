@@ -140,3 +140,13 @@ def test_gradient_release_refusals_and_warnings(make_cfg):
     warned = {p.option: p.message for p in all_warnings(make_cfg("sd1x", optimizer_release_gradients=True,
                                                                  optimizer="optimi-lion", max_grad_norm=1.0))}
     assert "--max_grad_norm" in warned["optimizer_release_gradients"]
+
+
+def test_group_offload_to_disk_is_refused_naming_why_and_warned_about_without_group_offload(make_cfg, tmp_path):
+    spill = str(tmp_path / "spill")
+    with pytest.raises(ConfigError) as info:
+        check(make_cfg("sd1x", enable_group_offload=True, group_offload_to_disk_path=spill))
+    message = {p.option: p.message for p in info.value.problems}["group_offload_to_disk_path"]
+    assert "backward pass" in message and "--musubi_blocks_to_swap" in message
+    warned = {p.option: p.message for p in all_warnings(make_cfg("sd1x", group_offload_to_disk_path=spill))}
+    assert "--enable_group_offload" in warned["group_offload_to_disk_path"]
