@@ -78,8 +78,9 @@ STAGE_FLOW_SHIFT = 5.0
 #: high-noise model to ``transformer`` and the low-noise model to ``transformer_2``)
 STAGE_SUBFOLDERS = {"high": "transformer", "low": "transformer_2"}
 #: what the VACE flavours need that kubetuner's datasets do not give yet
-VACE_NEEDS = ("a control video (and optional reference images and mask) per clip for WanVACETransformer3DModel's "
-              "context blocks; kubetuner has no dataset type that pairs them with a clip yet")
+VACE_NEEDS = ("a control video (and optional mask and reference images) per training clip, encoded into "
+              "WanVACETransformer3DModel's control latents as WanVACEPipeline prepares them; kubetuner's "
+              "conditioning datasets pair one image with a sample, not a clip")
 
 
 @dataclass(frozen=True)
