@@ -184,6 +184,13 @@ the latest checkpoint). These are the deliberate differences:
   probability `ltx_i2v_prob`) and leaves that frame out of the loss. `--flow_schedule_auto_shift`
   counts all of a clip's latent tokens (frames x height x width, as LTXPipeline does) where
   SimpleTuner counts one frame's height x width / 4.
+- **Wan image-to-video flavours** follow diffusers' pipelines where SimpleTuner 3.1.6 departs from
+  them. `i2v-14b-2.2-high`/`-low` train the expert diffusers runs for that stage (`transformer`: high
+  noise, `transformer_2`: low; SimpleTuner loads the other subfolder) on timesteps of its own range
+  only (above/below the 0.9 boundary; SimpleTuner samples all), and validation renders with both
+  experts (SimpleTuner: the trained one alone, 40 steps, guidance 3.5 forced). `flf2v-14b-2.1` also
+  conditions on the clip's last frame, the condition latents are the VAE posterior mean, and
+  `ti2v-5b-2.2` leaves the clean first frame out of the loss.
 
 Options whose default differs from SimpleTuner's, and why:
 

@@ -472,14 +472,22 @@ class WanFamily(ModelFamily):
 
     # ----- validation ----------------------------------------------------------------------------
     def other_stage(self) -> torch.nn.Module:
-        """The expert this Wan 2.2 A14B flavour does not train, loaded frozen from the model folder on first use."""
+        """The expert this Wan 2.2 A14B flavour does not train, loaded frozen from the model folder on first use and
+        quantized as ``--base_model_precision`` quantizes the trained one (SimpleTuner renders with the trained
+        expert alone unless told otherwise; both experts render as ``WanImageToVideoPipeline`` does)."""
         if self._other_stage is None:
+            from ..quantization import preset_for, quantize_module
+
             src = self.components.source
             other = next(s for s in STAGE_SUBFOLDERS.values() if s != STAGE_SUBFOLDERS[self.flavour.stage])
             log.info("loading the Wan 2.2 %s expert for validation renders", other)
             module = self.denoiser_class().from_pretrained(src.model, subfolder=other, revision=src.revision,
                                                            torch_dtype=self.weight_dtype)
-            self._other_stage = module.requires_grad_(False).eval().to(self.device)
+            module = module.requires_grad_(False).eval().to(self.device)
+            preset = preset_for(self.cfg, "base_model_precision")
+            if preset is not None and not preset.pipeline_only:  # as frozen as the trained expert's base
+                module = quantize_module(module, preset, exclude=self.quantization_exclude)
+            self._other_stage = module
         return self._other_stage
 
     def pipeline_components(self, *, denoiser=None, text_encoders=None) -> dict[str, Any]:
