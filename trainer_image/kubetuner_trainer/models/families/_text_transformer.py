@@ -24,11 +24,15 @@ SIMPLETUNER_ALIGNMENT = 64
 
 
 def refused_train_text_encoder(cfg: Any, family: str, pipeline_class: str) -> list[Problem]:
-    """``--train_text_encoder`` is refused: the pipeline's LoRA loader reads transformer weights only."""
+    """``--train_text_encoder`` is refused: with LoRA because the pipeline's LoRA loader reads transformer weights
+    only; with full training because kubetuner does not build text-encoder training for these families."""
     if not getattr(cfg, "train_text_encoder", False):
         return []
-    return [Problem("train_text_encoder", True, f"is not supported for {family}: {pipeline_class} loads "
-                                                "transformer weights only, so its text encoder stays frozen")]
+    if getattr(cfg, "model_type", "lora") == "full":
+        return [Problem("train_text_encoder", True, f"is not built for {family} full training: kubetuner keeps its "
+                                                    "text encoder frozen")]
+    return [Problem("train_text_encoder", True, f"is not supported for {family}: {pipeline_class}.load_lora_weights "
+                                                "loads transformer LoRAs only, so its text encoder stays frozen")]
 
 
 class TextTransformerFamily(ModelFamily):
