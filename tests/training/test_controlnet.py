@@ -26,7 +26,7 @@ from kubetuner_trainer.training import checkpoints as ckpt
 from kubetuner_trainer.training.preflight import check
 
 SMALL = {"sd3": {"controlnet_custom_config": {"num_layers": 1}, "tokenizer_max_length": 16},
-         "qwen_image": {"controlnet_custom_config": {"num_layers": 1}},
+         "qwen_image": {"controlnet_custom_config": {"num_layers": 1}}, "sana": {"controlnet_custom_config": {"num_layers": 1}},
          "flux": {"controlnet_custom_config": {"num_layers": 1, "num_single_layers": 1}, "tokenizer_max_length": 16}}
 
 
@@ -146,8 +146,8 @@ def test_flux_full_controlnet_trains_resumes_and_loads_into_the_flux_controlnet_
     assert np.abs(_render(pipe, family) - _render(base, family)).max() > 1e-3
 
 
-@pytest.mark.parametrize("name", ["sd3", "sdxl", "qwen_image"])
-def test_sd3_sdxl_and_qwen_image_controlnet_lora_steps_and_render_through_their_pipelines(make_cfg, tmp_path, name):
+@pytest.mark.parametrize("name", ["sd3", "sdxl", "qwen_image", "sana"])
+def test_controlnet_lora_steps_and_renders_through_each_familys_controlnet_pipeline(make_cfg, tmp_path, name):
     cfg = _cfg(make_cfg, name, learning_rate=1e-2, max_train_steps=3, output_dir=str(tmp_path / "out"))
     result, family, data = train_in_process(cfg, data_factory=ControlData)
     assert result.exit_code == ExitCode.SUCCESS and all(np.isfinite(result.losses))

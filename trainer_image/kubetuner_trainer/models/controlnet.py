@@ -62,11 +62,8 @@ def custom_config(cfg: Any) -> dict[str, Any]:
 
 def constructor_settings(family_cls: Any) -> list[str]:
     """The keyword arguments ``--controlnet_custom_config`` may set: those of the family's ControlNet constructor."""
-    import diffusers
-
-    method = getattr(getattr(diffusers, family_cls.controlnet_class_name), family_cls.controlnet_constructor)
-    return [name for name in list(inspect.signature(method).parameters)[1:] if name != "load_weights_from_unet"
-            and name != "load_weights_from_transformer"]
+    parameters = list(inspect.signature(family_cls.controlnet_builder()).parameters)[1:]
+    return [name for name in parameters if name not in ("load_weights_from_unet", "load_weights_from_transformer")]
 
 
 def controlnet_problems(family_cls: Any, cfg: Any) -> list[Problem]:
@@ -105,8 +102,8 @@ def controlnet_problems(family_cls: Any, cfg: Any) -> list[Problem]:
         unknown = sorted(set(settings) - set(allowed))
         if unknown:
             problems.append(Problem("controlnet_custom_config", settings,
-                                    f"{', '.join(unknown)} not known to {layout.controlnet_class_name}."
-                                    f"{layout.controlnet_constructor}; allowed: {', '.join(allowed)}"))
+                                    f"{', '.join(unknown)} not known to {layout.controlnet_builder().__qualname__}; "
+                                    f"allowed: {', '.join(allowed)}"))
     return problems
 
 
@@ -143,7 +140,7 @@ def build_controlnet(family_cls: Any, cfg: Any, components: Any, *,
         kwargs = {**family_cls.controlnet_init_kwargs(components), **custom_config(cfg)}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(cfg.seed or 0))
-            controlnet = getattr(cls, family_cls.controlnet_constructor)(components.denoiser, **kwargs)
+            controlnet = family_cls.controlnet_builder()(components.denoiser, **kwargs)
         if controlnet.dtype != weight_dtype:
             controlnet.to(dtype=weight_dtype)
     controlnet.requires_grad_(False)

@@ -461,6 +461,14 @@ class ModelFamily(ABC):
         return cls.controlnet_class_name is not None and cls.controlnet_pipeline_class is not None
 
     @classmethod
+    def controlnet_builder(cls) -> Any:
+        """The function building the ControlNet from the denoiser (``builder(denoiser, **settings)``): the diffusers
+        class's :attr:`controlnet_constructor`; a family whose ControlNet class has none supplies its own."""
+        import diffusers
+
+        return getattr(getattr(diffusers, str(cls.controlnet_class_name)), cls.controlnet_constructor)
+
+    @classmethod
     def controlnet_init_kwargs(cls, components: Components) -> dict[str, Any]:
         """Arguments of :attr:`controlnet_constructor` before ``--controlnet_custom_config``. For a UNet ControlNet:
         diffusers' defaults, except that the control image's embedding downsamples by the VAE's factor (8 for

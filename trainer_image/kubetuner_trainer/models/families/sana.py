@@ -85,6 +85,29 @@ class SanaFamily(FlowTextTransformerFamily):
     text_encoder_location_options = {"pretrained_gemma_model_name_or_path": "text_encoder"}
     slider_lora_targets = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0")
     modelspec_architecture = "sana"
+    controlnet_class_name = "SanaControlNetModel"
+    controlnet_pipeline_class = "SanaControlNetPipeline"
+    controlnet_input = "latents"
+    controlnet_image_argument = "control_image"
+    #: the ControlNet's zero-initialised input block and per-block output projections
+    controlnet_lora_targets = ("input_block", *(f"controlnet_blocks.{i}" for i in range(64)))
+
+    @classmethod
+    def controlnet_builder(cls) -> Any:
+        return sana_controlnet_from_transformer
+
+    @classmethod
+    def controlnet_init_kwargs(cls, components: Any) -> dict[str, Any]:
+        return {}
+
+    def controlnet_residuals(self, controlnet, control, args, kwargs):
+        """SanaControlNetModel on the control latents (DC-AE latents times the scaling factor, as
+        SanaControlNetPipeline encodes its control image): one residual per transformer block."""
+        hidden = kwargs["hidden_states"]
+        samples = controlnet(hidden, encoder_hidden_states=kwargs["encoder_hidden_states"],
+                             encoder_attention_mask=kwargs.get("encoder_attention_mask"), timestep=kwargs["timestep"],
+                             controlnet_cond=control.to(hidden.dtype), return_dict=False)[0]
+        return {"controlnet_block_samples": tuple(samples)}
 
     @classmethod
     def text_encoder_classes(cls) -> tuple[type, ...]:
@@ -182,6 +205,23 @@ class SanaFamily(FlowTextTransformerFamily):
         kwargs = super().pipeline_call_kwargs(kwargs)
         kwargs.update(complex_human_instruction=self.instruction, use_resolution_binning=False, clean_caption=False)
         return kwargs
+
+
+def sana_controlnet_from_transformer(transformer: torch.nn.Module, num_layers: int = 7) -> torch.nn.Module:
+    """A ``SanaControlNetModel`` copying ``transformer``'s embedders and its first ``num_layers`` blocks (diffusers has
+    no ``from_transformer`` for Sana; 7 is SanaControlNetModel's default depth, that of the released Sana ControlNets).
+    The input block and the output projections start at zero, so the untrained ControlNet changes nothing."""
+    import inspect
+
+    from diffusers import SanaControlNetModel
+
+    accepted = inspect.signature(SanaControlNetModel.__init__).parameters
+    config = {k: v for k, v in transformer.config.items() if k in accepted}
+    controlnet = SanaControlNetModel.from_config({**config, "num_layers": num_layers})
+    for part in ("patch_embed", "time_embed", "caption_projection", "caption_norm"):
+        getattr(controlnet, part).load_state_dict(getattr(transformer, part).state_dict())
+    controlnet.transformer_blocks.load_state_dict(transformer.transformer_blocks.state_dict(), strict=False)
+    return controlnet.to(transformer.dtype)
 
 
 def tiny_sana_transformer_config(caption_channels: int = 32, latent_channels: int = 8) -> dict[str, Any]:
