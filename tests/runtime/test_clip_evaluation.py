@@ -205,3 +205,29 @@ def test_exposition_with_clip_scores_passes_promtool():
     assert b'prompt="tree"' not in text  # a prompt of an earlier round is gone
     result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, check=False)
     assert result.returncode == 0 and not result.stdout.strip() and not result.stderr.strip(), result
+
+
+def test_benchmark_keeps_the_base_render_and_shows_it_beside_later_ones(cfg_factory, tmp_path):
+    from kubetuner_trainer.contract import benchmark_folder
+
+    cfg = cfg_factory(**FAST, disable_benchmark=False)
+    validator = Validator(cfg)
+    assert validator.due_on_startup()
+    base = validator.run(0, PatternPipeline)  # the start-up round of a fresh run: the base model
+    assert [p.name for p in base] == ["validation-32x32-0.png"]
+    assert (benchmark_folder(cfg.output_dir) / "validation-32x32-0.png").is_file()
+    assert not validator.due_on_startup()  # kept once per output folder (a resumed run reuses it)
+    pipeline = PatternPipeline()
+    pipeline.calls = 1  # the next render is the other pattern
+    (shown,) = validator.run(2, lambda: pipeline)
+    assert shown.name == "validation-32x32-0-benchmark.png"
+    with Image.open(shown) as both, Image.open(base[0]) as left, Image.open(shown.with_name(
+            "validation-32x32-0.png")) as right:
+        assert both.size == (left.width + 5 + right.width, 32)
+        assert list(both.crop((0, 0, left.width, 32)).getdata()) == list(left.convert("RGB").getdata())
+        assert list(both.crop((left.width + 5, 0, both.width, 32)).getdata()) == list(right.convert("RGB").getdata())
+        assert list(left.getdata()) != list(right.getdata())
+    (entry,) = json.loads((shown.parent / "index.json").read_text())
+    assert entry["file"] == "validation-32x32-0.png" and entry["benchmark"] == shown.name
+    off = Validator(cfg_factory(**FAST))  # kubetuner's default: no benchmark
+    assert not off.due_on_startup()

@@ -192,10 +192,13 @@ def test_simpletuners_sdxl_lokr_example_trains(tiny_model, tmp_path):
     swapped = {"data_backend_config": str(datasets), "lycoris_config": str(lycoris_file),
                "output_dir": str(tmp_path / "output"), "pretrained_model_name_or_path": str(tiny_model("sdxl")),
                "cache_dir": str(tmp_path / "cache")}
-    # CI budget: two steps at 32 px instead of 100 at 1024 px (validation falls after the last step)
-    budget = {"max_train_steps": 2, "resolution": 0.001024, "resolution_type": "area"}
+    # CI budget: two steps at 32 px instead of 100 at 1024 px (validation falls after the last step; the
+    # example's disable_benchmark false renders the base model once at start, here 2 steps at 32 px)
+    budget = {"max_train_steps": 2, "resolution": 0.001024, "resolution_type": "area",
+              "validation_resolution": "32", "validation_num_inference_steps": 2}
     cfg = TrainerConfig.from_mapping({**example, **swapped, **budget})
     assert run(cfg, NullEvents()) == ExitCode.SUCCESS
+    assert [p.name for p in (tmp_path / "output" / "validation" / "benchmark").iterdir()] == ["validation-32x32-0.png"]
     tensors = load_file(str(tmp_path / "output" / "pytorch_lora_weights.safetensors"))
     assert any(k.endswith(".lokr_w1") for k in tensors)
 

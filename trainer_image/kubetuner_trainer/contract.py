@@ -70,6 +70,11 @@ def validation_folder(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / VALIDATION_FOLDER / f"step-{step}"
 
 
+def benchmark_folder(output_dir: str | Path) -> Path:
+    """Where the base model's renders (``--disable_benchmark false``) are kept, once per output folder."""
+    return Path(output_dir) / VALIDATION_FOLDER / "benchmark"
+
+
 def validation_renders(output_dir: str | Path) -> list[Path]:
     """Every validation render (image or video file) under ``output_dir``, by path."""
     root = Path(output_dir) / VALIDATION_FOLDER

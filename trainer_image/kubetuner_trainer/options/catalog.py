@@ -442,8 +442,12 @@ OPTIONS: list[Option] = [
     Option("validation_disable", "bool", "validation",
            "Turn validation rendering off entirely.", default=False),
     Option("disable_benchmark", "bool", "validation",
-           "Skip the step-0 render of the untouched base model that is shown beside later validation "
-           "images.", default=False, upstream=Upstream(off=(True,))),
+           "Skip the start-up render of the untouched base model that is shown beside later validation "
+           "images (false: kept in validation/benchmark/, each later image also written as "
+           "<name>-benchmark.png, base on the left).", default=True,
+           upstream=Upstream(default=False, why="the benchmark is one more validation round before training and "
+                                                "doubles the width of every image trackers show; kubetuner "
+                                                "renders it when asked.")),
     Option("validation_on_startup", "bool", "validation",
            "Render one validation round with the base model before the first step.", default=False),
     Option("validation_prompt", "str", "validation",

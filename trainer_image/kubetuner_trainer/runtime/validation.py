@@ -6,7 +6,11 @@ pipeline around the current weights — ``lambda: family.build_pipeline(denoiser
 Images land in ``output_dir/validation/step-<n>/`` with an ``index.json`` describing each file
 (prompt, seed, size, variant, and with ``--evaluation_type clip`` the render's CLIP score, see
 :mod:`.clip_evaluation`). Unless ``--validation_disable_unconditional`` (kubetuner's default) or the family
-renders video, an ``unconditional`` render of the empty prompt comes first, as in SimpleTuner. Video
+renders video, an ``unconditional`` render of the empty prompt comes first, as in SimpleTuner.
+With ``--disable_benchmark false`` the start-up round of a fresh run (the base model) is also kept in
+``validation/benchmark/``; later image renders get a ``<name>-benchmark.png`` beside them, the base model's
+render on the left and the step's on the right, and trackers and webhooks receive those (SimpleTuner's
+layout, without its text labels). Video
 families' pipelines return clips (``.frames``): each is written as
 ``<name>.mp4``, ``<name>.gif`` and its first frame ``<name>.png`` (the PNG is what trackers receive) at
 the family's ``output_framerate``.
@@ -25,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..contract import VALIDATION_INDEX, TrainerState, validation_folder
+from ..contract import VALIDATION_INDEX, TrainerState, benchmark_folder, validation_folder
 from ..options.model import ValueProblem, parse_json_value
 from ._options import option
 from .scripts import VALIDATION, ScriptRunner, command_of, latest_checkpoint_dir, placeholder_values
@@ -36,6 +40,8 @@ PipelineFactory = Callable[[], Any]
 
 #: short name of the empty-prompt render (SimpleTuner's name for it)
 UNCONDITIONAL = "unconditional"
+#: white pixels between the base model's render and the step's in a benchmark comparison
+BENCHMARK_GAP = 5
 
 DEFAULT_STEPS = 30
 DEFAULT_GUIDANCE = 7.5
@@ -272,7 +278,12 @@ class Validator:
         return False
 
     def due_on_startup(self) -> bool:
-        return self.enabled and bool(option(self.cfg, "validation_on_startup"))
+        """Whether to render before the first step of a fresh run (``--validation_on_startup``, or the benchmark)."""
+        return self.enabled and (bool(option(self.cfg, "validation_on_startup")) or self._benchmark_due())
+
+    def _benchmark_due(self) -> bool:
+        return (self.renders and not option(self.cfg, "disable_benchmark")
+                and not benchmark_folder(self.output_dir).exists())
 
     # --- running ------------------------------------------------------------------------
 
@@ -324,6 +335,7 @@ class Validator:
             factories.append(("ema", ema_pipeline_factory))
         if not factories:
             raise ValidationConfigError("validation needs a pipeline factory or a model family")
+        benchmarking = step == 0 and self._benchmark_due()
         folder = validation_folder(self.output_dir, step)
         folder.mkdir(parents=True, exist_ok=True)
         written: list[Path] = []
@@ -339,6 +351,10 @@ class Validator:
                 finally:
                     if run is not None:
                         self._unload_adapters(pipeline, run, restore or [])
+        if benchmarking:
+            self._keep_benchmark(written)
+        elif not option(self.cfg, "disable_benchmark"):
+            written = self._with_benchmark(written, index)
         (folder / VALIDATION_INDEX).write_text(json.dumps(index, indent=2), encoding="utf-8")
         log.info("validation at step %d: %d image(s) in %s", step, len(written), folder)
         if self.scorer is not None:
@@ -442,6 +458,43 @@ class Validator:
                     files.append(path)
                     index.append(entry)
         return files
+
+    def _keep_benchmark(self, renders: list[Path]) -> None:
+        """Copy the base model's renders into the benchmark folder (written whole, then renamed into place)."""
+        import shutil
+
+        target = benchmark_folder(self.output_dir)
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        for path in renders:
+            shutil.copy2(path, partial / path.name)
+        partial.rename(target)
+        log.info("benchmark: %d base-model render(s) kept in %s", len(renders), target)
+
+    def _with_benchmark(self, renders: list[Path], index: list[dict[str, Any]]) -> list[Path]:
+        """Each image render that has a benchmark twin, replaced by ``<name>-benchmark.png`` = [base | render]."""
+        from PIL import Image
+
+        base_folder = benchmark_folder(self.output_dir)
+        entries = {e["file"]: e for e in index}
+        shown = []
+        for path in renders:
+            base = base_folder / path.name
+            entry = entries.get(path.name, {})
+            if not base.is_file() or "video" in entry:
+                shown.append(path)
+                continue
+            with Image.open(base) as left, Image.open(path) as right:
+                stitched = Image.new("RGB", (left.width + BENCHMARK_GAP + right.width, max(left.height, right.height)),
+                                     "white")
+                stitched.paste(left.convert("RGB"), (0, 0))
+                stitched.paste(right.convert("RGB"), (left.width + BENCHMARK_GAP, 0))
+            side_by_side = path.with_name(f"{path.stem}-benchmark.png")
+            stitched.save(side_by_side)
+            entry["benchmark"] = side_by_side.name
+            shown.append(side_by_side)
+        return shown
 
     def _score(self, path: Path, prompt: str, key: str, entry: dict[str, Any]) -> None:
         """CLIP-score the render at ``path`` (a clip's first frame) while under ``--num_eval_images``."""
