@@ -231,3 +231,13 @@ def test_benchmark_keeps_the_base_render_and_shows_it_beside_later_ones(cfg_fact
     assert entry["file"] == "validation-32x32-0.png" and entry["benchmark"] == shown.name
     off = Validator(cfg_factory(**FAST))  # kubetuner's default: no benchmark
     assert not off.due_on_startup()
+
+
+def test_flux_real_cfg_warns_that_no_cfg_until_timestep_is_not_built(cfg_factory):
+    from kubetuner_trainer.models.families.flux import FluxFamily
+
+    def warned(**values):
+        return {p.option for p in FluxFamily.config_warnings(cfg_factory(model_family="flux", **values))}
+
+    assert warned(validation_guidance_real=3.0) == {"validation_guidance_real"}
+    assert warned() == set() and warned(validation_guidance_real=3.0, validation_negative_prompt="") == set()

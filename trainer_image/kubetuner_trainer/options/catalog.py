@@ -472,7 +472,8 @@ OPTIONS: list[Option] = [
     Option("validation_guidance_rescale", "float", "validation",
            "CFG rescale factor applied to validation renders.", default=0.0, minimum=0),
     Option("validation_no_cfg_until_timestep", "int", "validation",
-           "Flux only: skip classifier-free guidance for the first N sampling timesteps.", minimum=0,
+           "Flux only: skip classifier-free guidance for the first N sampling timesteps (not built: "
+           "diffusers' FluxPipeline applies real CFG on every step and has no such argument).", minimum=0,
            upstream=Upstream(default=2)),
     Option("validation_disable_unconditional", "bool", "validation",
            "Do not render the unconditional image (the empty prompt, named unconditional) first in every "
@@ -524,7 +525,8 @@ OPTIONS: list[Option] = [
            "may set label, path, adapter_name, strength, adapters/paths); inline JSON or a file."),
     Option("validation_preview", "bool", "validation",
            "Stream intermediate previews during validation sampling, decoded with a Tiny AutoEncoder and "
-           "sent to webhooks (families with a Tiny AutoEncoder only).", default=False),
+           "sent to webhooks (families with a Tiny AutoEncoder only; not built: kubetuner's families name no "
+           "Tiny AutoEncoder yet).", default=False),
     Option("validation_preview_steps", "int", "validation",
            "Decode and send a preview every N sampling steps.", default=1, minimum=1),
     Option("evaluation_type", "str", "validation",

@@ -144,6 +144,15 @@ class FluxFamily(ModelFamily):
         if cfg.validation_noise_scheduler:
             warnings.append(Problem("validation_noise_scheduler", cfg.validation_noise_scheduler,
                                     "has no effect for Flux: validation uses FlowMatchEulerDiscreteScheduler"))
+        real = cfg.validation_guidance_real
+        if real is not None and real > 1.0 and cfg.validation_negative_prompt:
+            # SimpleTuner's own Flux pipeline skips the negative pass for the first
+            # --validation_no_cfg_until_timestep (2) steps; diffusers' FluxPipeline has no such argument, and its
+            # step callback can change the latents and prompt embeddings but not the negative pass
+            warnings.append(Problem("validation_guidance_real", real,
+                                    "real CFG runs from the first sampling step; SimpleTuner 3.1.6 skips it for the "
+                                    "first --validation_no_cfg_until_timestep steps (2), which kubetuner does not "
+                                    "implement"))
         return warnings
 
     @classmethod
