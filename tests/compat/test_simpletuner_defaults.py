@@ -53,7 +53,7 @@ def test_every_default_written_out_at_once_loads():
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("controlnet", True), ("scheduled_sampling_max_step_offset", 10), ("validation_preview", True),
+    [("crepa_enabled", True), ("scheduled_sampling_max_step_offset", 10), ("validation_preview", True),
      ("text_encoder_limit", 8)],
 )
 def test_other_values_of_unbuilt_options_are_still_refused_by_name(name, value):
