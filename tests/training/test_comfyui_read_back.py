@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from kubetuner_trainer.models import load_family
+from kubetuner_trainer.training.lora import from_comfyui
 from kubetuner_trainer.training.trainable import build_trainable
 
 CASES = {"lumina2": {"aspect_bucket_alignment": 16, "peft_lora_target_modules": '["to_q", "to_k", "to_v", "to_out.0", '
@@ -33,3 +34,8 @@ def test_a_comfyui_checkpoint_loads_back_exactly(make_cfg, tmp_path, family_name
             p.zero_()
     trainable.load(tmp_path / "ck")  # what a resume does
     assert all(torch.equal(a, b) for a, b in zip(saved, trained, strict=True))
+    # a file whose alphas are not these adapters' is not read as ours (its weights would need rescaling)
+    tensors = load_file(str(tmp_path / "ck" / "pytorch_lora_weights.safetensors"))
+    assert from_comfyui(trainable.family, trainable.modules, tensors) is not None
+    tensors.update({k: v * 2 for k, v in tensors.items() if k.endswith(".alpha")})
+    assert from_comfyui(trainable.family, trainable.modules, tensors) is None

@@ -300,7 +300,7 @@ def from_comfyui(family: Any, trained: dict[str, torch.nn.Module],
                     return None
                 layers.setdefault(base, []).append((name, path, sub))
     found = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in tensors}
-    if not layers or found != set(layers):
+    if not layers or found != set(layers) or not _alphas_match(layers, tensors):
         return None
     out: dict[str, dict[str, torch.Tensor]] = {name: {} for name in trained}
     for base, group in layers.items():
@@ -326,6 +326,18 @@ def from_comfyui(family: Any, trained: dict[str, torch.nn.Module],
                     out[name][path + peft_part.rstrip(".") + rest[len(kohya_part.rstrip(".")):]] = tensor
                     break
     return out
+
+
+def _alphas_match(layers: dict[str, list[tuple[str, str, torch.nn.Module]]], tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether each layer's ``.alpha`` is what :func:`to_comfyui` writes for these adapters (their ``lora_alpha``,
+    times the parts of a fused layer): only then do the weights read back unscaled."""
+    for base, group in layers.items():
+        alpha = tensors.get(f"{base}.alpha")
+        sub = group[0][2]
+        expected = float(sub.lora_alpha[ADAPTER_NAME]) * len(group)
+        if alpha is None or abs(float(alpha) - expected) > 1e-6 * max(1.0, expected):
+            return False
+    return True
 
 
 #: kohya's names of PEFT's LoRA parts (what :func:`to_comfyui` writes for our own adapters)
