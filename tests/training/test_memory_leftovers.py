@@ -150,3 +150,54 @@ def test_group_offload_to_disk_is_refused_naming_why_and_warned_about_without_gr
     assert "backward pass" in message and "--musubi_blocks_to_swap" in message
     warned = {p.option: p.message for p in all_warnings(make_cfg("sd1x", group_offload_to_disk_path=spill))}
     assert "--enable_group_offload" in warned["group_offload_to_disk_path"]
+
+
+@pytest.mark.parametrize("family", ["sd1x", "flux"])
+def test_fused_qkv_lora_trains_and_its_file_loads_into_the_unfused_pipeline(make_cfg, family, tmp_path):
+    from safetensors.torch import load_file
+
+    from kubetuner_trainer.models import load_family
+
+    extra = {"tokenizer_max_length": 16} if family == "flux" else {}
+    cfg = make_cfg(family, fuse_qkv_projections=True, max_train_steps=2, output_dir=str(tmp_path / "out"), **extra)
+    plain = _run(make_cfg(family, max_train_steps=2, output_dir=str(tmp_path / "plain"), **extra))
+    fused = _run(cfg)
+    assert fused[0].losses[0] == pytest.approx(plain[0].losses[0], rel=1e-5)  # same model before any update
+    trained = fused[1].denoiser
+    assert any(n.endswith("to_qkv.lora_A.default.weight") for n, _ in trained.named_parameters())
+    saved = load_file(str(tmp_path / "out" / "pytorch_lora_weights.safetensors"))
+    assert not [k for k in saved if "to_qkv" in k or "to_kv" in k or "added_qkv" in k]
+    assert any(".to_q." in k for k in saved) and any(".to_v." in k for k in saved)
+    # the file in the plain pipeline renders what the fused model trained
+    reference = load_family(make_cfg(family, **extra))
+    reference.denoiser.load_lora_adapter(str(tmp_path / "out"), prefix=reference.denoiser_name,
+                                         weight_name="pytorch_lora_weights.safetensors")
+    gen = torch.Generator().manual_seed(0)
+    channels = reference.vae.config.latent_channels
+    latents = torch.randn(1, channels, 8, 8, generator=gen)
+    text = reference.encode_text(["a photo"])
+    steps = torch.tensor([500.0])
+    with torch.no_grad():
+        expected = fused[1].predict(trained, latents, steps, text, None)
+        got = reference.predict(reference.denoiser, latents, steps, text, None)
+        untrained = load_family(make_cfg(family, **extra))
+        before = untrained.predict(untrained.denoiser, latents, steps, text, None)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got, before, atol=1e-6)  # the LoRA changes the output
+
+
+def test_fused_qkv_lora_resumes_exactly(make_cfg, tmp_path):
+    from training_helpers import assert_lora_resume_is_exact
+
+    assert_lora_resume_is_exact(lambda **kw: make_cfg("sd1x", fuse_qkv_projections=True, **kw), tmp_path)
+
+
+def test_fused_qkv_is_refused_where_it_is_not_built(make_cfg):
+    for family, changes, named in (("sd1x", {"model_type": "full"}, "--model_type=full"),
+                                   ("sd1x", {"lora_type": "lycoris"}, "--lora_type=lycoris"),
+                                   ("lumina2", {}, "Lumina2Transformer2DModel"),
+                                   ("sd3", {}, "SD3Transformer2DModel")):
+        with pytest.raises(ConfigError) as info:
+            check(make_cfg(family, fuse_qkv_projections=True, **changes))
+        messages = [p.message for p in info.value.problems if p.option == "fuse_qkv_projections"]
+        assert any(named in m for m in messages), (family, changes, messages)

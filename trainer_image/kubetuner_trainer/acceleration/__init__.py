@@ -114,6 +114,39 @@ def _spill_problems(cfg: Any) -> list[Problem]:
     return [Problem("group_offload_to_disk_path", folder, f"cannot train: {SPILL_REFUSAL}")]
 
 
+def fuses_projections(family: str) -> bool:
+    """Whether the ``family``'s denoiser trains with diffusers' ``fuse_qkv_projections`` (its class has the method
+    and the family does not say otherwise: ``ModelFamily.qkv_fusion``)."""
+    from ..models import family_class
+
+    cls = family_class(family)
+    return cls.qkv_fusion and callable(getattr(cls.denoiser_class(), "fuse_qkv_projections", None))
+
+
+def _fuse_problems(cfg: Any) -> list[Problem]:
+    """``--fuse_qkv_projections`` is built for a standard PEFT LoRA on the denoiser (training/fused_qkv.py)."""
+    if not getattr(cfg, "fuse_qkv_projections", False):
+        return []
+    unbuilt = [(option, value) for option, value, asks in (
+        ("model_type", "full", getattr(cfg, "model_type", None) == "full"),
+        ("lora_type", "lycoris", getattr(cfg, "lora_type", None) == "lycoris"),
+        ("peft_lora_mode", "singlora", getattr(cfg, "peft_lora_mode", None) == "singlora"),
+        ("controlnet", True, bool(getattr(cfg, "controlnet", False)))) if asks]
+    problems = [Problem("fuse_qkv_projections", True,
+                        f"kubetuner fuses the projections for a standard LoRA on the denoiser only, not with "
+                        f"--{option}={value} (its trained weights would have to be split back into to_q/to_k/to_v "
+                        "before every save)") for option, value in unbuilt]
+    cls = _family_class(cfg)
+    if cls is not None and not fuses_projections(cls.family):
+        from ..models import implemented_families
+
+        able = [f for f in implemented_families() if fuses_projections(f)]
+        problems.append(Problem("fuse_qkv_projections", True,
+                                f"the {cls.family} model's {cls.denoiser_class_name} cannot train with diffusers' "
+                                f"fused attention projections; it works with: {', '.join(able)}"))
+    return problems
+
+
 def preflight_problems(cfg: Any) -> list[Problem]:
     """This area's configuration errors: kernels this machine cannot run, block swap where there are no
     blocks to swap, and combinations that cannot work together."""
@@ -149,7 +182,7 @@ def preflight_problems(cfg: Any) -> list[Problem]:
         if (getattr(cfg, "musubi_blocks_to_swap", 0) or 0) > 0:
             problems.append(Problem("ramtorch", True, "cannot be combined with --musubi_blocks_to_swap; pick one "
                                                       "way to offload the model"))
-    problems += _spill_problems(cfg)
+    problems += _spill_problems(cfg) + _fuse_problems(cfg)
     compiled = (getattr(cfg, "dynamo_backend", None) or "no") != "no"
     if compiled and denoiser_placed_by_plan(cfg):
         option = next(name for name in ("musubi_blocks_to_swap", "enable_group_offload", "ramtorch")

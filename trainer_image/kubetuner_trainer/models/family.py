@@ -119,6 +119,9 @@ class ModelFamily(ABC):
     #: False for a pixel-space family (DeepFloyd IF): no VAE is loaded, the latent cache stores the
     #: pixels ``[-1, 1]`` themselves and the pipeline gets no ``vae``
     uses_vae: ClassVar[bool] = True
+    #: False where diffusers' fused QKV projections cannot train the denoiser (its attention processors keep
+    #: calling the separate layers, or fail on the fused ones): ``--fuse_qkv_projections`` is refused
+    qkv_fusion: ClassVar[bool] = True
     #: the text encoder / tokenizer subfolders, in pipeline order
     text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder",)
     tokenizer_names: ClassVar[tuple[str, ...]] = ("tokenizer",)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,8 +89,10 @@ def _check_targets_exist(module: torch.nn.Module, targets: Sequence[str], owner:
         raise ValueError(f"peft_lora_target_modules: no module of the {owner} matches {missing}")
 
 
-def attach_lora(family: Any, cfg: Any) -> dict[str, torch.nn.Module]:
-    """Add LoRA layers to the denoiser (and the text encoders with ``--train_text_encoder``).
+def attach_lora(family: Any, cfg: Any,
+                retarget: Callable[[list[str]], list[str]] | None = None) -> dict[str, torch.nn.Module]:
+    """Add LoRA layers to the denoiser (and the text encoders with ``--train_text_encoder``); ``retarget``
+    rewrites the denoiser's targets (fused projections).
 
     Returns the modules that now hold trainable parameters, by pipeline name.
     """
@@ -103,6 +105,8 @@ def attach_lora(family: Any, cfg: Any) -> dict[str, torch.nn.Module]:
     else:
         denoiser_targets = parse_target_modules(cfg.peft_lora_target_modules, ())
         _check_targets_exist(family.denoiser, denoiser_targets, family.denoiser_class_name)
+    if retarget is not None:
+        denoiser_targets = retarget(denoiser_targets)
     family.denoiser.add_adapter(lora_config(cfg, denoiser_targets))
     trained = {family.denoiser_name: family.denoiser}
     if cfg.train_text_encoder:
@@ -127,12 +131,16 @@ def _lora_params_fp32(modules) -> None:
                 param.data = param.data.float()
 
 
-def lora_state_dicts(trained: dict[str, torch.nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
-    """LoRA weights per module in the diffusers layout (unprefixed keys)."""
+def lora_state_dicts(trained: dict[str, torch.nn.Module],
+                     adapt: Callable[[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+                     ) -> dict[str, dict[str, torch.Tensor]]:
+    """LoRA weights per module in the diffusers layout (unprefixed keys); ``adapt(name, state)`` rewrites each
+    module's PEFT-format weights first (fused projections)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return {name: convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+    adapt = adapt or (lambda _name, state: state)
+    return {name: convert_state_dict_to_diffusers(adapt(name, get_peft_model_state_dict(module)))
             for name, module in trained.items()}
 
 
@@ -144,8 +152,10 @@ def flatten_with_prefix(per_module: dict[str, dict[str, torch.Tensor]]) -> dict[
     return {f"{name}.{k}": v for name, sd in per_module.items() for k, v in sd.items()}
 
 
-def load_lora_into(family: Any, trained: dict[str, torch.nn.Module], path: str | Path) -> None:
-    """Load a LoRA file (diffusers or kohya keys) into already-attached adapters; exact for our own files."""
+def load_lora_into(family: Any, trained: dict[str, torch.nn.Module], path: str | Path,
+                   adapt: Callable[[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> None:
+    """Load a LoRA file (diffusers or kohya keys) into already-attached adapters; exact for our own files.
+    ``adapt(name, state)`` rewrites each module's PEFT-format weights first (fused projections)."""
     from diffusers.utils import convert_unet_state_dict_to_peft
 
     path = Path(path)
@@ -158,7 +168,7 @@ def load_lora_into(family: Any, trained: dict[str, torch.nn.Module], path: str |
     own = from_comfyui(family, trained, load_file(str(path)))
     if own is not None:  # our own ComfyUI-format file (e.g. a checkpoint): read back exactly, fused layers too
         for name, module in trained.items():
-            _set_adapter_state(name, module, own[name], path)
+            _set_adapter_state(name, module, own[name], path, adapt)
         return
     loader = family.lora_loader_class()
     # loaders differ in what follows the state dict (alphas, metadata); with metadata it is always first
@@ -175,13 +185,17 @@ def load_lora_into(family: Any, trained: dict[str, torch.nn.Module], path: str |
             from diffusers.utils import convert_state_dict_to_peft
 
             part = _without_text_model_level(module, convert_state_dict_to_peft(part))
-        _set_adapter_state(name, module, part, path)
+        _set_adapter_state(name, module, part, path, adapt)
 
 
-def _set_adapter_state(name: str, module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+def _set_adapter_state(name: str, module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path,
+                       adapt: Callable[[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> None:
     """Copy PEFT-format LoRA weights into ``module``'s attached adapter; raises ValueError for weights that do not
     fit it."""
     from peft.utils import set_peft_model_state_dict
+
+    if adapt is not None:
+        state = adapt(name, state)
 
     result = set_peft_model_state_dict(module, state, adapter_name=ADAPTER_NAME)
     unexpected = getattr(result, "unexpected_keys", None)

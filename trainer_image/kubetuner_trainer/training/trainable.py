@@ -143,23 +143,53 @@ class LoRATrainable(Trainable):
 
     export_option = "lora_format"
 
+    #: ``--fuse_qkv_projections``: the fused layers of the denoiser (training/fused_qkv.py)
+    fusion: Any = None
+
     def _attach(self) -> dict[str, torch.nn.Module]:
-        return attach_lora(self.family, self.cfg)
+        if not self.cfg.fuse_qkv_projections:
+            return attach_lora(self.family, self.cfg)
+        from . import fused_qkv
+
+        family = self.family
+        self.fusion = fused_qkv.fuse(family.denoiser, family.family)
+        trained = attach_lora(family, self.cfg,
+                              lambda targets: fused_qkv.fused_targets(family.denoiser, targets, self.fusion))
+        fused_qkv.SupersededCheck(family.denoiser, self.fusion, family.family)
+        return trained
 
     @property
     def lora_format(self) -> str:
         return self.cfg.lora_format or "diffusers"
 
+    def _lora_state(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict[str, Any]]]:
+        """The LoRA weights and adapter metadata per module as files hold them (fused layers split)."""
+        if self.fusion is None:
+            return lora_state_dicts(self.modules), lora_adapter_metadata(self.modules)
+        from .fused_qkv import unfuse_lora_state, unfused_metadata
+
+        name = self.denoiser_name
+        states = lora_state_dicts(self.modules, lambda n, sd: unfuse_lora_state(sd, self.fusion) if n == name else sd)
+        meta = lora_adapter_metadata(self.modules)
+        meta[name] = unfused_metadata(meta[name])
+        return states, meta
+
     def save(self, folder: Path, *, title: str, ema: Any = None) -> None:
         self._write(folder, title, self.lora_format)
 
     def _write(self, folder: Path, title: str, lora_format: str, filename: str = ckpt.LORA_FILE) -> Path:
-        return ckpt.save_lora_file(folder, self.family, lora_state_dicts(self.modules),
-                                   lora_adapter_metadata(self.modules), lora_format=lora_format,
+        states, meta = self._lora_state()
+        return ckpt.save_lora_file(folder, self.family, states, meta, lora_format=lora_format,
                                    metadata=self.metadata(title), filename=filename)
 
     def load(self, folder: Path) -> None:
-        load_lora_into(self.family, self.modules, folder / ckpt.LORA_FILE)
+        adapt = None
+        if self.fusion is not None:
+            from .fused_qkv import fuse_lora_state
+
+            def adapt(name: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+                return fuse_lora_state(state, self.fusion) if name == self.denoiser_name else state
+        load_lora_into(self.family, self.modules, folder / ckpt.LORA_FILE, adapt)
 
     def export(self, out: Path, *, title: str, ema: Any = None) -> None:
         """The LoRA file in ``--lora_format``; for another format than diffusers the diffusers-format
@@ -173,9 +203,9 @@ class LoRATrainable(Trainable):
         """Convert the attached adapter to ``--lora_format`` and serialize it in memory (writes nothing)."""
         from safetensors.torch import save
 
-        tensors, header = ckpt.lora_file_contents(
-            self.family, lora_state_dicts(self.modules), lora_adapter_metadata(self.modules),
-            lora_format=self.lora_format, metadata=self.metadata("export check"))
+        states, meta = self._lora_state()
+        tensors, header = ckpt.lora_file_contents(self.family, states, meta, lora_format=self.lora_format,
+                                                  metadata=self.metadata("export check"))
         save(tensors, metadata=header)
 
 

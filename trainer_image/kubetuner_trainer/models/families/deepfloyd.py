@@ -64,6 +64,7 @@ class DeepFloydFamily(ModelFamily):
     flavours = FLAVOURS
     default_flavour = "i-xlarge-4.3b"
     uses_vae = False
+    qkv_fusion = False  # its UNet's added key/value projections cannot be fused in diffusers
     prediction_types = ("epsilon",)
     default_lora_targets = UNET_ATTENTION_LORA_TARGETS  # SimpleTuner's DeepFloyd targets
     slider_lora_targets = IF_SLIDER_LORA_TARGETS

@@ -165,6 +165,7 @@ class LTXVideoFamily(ModelFamily):
     swappable_validation_scheduler = False  # LTXPipeline samples with its FlowMatchEulerDiscreteScheduler
     is_video = True
     transformer_block_lists = ("transformer_blocks",)
+    qkv_fusion = False  # its attention processor calls the separate projections
     #: frames per second when ``--framerate`` is unset (SimpleTuner's LTX value and LTXPipeline's default)
     default_framerate = 25
     vae_class = DiffusersClass("AutoencoderKLLTXVideo")

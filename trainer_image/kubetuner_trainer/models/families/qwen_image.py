@@ -123,6 +123,7 @@ class QwenImageFamily(ModelFamily):
     denoiser_name = "transformer"
     denoiser_class_name = "QwenImageTransformer2DModel"
     transformer_block_lists = ("transformer_blocks",)
+    qkv_fusion = False  # its attention processor calls the separate projections
     scheduler_class_name = "FlowMatchEulerDiscreteScheduler"
     vae_class = DiffusersClass("AutoencoderKLQwenImage")
     text_encoder_names = ("text_encoder",)

@@ -79,6 +79,7 @@ class SanaFamily(FlowTextTransformerFamily):
         "sana1.0-600m-512": "Efficient-Large-Model/Sana_600M_512px_diffusers",
     }
     default_flavour = "sana1.5-4.8b-1024"
+    qkv_fusion = False  # its attention processor calls the separate projections
     denoiser_class_name = "SanaTransformer2DModel"
     vae_class = DiffusersClass("AutoencoderDC")
     pad_right = True  # SanaPipeline sets the tokenizer's padding side to the right

@@ -91,6 +91,7 @@ class SD3Family(ModelFamily):
     default_flavour = "medium"
     denoiser_name = "transformer"
     transformer_block_lists = ("transformer_blocks",)
+    qkv_fusion = False  # diffusers' fused joint processor fails on SD3's blocks without a context stream
     #: joint blocks return ``(encoder_hidden_states, hidden_states)``; no per-token side inputs (positions are
     #: added to the tokens before the blocks)
     routed_tokens = (RoutedTokens(output=1),)
