@@ -23,7 +23,6 @@ from kubetuner_trainer.training.tread import (
 
 ALL_BLOCKS = {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 0, "end_layer_idx": -1}]}
 FAST = {"flux": {"tokenizer_max_length": 16}}
-LOSS_AFTER_OVERFIT = {"auraflow": 0.99}  # its tiny model learns slowly unrouted too (test_text_transformer_families)
 
 
 def _inputs(family):
@@ -43,9 +42,13 @@ def _router(family, config=ALL_BLOCKS, seed=0):
 
 # ----- routed training, per family kind ----------------------------------------------------------------
 # flux: two block lists, text beside the image tokens (rotary rows cut); wan: video tokens with rotary
-# embeddings; sd3: joint blocks; auraflow: a route from joint into single blocks where text leads the image
-@pytest.mark.parametrize("family", ["flux", "wan", "sd3", "auraflow"])
+# embeddings (the families of SimpleTuner's TREAD examples)
+@pytest.mark.parametrize("family", ["flux", "wan"])
 def test_a_routed_lora_trains_and_its_loss_falls_on_an_overfit_batch(make_cfg, family):
+    from accelerate import Accelerator
+
+    from kubetuner_trainer.training.loop import TrainingLoop
+
     cfg = make_cfg(family, tread_config=ALL_BLOCKS, max_train_steps=12, lora_rank=8, learning_rate=2e-2,
                    lr_scheduler="constant", **FAST.get(family, {}))
     loaded = load_family(cfg)
@@ -53,23 +56,23 @@ def test_a_routed_lora_trains_and_its_loss_falls_on_an_overfit_batch(make_cfg, f
     if loaded.is_video:
         data.latents = data.latents.expand(-1, -1, 2, -1, -1).clone()  # 2-frame clips
     before = fixed_flow_loss(loaded, data)
-    from accelerate import Accelerator
-
-    from kubetuner_trainer.training.loop import TrainingLoop
-
     loop = TrainingLoop(cfg, Accelerator(cpu=True), loaded, data, seed=7)
     result = loop.run()
     assert result.exit_code == ExitCode.SUCCESS and all(np.isfinite(result.losses))
     assert loop.token_router is not None and loop.token_router.routes == [Route(0.5, 0, 1)]
     after = fixed_flow_loss(loaded, data)
-    assert after < before * LOSS_AFTER_OVERFIT.get(family, 0.9), (before, after)
+    assert after < before * 0.9, (before, after)
 
 
-@pytest.mark.parametrize("family", ["pixart_sigma", "cosmos2image"])
-def test_a_routed_lora_step_runs_on_the_other_routable_families(make_cfg, family):
-    result, loaded, _ = train_in_process(make_cfg(family, tread_config=ALL_BLOCKS, max_train_steps=1),
+# sd3: joint blocks; auraflow: a route from joint into single blocks, where text leads the image tokens;
+# pixart_sigma: DiT blocks (DDPM); cosmos2image: rotary embeddings, EDM objective
+@pytest.mark.parametrize("family", ["sd3", "auraflow", "pixart_sigma", "cosmos2image"])
+def test_a_routed_lora_step_trains_the_other_routable_families(make_cfg, family):
+    result, loaded, _ = train_in_process(make_cfg(family, tread_config=ALL_BLOCKS, max_train_steps=2,
+                                                  learning_rate=1e-2),
                                          data_factory=lambda enc: InMemoryData(enc, count=2, batch_size=2))
-    assert result.exit_code == ExitCode.SUCCESS and np.isfinite(result.losses[0])
+    assert result.exit_code == ExitCode.SUCCESS and all(np.isfinite(result.losses))
+    assert result.losses[1] != result.losses[0]
 
 
 # ----- the router --------------------------------------------------------------------------------------
@@ -133,6 +136,31 @@ def test_gradient_checkpointing_recomputes_the_same_route(make_cfg):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads, strict=True))
 
 
+def test_a_compiled_routed_model_draws_new_tokens_each_pass_like_the_eager_one(make_cfg):
+    """Regional torch.compile traces the routing hooks (graph breaks at the draw): same outputs and gradients
+    (aot_eager, whole model too, was checked by hand: the same)."""
+    passes = []
+    for compiled in (False, True):
+        family = load_family(make_cfg("sd3"))
+        denoiser = family.denoiser.train()
+        denoiser.requires_grad_(True)
+        _router(family, seed=5)
+        if compiled:  # installed first, as the loop does
+            for block in family.transformer_blocks():
+                block.compile(backend="eager")
+        latents, steps, text = _inputs(family)
+        runs = []
+        for _ in range(2):
+            out = family.predict(denoiser, latents, steps, text, None)
+            out.square().mean().backward()
+            runs.append([out.detach()] + [p.grad.clone() for p in denoiser.parameters()])
+            denoiser.zero_grad()
+        passes.append(runs)
+    assert not torch.equal(passes[0][0][0], passes[0][1][0])  # a new draw each pass
+    assert all(torch.allclose(a, b, atol=1e-5) for ours, theirs in zip(*passes, strict=True)
+               for a, b in zip(ours, theirs, strict=True))
+
+
 def test_resume_with_routing_is_exact(make_cfg, tmp_path):
     assert_lora_resume_is_exact(lambda **o: make_cfg("flux", tread_config=ALL_BLOCKS, **FAST["flux"], **o), tmp_path,
                                 data_factory=lambda enc: InMemoryData(enc, count=4, batch_size=2))
@@ -177,8 +205,6 @@ def test_config_errors_are_refused_before_and_after_loading(make_cfg):
     with pytest.raises(ConfigError, match="selection_ratio"):
         check(make_cfg("flux", tread_config='{"routes": [{"selection_ratio": 2, "start_layer_idx": 0, '
                                             '"end_layer_idx": 1}]}'))
-    with pytest.raises(ConfigError, match="dynamo_backend"):
-        check(make_cfg("flux", tread_config=ALL_BLOCKS, dynamo_backend="inductor"))
     check(make_cfg("flux", tread_config=ALL_BLOCKS))
     too_deep = {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 0, "end_layer_idx": 5}]}
     with pytest.raises(ConfigError, match="tread_config.*the model has 2 transformer blocks"):

@@ -153,9 +153,6 @@ def tread_problems(cfg: Any, family_cls: Any) -> list[Problem]:
         parse_tread_config(value)
     except TreadConfigError as error:
         return [Problem(OPTION, value, str(error))]
-    if (getattr(cfg, "dynamo_backend", None) or "no") != "no":
-        return [Problem("dynamo_backend", cfg.dynamo_backend, "torch.compile of a TREAD-routed model is not built "
-                                                              "yet; use no with --tread_config")]
     return []
 
 
