@@ -134,3 +134,28 @@ def test_text_cache_is_keyed_by_model_and_caption(tmp_path, tiny_models):
     direct = encoders.encode_prompts(["a dog"])[0]
     loaded = TextEmbedCache(storage, model_key=encoders.cache_key).get("a dog")
     assert torch.equal(loaded["prompt_embeds"], direct["prompt_embeds"])
+
+
+class ConditioningEncoders(TinyEncoders):
+    """A family whose encoder caches a conditioning tensor with the latents (as Wan image-to-video does)."""
+
+    def encode_images(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        latents = super().encode_images(pixels)
+        return {"latents": latents, "condition_latents": latents.flip(1) + 1.0}
+
+
+def test_an_encoders_conditioning_tensors_are_cached_with_the_latents(tmp_path, tiny_models):
+    images = _dataset(tmp_path / "images", count=4)
+    built = build_training_data(_cfg(tmp_path, images, train_batch_size=2), ConditioningEncoders(tiny_models))
+    first = next(iter(built))
+    assert set(first.cached_conditioning) == {"condition_latents"}
+    torch.testing.assert_close(first.cached_conditioning["condition_latents"], first.latents.flip(1) + 1.0)
+    _, meta = unpack(_entries(tmp_path)[0].read_bytes())
+    reader = ConditioningEncoders(tiny_models)  # a second start reads every tensor back from the cache
+    again = next(iter(build_training_data(_cfg(tmp_path, images, train_batch_size=2), reader)))
+    assert reader.images_encoded == 0 and meta["fingerprint"]
+    assert torch.equal(again.latents, first.latents)
+    assert torch.equal(again.cached_conditioning["condition_latents"], first.cached_conditioning["condition_latents"])
+    plain = next(iter(build_training_data(_cfg(tmp_path / "plain", images, train_batch_size=2),
+                                          TinyEncoders(tiny_models))))
+    assert plain.cached_conditioning is None
