@@ -2,12 +2,13 @@
 
 Each ``examples/<name>/config.json`` of a SimpleTuner release is read as a user would bring it:
 its locations are swapped for local ones (output folder, a tiny model of its family, its dataset
-list with every Hugging Face dataset replaced by a local folder of tiny images) and nothing else
+list with every Hugging Face dataset replaced by a local folder of tiny images, or tiny clips for a
+video dataset) and nothing else
 is changed. ``kubetuner-train --print-config`` then either accepts it, or refuses it; a refusal is
 counted as *unbuilt* when every problem names something kubetuner has not built, else as
 *invalid* (a compatibility bug). With ``--train`` an accepted config of an implemented family
-also trains one step on the tiny model (at a small resolution; with ``tread_config``, a tiny model
-with enough blocks for its routes).
+also trains one step on the tiny model of its flavour's layout (at a small resolution; with
+``tread_config``, a tiny model with enough blocks for its routes).
 
 Usage::
 
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 SIMPLETUNER_RELEASE = "3.1.6"
+#: frames SimpleTuner takes from a clip when a video dataset gives no num_frames (5 s at its 30 fps)
+TINY_CLIP_FRAMES = 150
 #: phrases of kubetuner's refusals that name something not built (options/registry and the loaders)
 UNBUILT_PHRASES = ("does not implement", "does not support it yet", "not supported yet", "implements only",
                    "does not build yet")
@@ -46,15 +49,19 @@ def download_examples(scratch: Path) -> Path:
     return scratch / "wheel" / "simpletuner" / "examples"
 
 
-def swap_datasets(entries: list[dict[str, Any]], images: Path, cache: Path) -> list[dict[str, Any]]:
-    """The dataset list with its locations swapped: every image dataset reads ``images`` from disk."""
+def swap_datasets(entries: list[dict[str, Any]], images: Path, cache: Path,
+                  clips: Path | None = None) -> list[dict[str, Any]]:
+    """The dataset list with its locations swapped: every image dataset reads ``images`` from disk, every
+    video dataset ``clips`` (``images`` when None)."""
     swapped = []
     for i, entry in enumerate(entries):
         entry = dict(entry)
-        if entry.get("dataset_type", "image") in ("image", "conditioning", "video"):
-            for key in ("dataset_name", "aws_bucket_name", "aws_data_prefix", "csv_file"):
+        kind = entry.get("dataset_type", "image")
+        if kind in ("image", "conditioning", "video"):
+            for key in ("dataset_name", "aws_bucket_name", "aws_data_prefix", "csv_file", "huggingface"):
                 entry.pop(key, None)
-            entry.update(type="local", instance_data_dir=str(images))
+            source = clips if kind == "video" and clips is not None else images
+            entry.update(type="local", instance_data_dir=str(source))
             if entry.get("metadata_backend") in ("huggingface", "parquet"):
                 entry["metadata_backend"] = "discovery"
             if entry.get("caption_strategy") in ("huggingface", "parquet", "csv"):
@@ -65,7 +72,8 @@ def swap_datasets(entries: list[dict[str, Any]], images: Path, cache: Path) -> l
     return swapped
 
 
-def swap_config(config: dict[str, Any], examples: Path, work: Path, images: Path, model: Path | None) -> Path:
+def swap_config(config: dict[str, Any], examples: Path, work: Path, images: Path, model: Path | None,
+                clips: Path | None = None) -> Path:
     """Write ``config`` with its locations swapped into ``work``; returns the config file."""
     config = dict(config)
     config["output_dir"] = str(work / "out")
@@ -78,21 +86,24 @@ def swap_config(config: dict[str, Any], examples: Path, work: Path, images: Path
         config["lycoris_config"] = str(examples / Path(str(config["lycoris_config"])).name)
     datasets_file = examples / Path(str(config.get("data_backend_config", ""))).name
     entries = json.loads(datasets_file.read_text()) if datasets_file.is_file() else []
-    (work / "datasets.json").write_text(json.dumps(swap_datasets(entries, images, work / "cache")))
+    (work / "datasets.json").write_text(json.dumps(swap_datasets(entries, images, work / "cache", clips)))
     config["data_backend_config"] = str(work / "datasets.json")
     (work / "config.json").write_text(json.dumps(config))
     return work / "config.json"
 
 
 def _tiny_sizes(entry: dict[str, Any]) -> dict[str, Any]:
-    """A dataset entry sized for the tiny images and models (64 px), its other settings kept."""
+    """A dataset entry sized for the tiny images and models (64 px; video: 9-frame windows), its other settings
+    kept."""
     entry = {k: v for k, v in entry.items() if k not in ("maximum_image_size", "target_downsample_size")}
     if entry.get("dataset_type", "image") in ("image", "conditioning", "video"):
         entry.update(resolution=64, resolution_type="pixel", minimum_image_size=0)
+    if entry.get("dataset_type") == "video":
+        entry["video"] = {**entry.get("video", {}), "num_frames": 9, "min_frames": 9}
     return entry
 
 
-def deepen_for_routes(model: Path, family: str, tread_config: Any) -> Path:
+def deepen_for_routes(model: Path, family: str, tread_config: Any, flavour: str | None = None) -> Path:
     """Give a tiny model's denoiser enough blocks for an example's TREAD routes (tiny models have one or two
     per list; SimpleTuner's Wan example routes blocks up to 24): every ``*layers`` count of its config grows
     alike to the least that fits the routes, and the denoiser is saved again with random weights."""
@@ -100,7 +111,7 @@ def deepen_for_routes(model: Path, family: str, tread_config: Any) -> Path:
     from kubetuner_trainer.training.tread import TreadConfigError, parse_tread_config, resolve_routes
 
     cls = family_class(family)
-    folder = model / cls.denoiser_name
+    folder = model / (cls.denoiser_subfolder(flavour) or cls.denoiser_name)  # the expert a flavour trains
     config = json.loads((folder / "config.json").read_text())
     counts = [k for k, v in config.items() if k.endswith("layers") and isinstance(v, int) and v > 0]
     routes = parse_tread_config(tread_config)
@@ -134,20 +145,24 @@ def trainer(config: Path, *extra: str) -> tuple[int, str]:
 
 
 def run_example(folder: Path, examples: Path, work: Path, images: Path, *, train: bool,
-                models: dict[str, Path]) -> dict[str, Any]:
+                models: dict[tuple[str, str | None], Path], clips: Path | None = None) -> dict[str, Any]:
     """Swap, check and (with ``train``) train one example; ``models`` caches one tiny model per family."""
     from kubetuner_trainer.models.registry import implemented_families
     from kubetuner_trainer.tiny import build_tiny_model
 
     config = json.loads((folder / "config.json").read_text())
     family = str(config.get("model_family", ""))
+    flavour = config.get("model_flavour")
     model = None
     if train and family in implemented_families():  # --print-config reads no weights: the Hub id may stay
         if config.get("tread_config"):  # deep enough for its routes: built for this example alone
-            model = deepen_for_routes(build_tiny_model(family, work / "model"), family, config["tread_config"])
+            model = deepen_for_routes(build_tiny_model(family, work / "model", flavour=flavour), family,
+                                      config["tread_config"], flavour)
         else:
-            model = models.setdefault(family, build_tiny_model(family, work / "model"))
-    path = swap_config(config, examples, work, images, model)
+            if (family, flavour) not in models:
+                models[family, flavour] = build_tiny_model(family, work / "model", flavour=flavour)
+            model = models[family, flavour]
+    path = swap_config(config, examples, work, images, model, clips)
     outcome, problem = classify(*trainer(path, "--print-config"))
     if train and outcome == "accepted" and model is not None:
         small = {**json.loads(path.read_text()), "max_train_steps": 1, "num_train_epochs": 0, "resolution": 64,
@@ -166,15 +181,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", action="store_true", help="train one step on tiny models when accepted")
     parser.add_argument("--only", nargs="*", default=None, help="example folder names to run")
     args = parser.parse_args(argv)
-    from kubetuner_trainer.tiny import build_tiny_dataset
+    from kubetuner_trainer.tiny import build_tiny_dataset, build_tiny_video_dataset
 
     with tempfile.TemporaryDirectory(prefix="st-examples-") as scratch:
         root = Path(scratch)
         examples = args.examples or download_examples(root)
         images = build_tiny_dataset(root / "images", count=4, sizes=((64, 64),))
+        # 128 px and 160 frames: what the video examples' own dataset settings keep (minimum_image_size 128,
+        # num_frames unset: 5 s at 30 fps); --train trains them on 9-frame windows at 64 px
+        clips = build_tiny_video_dataset(root / "clips", count=2, frames=TINY_CLIP_FRAMES + 10, sizes=((128, 128),))
         folders = sorted(p.parent for p in examples.glob("*/config.json"))
-        models: dict[str, Path] = {}
-        rows = [run_example(f, examples, Path(tempfile.mkdtemp(dir=root)), images, train=args.train, models=models)
+        models: dict[tuple[str, str | None], Path] = {}
+        rows = [run_example(f, examples, Path(tempfile.mkdtemp(dir=root)), images, train=args.train, models=models,
+                            clips=clips)
                 for f in folders if args.only is None or f.name in args.only]
     width = max([len(r["example"]) for r in rows] + [7])
     print(f"{'example':<{width}}  {'family':<13} {'outcome':<9} first problem")
