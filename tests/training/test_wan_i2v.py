@@ -213,3 +213,13 @@ def test_validation_uses_both_experts_and_the_latest_samples_frames(wan_cfg):
     decoded = torch.from_numpy(np.array(first)).float() / 127.5 - 1
     reconstruction = family.vae.decode(family.vae.encode(clip[:, :, :1]).latent_dist.mode()).sample[0, :, 0]
     torch.testing.assert_close(decoded, reconstruction.permute(1, 2, 0).clamp(-1, 1), atol=0.01, rtol=0)
+
+
+def test_a_flavour_that_does_not_fit_the_folder_is_a_config_error(wan_cfg, tiny_model):
+    from kubetuner_trainer.config import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        load_family(wan_cfg("t2v-480p-1.3b-2.1", pretrained_model_name_or_path=str(tiny_model("wan", KINDS["i2v"]))))
+    (problem,) = refused.value.problems
+    assert problem.option == "model_flavour" and "12 input channels" in problem.message
+    assert "i2v-14b-2.1," in problem.message and "t2v-480p" not in problem.message.split("layout:")[1]

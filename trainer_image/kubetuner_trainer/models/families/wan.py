@@ -221,6 +221,24 @@ class WanFamily(ModelFamily):
         super().__init__(cfg, components, **kwargs)
         if self.flavour.concatenates_condition or self.flavour.stage:
             self.pipeline_class = "WanImageToVideoPipeline"
+        self._check_input_channels()
+
+    def _check_input_channels(self) -> None:
+        """ConfigError when the transformer's input channels do not fit the flavour (e.g. an i2v folder trained
+        with a text-to-video flavour): ``C`` latents, or ``2C + 4`` with the i2v condition."""
+        from ...config import ConfigError
+
+        config = self.denoiser.config
+        channels = config.out_channels or config.in_channels
+        given = 2 * channels + TEMPORAL_COMPRESSION if self.flavour.concatenates_condition else channels
+        if config.in_channels != given:
+            fitting = [n for n, f in WAN_FLAVOURS.items() if f.kind != "vace" and
+                       (2 * channels + TEMPORAL_COMPRESSION if f.concatenates_condition else channels)
+                       == config.in_channels]
+            raise ConfigError([Problem("model_flavour", self.cfg.model_flavour or DEFAULT_FLAVOUR,
+                                       f"does not fit {self.components.source.model}: its transformer takes "
+                                       f"{config.in_channels} input channels, this flavour gives {given}; flavours "
+                                       f"of that layout: {', '.join(fitting) or 'none'}")])
 
     @classmethod
     def text_encoder_classes(cls) -> tuple[type, ...]:
