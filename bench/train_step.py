@@ -449,7 +449,8 @@ def bench_config(args, workdir: Path) -> TrainerConfig:
 
 
 def offload_options(args) -> dict:
-    """The trainer options of ``--blocks-to-swap`` / ``--group-offload`` / ``--attention`` (our loop only)."""
+    """The trainer options of ``--blocks-to-swap`` / ``--group-offload`` / ``--attention`` / ``--fuse-qkv`` /
+    ``--attention-slice`` / ``--release-gradients`` (our loop only)."""
     options: dict = {}
     if args.blocks_to_swap:
         options["musubi_blocks_to_swap"] = args.blocks_to_swap
@@ -458,6 +459,12 @@ def offload_options(args) -> dict:
                        group_offload_blocks_per_group=args.group_offload_blocks)
     if args.attention:
         options["attention_mechanism"] = args.attention
+    if args.fuse_qkv:
+        options["fuse_qkv_projections"] = True
+    if args.attention_slice:
+        options["unet_attention_slice"] = True
+    if args.release_gradients:  # the hooks step in the backward pass: no clipping to time
+        options.update(optimizer_release_gradients=True, max_grad_norm=0.0)
     return options
 
 
@@ -531,6 +538,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="our loop: --enable_group_offload with this --group_offload_type")
     parser.add_argument("--group-offload-blocks", type=int, default=1, help="--group_offload_blocks_per_group")
     parser.add_argument("--attention", default=None, help="our loop: --attention_mechanism")
+    parser.add_argument("--fuse-qkv", action="store_true", help="our loop: --fuse_qkv_projections")
+    parser.add_argument("--attention-slice", action="store_true", help="our loop: --unet_attention_slice (UNets)")
+    parser.add_argument("--release-gradients", action="store_true",
+                        help="our loop: --optimizer_release_gradients (needs an optimi-* --optimizer)")
     args = parser.parse_args(argv)
     if args.arch != "tiny" and args.family != REAL_SIZE_ARCHES[args.arch]:
         parser.error(f"--arch {args.arch} needs --family {REAL_SIZE_ARCHES[args.arch]}")
@@ -576,7 +587,8 @@ def main(argv: list[str] | None = None) -> int:
               f"repeats={args.repeats} text_tokens={args.text_tokens if args.family in ('flux', 'wan') else 'n/a'} "
               f"frames={args.frames if args.family == 'wan' else 'n/a'}\n"
               f"ours only: blocks_to_swap={args.blocks_to_swap} group_offload={args.group_offload}"
-              f"/{args.group_offload_blocks} attention={args.attention or 'diffusers'}\n"
+              f"/{args.group_offload_blocks} attention={args.attention or 'diffusers'} fuse_qkv={args.fuse_qkv} "
+              f"attention_slice={args.attention_slice} release_gradients={args.release_gradients}\n"
               f"peak for MFU: {peak:.2f} TFLOP/s ({peak_note})\n")
     lines = [f"{'batch':>5} {'loop':<10} {'samples/s':>10} {'s/step':>8} {'peak mem MiB':>13} "
              f"{'data wait s':>11} {'GFLOP/step':>11} {'MFU %':>7} {'ours/ref':>9}"]

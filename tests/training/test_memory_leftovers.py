@@ -196,8 +196,30 @@ def test_fused_qkv_is_refused_where_it_is_not_built(make_cfg):
     for family, changes, named in (("sd1x", {"model_type": "full"}, "--model_type=full"),
                                    ("sd1x", {"lora_type": "lycoris"}, "--lora_type=lycoris"),
                                    ("lumina2", {}, "Lumina2Transformer2DModel"),
-                                   ("sd3", {}, "SD3Transformer2DModel")):
+                                   ("sd3", {}, "SD3Transformer2DModel"),
+                                   ("sd1x", {"unet_attention_slice": True}, "--unet_attention_slice")):
         with pytest.raises(ConfigError) as info:
             check(make_cfg(family, fuse_qkv_projections=True, **changes))
         messages = [p.message for p in info.value.problems if p.option == "fuse_qkv_projections"]
         assert any(named in m for m in messages), (family, changes, messages)
+
+
+def test_bench_runs_our_loop_with_the_new_memory_flags(tmp_path, monkeypatch):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("bench_train_step_memory", repo / "bench" / "train_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_train_step_memory", bench)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(torch, "set_flush_denormal", lambda flag: True)
+    out = tmp_path / "table.txt"
+    assert bench.main(["--family", "sd1x", "--resolution", "32", "--batch", "1", "--steps", "1", "--warmup", "1",
+                       "--repeats", "1", "--rank", "4", "--fuse-qkv", "--release-gradients",
+                       "--optimizer", "optimi-adamw", "--output", str(out)]) == 0
+    table = out.read_text()
+    assert "fuse_qkv=True attention_slice=False release_gradients=True" in table
+    assert [line.split()[1] for line in table.splitlines() if line.strip().startswith("1 ")] == ["kubetuner",
+                                                                                                   "reference"]

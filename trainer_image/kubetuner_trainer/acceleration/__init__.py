@@ -136,6 +136,9 @@ def _fuse_problems(cfg: Any) -> list[Problem]:
                         f"kubetuner fuses the projections for a standard LoRA on the denoiser only, not with "
                         f"--{option}={value} (its trained weights would have to be split back into to_q/to_k/to_v "
                         "before every save)") for option, value in unbuilt]
+    if getattr(cfg, "unet_attention_slice", False):
+        problems.append(Problem("fuse_qkv_projections", True, "cannot be combined with --unet_attention_slice: "
+                                                              "sliced attention calls the separate projections"))
     cls = _family_class(cfg)
     if cls is not None and not fuses_projections(cls.family):
         from ..models import implemented_families
