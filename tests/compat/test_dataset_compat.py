@@ -43,7 +43,7 @@ def test_metadata_backend_discovery_is_what_we_do(tmp_path, backend):
 @pytest.mark.parametrize(
     ("field", "value"),
     [("metadata_backend", "parquet"), ("caption_strategy", "huggingface"), ("type", "huggingface"),
-     ("dataset_type", "conditioning")],
+     ("dataset_type", "audio")],
 )
 def test_simpletuner_values_not_built_are_named_as_such(tmp_path, field, value):
     message = _problems([_images(tmp_path, **{field: value})])

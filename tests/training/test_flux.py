@@ -74,7 +74,6 @@ def test_guidance_modes_and_attention_mask_reach_the_transformer(make_cfg):
 
 def test_flux_options_are_checked_before_loading(make_cfg):
     for changes, option in (({"flux_lora_target": "controlnet"}, "flux_lora_target"),
-                            ({"model_flavour": "kontext"}, "model_flavour"),
                             ({"model_flavour": "schnell"}, "model_flavour"),
                             ({"flow_schedule_auto_shift": True, "flow_schedule_shift": 3.0}, "flow_schedule_shift"),
                             ({"prediction_type": "epsilon"}, "prediction_type"),

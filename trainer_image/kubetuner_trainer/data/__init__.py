@@ -33,11 +33,35 @@ def preflight_problems(cfg: Any) -> list:
         settings = settings_from_config(cfg)
         if settings.data_backend_config:
             config = load_dataset_config(settings.data_backend_config, settings)
-            return (split_eval_problems(cfg, config)
+            return (split_eval_problems(cfg, config) or family_conditioning_problems(cfg, config)
                     or location_problems(config, settings) + cache_location_problems(config, settings))
     except ConfigError as error:
         return list(error.problems)
     return []
+
+
+def family_requires_conditioning(cfg: Any) -> bool:
+    """Whether the configured family and flavour train on conditioning inputs (``ModelFamily.requires_conditioning``;
+    validation then renders ``--num_eval_images`` dataset samples). False when the family is unset or not built."""
+    from kubetuner_trainer.models.registry import family_class, implemented_families
+
+    name = getattr(cfg, "model_family", None)
+    return name in implemented_families() and family_class(name).requires_conditioning(cfg)
+
+
+def family_conditioning_problems(cfg: Any, config: Any) -> list:
+    """The model family's rules on conditioning datasets (``ModelFamily.requires_conditioning`` and
+    ``conditioning_types``); none when the family is unset or not built."""
+    from kubetuner_trainer.models.registry import family_class, implemented_families
+
+    from .conditioning import conditioning_problems
+
+    name = getattr(cfg, "model_family", None)
+    if name not in implemented_families():
+        return []
+    family = family_class(name)
+    return conditioning_problems(config, family.requires_conditioning(cfg), family.conditioning_types(cfg), name,
+                                 getattr(cfg, "model_flavour", None), getattr(cfg, "eval_dataset_id", None))
 
 
 def __getattr__(name: str) -> Any:

@@ -116,17 +116,23 @@ class ScanReport:
 class LatentCache:
     """VAE latents of one dataset, stored under ``storage`` (a folder or S3 prefix)."""
 
-    def __init__(self, storage: Storage, *, model_key: str, latent_downscale: int, compress: bool = False):
+    def __init__(self, storage: Storage, *, model_key: str, latent_downscale: int, compress: bool = False,
+                 namespace: str = ""):
         self.storage = storage
         self.model_key = model_key
+        #: a conditioning dataset's latents name it here, so their entries never match a target's
+        self.namespace = namespace
         self.latent_downscale = latent_downscale
         self.compress = compress
         self._index: set[str] | None = None
         self._lock = threading.RLock()
 
     def fingerprint(self, plan: SamplePlan) -> str:
-        return _digest({"model": self.model_key, "source": plan.key, "version": plan.version,
-                        "geometry": plan.geometry(), "downscale": self.latent_downscale})
+        payload = {"model": self.model_key, "source": plan.key, "version": plan.version,
+                   "geometry": plan.geometry(), "downscale": self.latent_downscale}
+        if self.namespace:  # unset: the fingerprints of caches written before namespaces existed
+            payload["namespace"] = self.namespace
+        return _digest(payload)
 
     def entry_key(self, plan: SamplePlan) -> str:
         stem = posixpath.splitext(plan.key)[0]
@@ -322,8 +328,11 @@ class TextEmbedCache:
         self._memory_items = memory_items
         self._lock = threading.RLock()
 
-    def entry_key(self, caption: str) -> str:
-        digest = hashlib.sha256(f"{self.model_key}\0{caption}".encode()).hexdigest()
+    def entry_key(self, caption: str, context: str = "") -> str:
+        """The entry's name: a hash of (model, caption) and, for image-conditioned prompts, the ``context``
+        (a digest of the conditioning images, see ``data/conditioning.py``)."""
+        text = f"{self.model_key}\0{caption}" + (f"\0{context}" if context else "")
+        digest = hashlib.sha256(text.encode()).hexdigest()
         return f"{digest[:2]}/{digest}{GZ_SUFFIX if self.compress else SUFFIX}"
 
     def index(self) -> set[str]:
@@ -353,9 +362,34 @@ class TextEmbedCache:
             self.index().update(k for k, _ in items)
         return embeds
 
-    def get(self, caption: str, encoders: Encoders | None = None) -> dict[str, torch.Tensor]:
-        """The embedding of ``caption``; encoded and stored now when missing or corrupt."""
-        key = self.entry_key(caption)
+    def build_with_images(self, items: Iterable[tuple[str, str, Callable[[], list[torch.Tensor]]]],
+                          encoders: Encoders) -> int:
+        """Encode every (caption, context, conditioning-pixels loader) not cached yet, one prompt at a time,
+        through ``encoders.encode_prompts_with_images``; returns how many were encoded."""
+        index = self.index()
+        count = 0
+        for caption, context, images in items:
+            if self.entry_key(caption, context) not in index:
+                self._encode_store_with_images(caption, context, images(), encoders)
+                count += 1
+        return count
+
+    def _encode_store_with_images(self, caption: str, context: str, images: list[torch.Tensor],
+                                  encoders: Encoders) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            embed = encoders.encode_prompts_with_images([caption], [images])[0]  # type: ignore[attr-defined]
+        key = self.entry_key(caption, context)
+        self.storage.write_many([(key, pack(embed, {"model": self.model_key, "caption": caption, "context": context},
+                                            self.compress))])
+        with self._lock:
+            self.index().add(key)
+        return embed
+
+    def get(self, caption: str, encoders: Encoders | None = None, *, context: str = "",
+            images: Callable[[], list[torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+        """The embedding of ``caption`` (with ``context``: of the caption and its conditioning images, which
+        ``images`` loads when it has to be encoded); encoded and stored now when missing or corrupt."""
+        key = self.entry_key(caption, context)
         with self._lock:
             if key in self._memory:
                 self._memory.move_to_end(key)
@@ -363,7 +397,8 @@ class TextEmbedCache:
         embed: dict[str, torch.Tensor] | None = None
         try:
             tensors, meta = unpack(self.storage.read(key))
-            if meta.get("model") == self.model_key and meta.get("caption") == caption:
+            if (meta.get("model") == self.model_key and meta.get("caption") == caption
+                    and meta.get("context", "") == context):
                 embed = tensors
             else:
                 log.warning("text embedding %s belongs to another model/caption; recomputing", key)
@@ -374,7 +409,12 @@ class TextEmbedCache:
         if embed is None:
             if encoders is None:
                 raise KeyError(f"no cached text embedding for caption {caption[:60]!r}")
-            embed = self._encode_store([caption], encoders)[0]
+            if context:
+                if images is None:
+                    raise KeyError(f"no cached text embedding for caption {caption[:60]!r} with its images")
+                embed = self._encode_store_with_images(caption, context, images(), encoders)
+            else:
+                embed = self._encode_store([caption], encoders)[0]
         with self._lock:
             self._memory[key] = embed
             while len(self._memory) > self._memory_items:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +23,14 @@ from kubetuner_trainer.placeholders import substitute_text
 from .settings import DataSettings
 
 # "eval": images held out of training and used for the evaluation loss (see data/evaluation.py)
-DATASET_TYPES = ("image", "video", "text_embeds", "image_embeds", "eval")
+# "conditioning": images paired with a training dataset's images (see data/conditioning.py)
+DATASET_TYPES = ("image", "video", "text_embeds", "image_embeds", "eval", "conditioning")
 # entries whose files are read, bucketed and cached ("video": clips, see data/video.py)
 IMAGE_DATASET_TYPES = ("image", "video", "eval")
 TRAINING_DATASET_TYPES = ("image", "video")
-PLANNED_DATASET_TYPES = ("conditioning", "audio")
+# entries whose files are read from storage (conditioning images are read with their target's plan)
+FILE_DATASET_TYPES = (*IMAGE_DATASET_TYPES, "conditioning")
+PLANNED_DATASET_TYPES = ("audio",)
 BACKEND_TYPES = ("local", "aws")
 PLANNED_BACKEND_TYPES = ("csv", "huggingface")
 RESOLUTION_TYPES = ("pixel", "pixel_area", "area")
@@ -35,6 +39,9 @@ CROP_ASPECTS = ("square", "preserve", "closest", "random")
 CAPTION_STRATEGIES = ("textfile", "filename", "instanceprompt", "parquet")
 # SimpleTuner's metadata backends: "discovery" (and its older name "json") is what this trainer does.
 METADATA_BACKENDS = ("discovery", "json")
+# SimpleTuner's conditioning_type values (its sampler's list); unset behaves as reference_strict here
+CONDITIONING_TYPES = ("reference_strict", "reference_loose", "controlnet", "mask", "segmentation")
+DEFAULT_CONDITIONING_TYPE = "reference_strict"
 # Values SimpleTuner accepts for a field that this trainer has not built yet ("not supported yet").
 PLANNED_VALUES: dict[str, tuple[str, ...]] = {
     "type": PLANNED_BACKEND_TYPES,
@@ -49,9 +56,9 @@ DISCOVERY_STAGES = ("aspect", "vae", "text", "metadata")
 OPERATOR_FIELDS = frozenset({"credentialsSecret", "pvc"})
 # SimpleTuner fields that users may paste but this trainer does not honour yet.
 PLANNED_FIELDS = frozenset({
-    "vae_cache_clear_each_epoch", "hash_filenames", "conditioning_data", "conditioning", "cache_file_suffix",
+    "vae_cache_clear_each_epoch", "hash_filenames", "cache_file_suffix",
     "huggingface", "dataset_name", "csv_file", "csv_caption_column", "csv_cache_dir", "csv_url_column",
-    "audio", "disable_validation", "source_dataset_id", "conditioning_type", "write_batch_size",
+    "audio", "disable_validation", "write_batch_size",
     "caption_filter_list_regex", "prepend_instance_prompt_to_filename", "image_file_extensions",
 })
 SECRET_FIELDS = frozenset({"aws_secret_access_key", "aws_access_key_id"})
@@ -153,6 +160,13 @@ class DatasetEntry:
     preserve_data_backend_cache: bool = False
     scan_for_errors: bool = False
     video: VideoSpec | None = None
+    #: training entries: the ids of their conditioning datasets, in order (``conditioning_data``)
+    conditioning_data: tuple[str, ...] = ()
+    #: conditioning entries: how the image pairs with its target (``CONDITIONING_TYPES``)
+    conditioning_type: str | None = None
+    source_dataset_id: str | None = None
+    #: generated conditioning entries: the ``conditioning`` block they come from (see data/generated.py)
+    generator: dict[str, Any] | None = field(default=None, compare=False)
 
     def skips(self, stage: str) -> bool:
         return stage in {s.strip() for s in self.skip_file_discovery.split(",") if s.strip()}
@@ -173,6 +187,15 @@ class DatasetConfig:
     def image_datasets(self) -> tuple[DatasetEntry, ...]:
         """Enabled entries of images: training datasets and evaluation (``dataset_type: eval``) ones."""
         return tuple(e for e in self.entries if e.dataset_type in IMAGE_DATASET_TYPES and not e.disabled)
+
+    def conditioning_for(self, entry: DatasetEntry) -> tuple[DatasetEntry, ...]:
+        """The enabled conditioning datasets linked to training dataset ``entry``, in link order."""
+        linked = [self.by_id(i) for i in entry.conditioning_data]
+        return tuple(e for e in linked if not e.disabled)
+
+    @property
+    def conditioning_datasets(self) -> tuple[DatasetEntry, ...]:
+        return tuple(e for e in self.entries if e.dataset_type == "conditioning" and not e.disabled)
 
     def by_id(self, dataset_id: str) -> DatasetEntry:
         for entry in self.entries:
@@ -247,6 +270,9 @@ _FIELDS: dict[str, tuple[str, tuple[Any, ...] | None]] = {
     "preserve_data_backend_cache": ("bool", None),
     "scan_for_errors": ("bool", None),
     "video": ("video", None),
+    "conditioning_data": ("strs", None),
+    "conditioning_type": ("str", CONDITIONING_TYPES),
+    "source_dataset_id": ("str", None),
 }
 _PARQUET_FIELDS = ("path", "filename_column", "caption_column", "fallback_caption_column", "width_column",
                    "height_column", "identifier_includes_extension")
@@ -284,7 +310,7 @@ def parse_dataset_config(raw: Any, settings: DataSettings) -> DatasetConfig:
                                           "must be a non-empty JSON list of dataset entries")])
     entries: list[DatasetEntry] = []
     seen: set[str] = set()
-    raw = fill_placeholders(raw, settings)
+    raw = expand_generated(fill_placeholders(raw, settings), settings, problems)
     for index, item in enumerate(raw):
         entry = _parse_entry(index, item, settings, problems)
         if entry is None:
@@ -318,6 +344,72 @@ def fill_placeholders(raw: Any, settings: DataSettings) -> Any:
     return raw
 
 
+# fields of a source entry a generated conditioning entry keeps (its geometry; SimpleTuner copies the entry)
+_GENERATED_KEEPS = ("resolution", "resolution_type", "minimum_image_size", "maximum_image_size",
+                    "target_downsample_size", "max_upscale_threshold", "minimum_aspect_ratio", "maximum_aspect_ratio",
+                    "crop", "crop_style", "crop_aspect", "crop_aspect_buckets", "disabled", "disable", "repeats")
+_GENERATOR_KEY = "__generator__"
+
+
+def expand_generated(raw: Any, settings: DataSettings, problems: list[Problem]) -> Any:
+    """Turn each entry's ``conditioning`` block (one object or a list) into generated conditioning entries.
+
+    SimpleTuner's rules (its metadata duplicator): id ``<source>_conditioning_<type>``, files under the
+    block's ``instance_data_dir`` or ``{cache_dir}/conditioning_data/<id>``, always local storage, latents in
+    ``<source cache_dir_vae>/<id>`` (else the default VAE cache folder), ``conditioning_type`` from the block
+    (default ``reference_strict``), and the source's ``conditioning_data`` becomes the generated ids.
+    """
+    from .generated import GENERATED_TYPES, PLANNED_GENERATED_TYPES, generated_id
+
+    if not isinstance(raw, list):
+        return raw
+    out: list[Any] = []
+    generated: list[Any] = []
+    for item in raw:
+        if not isinstance(item, Mapping) or "conditioning" not in item:
+            out.append(item)
+            continue
+        item = dict(item)
+        block = item.pop("conditioning")
+        ident = item.get("id", "?")
+        where = f"datasets[{ident}].conditioning"
+        blocks = [block] if isinstance(block, Mapping) else block
+        if not isinstance(blocks, list) or not blocks or not all(isinstance(b, Mapping) for b in blocks):
+            problems.append(Problem(where, block, "must be an object (or a list of objects) with a 'type'"))
+            out.append(item)
+            continue
+        ids = []
+        for b in blocks:
+            kind = b.get("type")
+            if kind in PLANNED_GENERATED_TYPES:
+                problems.append(Problem(f"{where}.type", kind, f"is valid in SimpleTuner but not supported yet by "
+                                        f"this trainer ({PLANNED_GENERATED_TYPES[kind]}); supported: "
+                                        f"{', '.join(sorted(set(GENERATED_TYPES.values())))}"))
+                continue
+            if kind not in GENERATED_TYPES:
+                problems.append(Problem(f"{where}.type", kind if kind is not None else MISSING_VALUE,
+                                        "must name a conditioning generator: "
+                                        f"{', '.join(sorted(set(GENERATED_TYPES.values())))}"))
+                continue
+            gen_id = generated_id(str(ident), str(kind))
+            entry: dict[str, Any] = {k: item[k] for k in _GENERATED_KEEPS if k in item}
+            source_cache = item.get("cache_dir_vae") if item.get("type", "local") == "local" else None
+            entry.update({
+                "id": gen_id, "dataset_type": "conditioning", "type": "local", "source_dataset_id": ident,
+                "instance_data_dir": b.get("instance_data_dir")
+                or os.path.join(settings.cache_root, "conditioning_data", gen_id),
+                "conditioning_type": b.get("conditioning_type", DEFAULT_CONDITIONING_TYPE),
+                _GENERATOR_KEY: dict(b),
+            })
+            if isinstance(source_cache, str):
+                entry["cache_dir_vae"] = os.path.join(source_cache, gen_id)
+            generated.append(entry)
+            ids.append(gen_id)
+        item["conditioning_data"] = ids
+        out.append(item)
+    return out + generated
+
+
 def _parse_entry(index: int, item: Any, settings: DataSettings, problems: list[Problem]) -> DatasetEntry | None:
     if not isinstance(item, Mapping):
         problems.append(Problem(f"datasets[{index}]", MISSING_VALUE, "must be a JSON object"))
@@ -333,6 +425,9 @@ def _parse_entry(index: int, item: Any, settings: DataSettings, problems: list[P
     failed: set[str] = set()
     for key, value in item.items():
         if key in OPERATOR_FIELDS:
+            continue
+        if key == _GENERATOR_KEY:
+            values["generator"] = value
             continue
         if key in PLANNED_FIELDS:
             problems.append(Problem(f"{where}.{key}", _shown(key, value), "is not supported yet by this trainer"))
@@ -522,14 +617,14 @@ def _check_entry(e: DatasetEntry, where: str, problems: list[Problem]) -> None:
     def bad(name: str, value: Any, message: str) -> None:
         problems.append(Problem(f"{where}.{name}", _shown(name, value), message))
 
-    if e.type == "local" and e.dataset_type in IMAGE_DATASET_TYPES and not e.instance_data_dir:
+    if e.type == "local" and e.dataset_type in FILE_DATASET_TYPES and not e.instance_data_dir:
         bad("instance_data_dir", MISSING_VALUE, f"is required for a local {e.dataset_type} dataset: the folder "
             "of its files")
     if e.type == "aws" and not e.aws_bucket_name:
         bad("aws_bucket_name", MISSING_VALUE, "is required when type is 'aws'")
     if e.dataset_type in ("text_embeds", "image_embeds") and e.type == "local" and not e.cache_dir:
         bad("cache_dir", MISSING_VALUE, f"is required for a {e.dataset_type} entry: where the cache is written")
-    if e.dataset_type in IMAGE_DATASET_TYPES and e.cache_dir:
+    if e.dataset_type in FILE_DATASET_TYPES and e.cache_dir:
         bad("cache_dir", e.cache_dir, "is for text_embeds/image_embeds entries; an image dataset's latent cache "
             "folder is cache_dir_vae")
     if e.dataset_type not in IMAGE_DATASET_TYPES and e.text_embeds:
@@ -575,6 +670,11 @@ def _check_entry(e: DatasetEntry, where: str, problems: list[Problem]) -> None:
                 f"stage {stage!r} is not one of the allowed values: {', '.join(DISCOVERY_STAGES)}")
     if e.type == "local" and e.aws_bucket_name:
         bad("aws_bucket_name", e.aws_bucket_name, "is only used when type is 'aws'")
+    if e.conditioning_type is not None and e.dataset_type != "conditioning":
+        bad("conditioning_type", e.conditioning_type, "is for entries with dataset_type 'conditioning'")
+    if e.conditioning_data and e.dataset_type not in TRAINING_DATASET_TYPES:
+        bad("conditioning_data", list(e.conditioning_data), "links a training dataset (dataset_type 'image' or "
+            "'video') to its conditioning datasets")
 
 
 def _check_references(entries: list[DatasetEntry], problems: list[Problem]) -> None:
@@ -589,6 +689,27 @@ def _check_references(entries: list[DatasetEntry], problems: list[Problem]) -> N
                 known = ", ".join(sorted(x.id for x in entries if x.dataset_type == kind)) or "none defined"
                 problems.append(Problem(f"datasets[{e.id}].{name}", ref,
                                         f"must name an entry with dataset_type {kind!r}; such entries: {known}"))
+    _check_conditioning_links(entries, by_id, problems)
     defaults = [e.id for e in entries if e.dataset_type == "text_embeds" and e.default and not e.disabled]
     if len(defaults) > 1:
         problems.append(Problem("datasets[*].default", defaults, "only one text_embeds entry may be the default"))
+
+
+def _check_conditioning_links(entries: list[DatasetEntry], by_id: dict[str, DatasetEntry],
+                              problems: list[Problem]) -> None:
+    """``conditioning_data`` names conditioning entries; ``source_dataset_id`` names a training entry."""
+    known = ", ".join(sorted(e.id for e in entries if e.dataset_type == "conditioning")) or "none defined"
+    for e in entries:
+        for ref in e.conditioning_data:
+            target = by_id.get(ref)
+            if target is None or target.dataset_type != "conditioning":
+                problems.append(Problem(f"datasets[{e.id}].conditioning_data", ref,
+                                        f"must name an entry with dataset_type 'conditioning'; such entries: {known}"))
+        if len(set(e.conditioning_data)) != len(e.conditioning_data):
+            problems.append(Problem(f"datasets[{e.id}].conditioning_data", list(e.conditioning_data),
+                                    "names a conditioning dataset twice"))
+        if e.source_dataset_id is not None:
+            source = by_id.get(e.source_dataset_id)
+            if source is None or source.dataset_type not in TRAINING_DATASET_TYPES:
+                problems.append(Problem(f"datasets[{e.id}].source_dataset_id", e.source_dataset_id,
+                                        "must name a training entry (dataset_type 'image' or 'video')"))

@@ -34,6 +34,12 @@ def inspect_datasets(settings: DataSettings, *, environ: Mapping[str, str] | Non
             _verify(item, settings)
     effective = settings.effective_batch_size
     datasets = [_dataset_report(p, effective) for p in prepared]
+    for report, item in zip(datasets, prepared, strict=True):
+        report["conditioning"] = _conditioning_report(config, item, settings, environ)
+        missing = [c for c in report["conditioning"] if c["missing"]]
+        if missing:
+            report["batch_check"] = {"ok": False, "message": "training files without a conditioning pair in "
+                                     + ", ".join(c["id"] for c in missing) + ": training refuses this (exit 78)"}
     disabled = [e.id for e in config.entries if e.disabled]
     return {
         "decoded": verify,
@@ -99,6 +105,30 @@ def _dataset_report(p: PreparedDataset, effective: int) -> dict[str, Any]:
     }
 
 
+def _conditioning_report(config: Any, item: PreparedDataset, settings: DataSettings,
+                         environ: Mapping[str, str] | None) -> list[dict[str, Any]]:
+    """The conditioning datasets linked to a training dataset: how many of its samples they pair, which lack
+    a pair (first few) and how many conditioning files pair with nothing (see ``data/conditioning.py``)."""
+    from .conditioning import SHOWN_MISSING, prepare_conditioning
+
+    plans = [p for ps in item.buckets.buckets.values() for p in ps]
+    out = []
+    for entry in config.conditioning_for(item.entry):
+        row: dict[str, Any] = {"id": entry.id, "location": entry.location,
+                               "conditioning_type": entry.conditioning_type or "reference_strict",
+                               "generated": entry.generator.get("type") if entry.generator else None}
+        if entry.generator is not None:  # written when training starts; inspect writes nothing
+            row.update(paired=len(plans), missing=[], missing_count=0, unpaired=0)
+        else:
+            found = prepare_conditioning(item.entry, plans, item.storage, entry, settings, environ=environ,
+                                         check_pairs=False)
+            missing = sorted({p.key for p in plans} - set(found.plans))
+            row.update(paired=len(found.plans), missing=missing[:SHOWN_MISSING], missing_count=len(missing),
+                       unpaired=len(found.unpaired))
+        out.append(row)
+    return out
+
+
 def _video_report(p: PreparedDataset) -> dict[str, Any]:
     """Clip statistics of a video dataset: every readable clip found, and the frames training takes."""
     spec = p.entry.video
@@ -149,6 +179,12 @@ def format_report(report: dict[str, Any]) -> str:
                   f"{d['images_usable']}, repeats: {d['repeats']}"]
         if d["video"]:
             lines += _format_video(d["video"])
+        for c in d.get("conditioning", []):
+            how = f"generated ({c['generated']}) at training start" if c["generated"] else f"{c['paired']} pairs"
+            lines.append(f"  conditioning {c['id']} ({c['conditioning_type']}: {c['location']}): {how}"
+                         + (f", {c['unpaired']} files pair with nothing" if c["unpaired"] else ""))
+            if c["missing_count"]:
+                lines.append(f"    missing pairs ({c['missing_count']}): {', '.join(c['missing'])}")
         if d["buckets"]:
             lines.append("  buckets:")
             lines += [f"    {b['size']:>11}  {b['count']}" for b in d["buckets"]]

@@ -32,7 +32,8 @@ def location_problems(config: DatasetConfig, settings: DataSettings,
 
     environ = os.environ if environ is None else environ
     problems = []
-    for entry in config.image_datasets:
+    stored = tuple(c for c in config.conditioning_datasets if c.generator is None)  # generated ones are written
+    for entry in config.image_datasets + stored:
         try:
             problem = entry_location_problem(entry, open_dataset_storage(entry, settings, environ))
         except StorageError as error:
@@ -76,7 +77,7 @@ def cache_location_problems(config: DatasetConfig, settings: DataSettings) -> li
 def _cache_folders(config: DatasetConfig, settings: DataSettings) -> list[tuple[str, str | None]]:
     found: list[tuple[str, str | None]] = [("cache_dir", settings.cache_dir), ("cache_dir_vae", settings.cache_dir_vae),
                                            ("cache_dir_text", settings.cache_dir_text)]
-    for entry in config.image_datasets:
+    for entry in config.image_datasets + config.conditioning_datasets:
         if entry.type == "local":
             found.append((f"datasets[{entry.id}].cache_dir_vae", entry.cache_dir_vae))
         for ref in (config.text_embeds_for(entry), config.image_embeds_for(entry)):

@@ -13,7 +13,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -23,11 +23,20 @@ from kubetuner_trainer.config.errors import MISSING, Problem
 from .batch import Batch
 from .buckets import SamplePlan
 from .cache import MISSING_FILE, CacheEntry, Encoders, LatentCache, TextEmbedCache, stack_entries
+from .conditioning import ConditioningSet, choose_slot, conditioning_sets, sample_context
 from .dataset_config import DatasetConfig, DatasetConfigError, DatasetEntry, load_dataset_config
 from .debug_logging import apply_debug_logging, log_batch, log_bucket_decisions, log_sampler_statistics
 from .evaluation import EvalDataset, EvalSource, eval_dataset_ids, held_out_ids
+from .images import load_pixels
 from .prefetch import Prefetcher
-from .prepare import DataError, PreparedDataset, drop_unusable, open_dataset_storage, prepare_all
+from .prepare import (
+    DataError,
+    PreparedDataset,
+    drop_unusable,
+    metadata_storage,
+    open_dataset_storage,
+    prepare_all,
+)
 from .sampler import DatasetSamples, Sampler, ScheduledBatch
 from .settings import DataSettings, settings_from_config
 from .storage import LocalStorage, Storage
@@ -38,10 +47,33 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
 @dataclass
+class _Conditioning:
+    """A conditioning dataset linked to a training dataset, with its latent cache."""
+
+    set: ConditioningSet
+    latents: LatentCache
+
+    @property
+    def id(self) -> str:
+        return self.set.entry.id
+
+
+@dataclass
+class _ConditioningBatch:
+    latents: list[torch.Tensor]  # per slot [B, C, h, w]
+    pixels: list[torch.Tensor] | None  # per slot [B, 3, H, W]
+    paths: list[list[str]]  # [slot][sample]
+    contexts: list[str]  # per sample: the text-cache context of its conditioning images
+    images: list[Callable[[], list[torch.Tensor]]]  # per sample: loads its conditioning pixels (one per slot)
+    conditioning_type: str
+
+
+@dataclass
 class _Dataset:
     prepared: PreparedDataset
     latents: LatentCache
     text: TextEmbedCache
+    conditioning: list[_Conditioning] = field(default_factory=list)
 
     @property
     def entry(self) -> DatasetEntry:
@@ -210,13 +242,47 @@ class TrainingData:
                 return candidate, latents
         raise DataError(f"dataset {dataset.entry.id}: no readable sample left in the bucket of {bad.key}")
 
+    def _slots(self, dataset: _Dataset, epoch: int, key: str) -> list[_Conditioning]:
+        """The conditioning datasets feeding sample ``key``: all (``combined``) or one seeded draw (``random``)."""
+        links = dataset.conditioning
+        if self.settings.conditioning_multidataset_sampling == "random" and len(links) > 1:
+            return [links[choose_slot(self.settings.seed, epoch, key, len(links))]]
+        return list(links)
+
+    def _conditioning(self, dataset: _Dataset, epoch: int, plans: list[SamplePlan]) -> _ConditioningBatch:
+        """The conditioning latents (and pixels when the family asks) of ``plans``, slot by slot."""
+        chosen = [self._slots(dataset, epoch, p.key) for p in plans]
+        slots = len(chosen[0])
+        latents: list[list[torch.Tensor]] = [[] for _ in range(slots)]
+        paths: list[list[str]] = [[] for _ in range(slots)]
+        want_pixels = bool(getattr(self.encoders, "conditioning_needs_pixels", False))
+        pixels: list[list[torch.Tensor]] = [[] for _ in range(slots)]
+        contexts, loaders = [], []
+        for plan, links in zip(plans, chosen, strict=True):
+            for slot, link in enumerate(links):
+                cplan = link.set.plans[plan.key]
+                latents[slot].append(_conditioning_latents(link, cplan, self.encoders))
+                paths[slot].append(f"{link.set.storage.describe().rstrip('/')}/{cplan.key}")
+                if want_pixels:
+                    pixels[slot].append(load_pixels(link.set.storage, cplan))
+            contexts.append(_context(links, plan.key))
+            loaders.append(_pixel_loader(links, plan.key))
+        stacked = [torch.stack(slot) for slot in latents]
+        return _ConditioningBatch(stacked, [torch.stack(p) for p in pixels] if want_pixels else None, paths,
+                                  contexts, loaders, dataset.conditioning[0].set.conditioning_type)
+
     def _assemble(self, scheduled: ScheduledBatch) -> Batch:
         dataset = self.datasets[scheduled.dataset_index]
         plans, entries = self._latents(dataset, scheduled.plans)
         latents, conditioning = stack_entries(entries)
         captions = [self._caption(scheduled, i, dataset.prepared.captions[p.key]) for i, p in enumerate(plans)]
-        embeds = [dataset.text.get(c, self.encoders) for c in captions]
-        text = {key: torch.stack([e[key] for e in embeds]) for key in embeds[0]}
+        cond = self._conditioning(dataset, scheduled.epoch, plans) if dataset.conditioning else None
+        if cond is not None and getattr(self.encoders, "text_uses_conditioning_images", False):
+            embeds = [dataset.text.get(c, self.encoders, context=ctx, images=load)
+                      for c, ctx, load in zip(captions, cond.contexts, cond.images, strict=True)]
+        else:
+            embeds = [dataset.text.get(c, self.encoders) for c in captions]
+        text = {key: _stack_padded([e[key] for e in embeds]) for key in embeds[0]}
         location = dataset.prepared.storage.describe().rstrip("/")
         log_batch(dataset.entry.id, scheduled.epoch, scheduled.position, [p.key for p in plans], plans[0].target_size)
         return Batch(
@@ -231,9 +297,84 @@ class TrainingData:
             dataset_ids=[dataset.entry.id] * len(plans),
             is_regularisation=[dataset.entry.is_regularisation_data] * len(plans),
             is_i2v=dataset.entry.video.is_i2v if dataset.entry.video is not None else None,
+            conditioning_latents=cond.latents if cond else None,
+            conditioning_pixels=cond.pixels if cond else None,
+            conditioning_paths=cond.paths if cond else None,
+            conditioning_type=cond.conditioning_type if cond else None,
             epoch=scheduled.epoch,
             position=scheduled.position,
         )
+
+
+def _stack_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Stack per-sample tensors; when their first (token) axis differs, pad it with zeros to the longest.
+
+    Prompts encoded with their conditioning images (``text_uses_conditioning_images``) hold the images' tokens,
+    so their length varies with the image size; a zero-padded attention mask marks the padding as unused.
+    """
+    longest = max(t.shape[0] for t in tensors) if tensors[0].dim() else 0
+    if all(t.shape == tensors[0].shape for t in tensors) or not longest:
+        return torch.stack(tensors)
+    padded = [torch.cat([t, t.new_zeros((longest - t.shape[0], *t.shape[1:]))]) for t in tensors]
+    return torch.stack(padded)
+
+
+def _conditioning_latents(link: _Conditioning, plan: SamplePlan, encoders: Encoders) -> torch.Tensor:
+    entry = link.latents.load(plan)
+    if entry is None:
+        encoded, failed = link.latents.encode([plan], link.set.storage, encoders)
+        if failed:
+            raise DataError(f"dataset {link.id}: conditioning image {plan.key} cannot be used: {failed[0][1]}")
+        entry = encoded[plan.key]
+    return entry["latents"] if isinstance(entry, dict) else entry  # a family's extra tensors are the target's
+
+
+def _context(links: list[_Conditioning], key: str) -> str:
+    return "+".join(sample_context(link.id, link.set.plans[key]) for link in links)
+
+
+def _pixel_loader(links: list[_Conditioning], key: str) -> Callable[[], list[torch.Tensor]]:
+    return lambda: [load_pixels(link.set.storage, link.set.plans[key]) for link in links]
+
+
+def _link_conditioning(config: DatasetConfig, datasets: list[_Dataset], settings: DataSettings,
+                       encoders: Encoders, environ: Mapping[str, str]) -> None:
+    """Pair every training dataset with its conditioning datasets and open their latent caches."""
+    vae_root = settings.cache_dir_vae or os.path.join(settings.cache_root, "vae")
+    store = metadata_storage(settings)
+    for dataset in datasets:
+        if not config.conditioning_for(dataset.entry):
+            continue
+        plans = [p for ps in dataset.prepared.buckets.buckets.values() for p in ps]
+        for found in conditioning_sets(config, dataset.entry, plans, dataset.prepared.storage, settings,
+                                       environ=environ, metadata_store=store):
+            storage = _cache_storage(found.entry, None, found.entry.cache_dir_vae, vae_root, settings, environ,
+                                     found.entry.id)
+            cache = LatentCache(storage, model_key=encoders.cache_key, latent_downscale=encoders.latent_downscale,
+                                compress=settings.compress_disk_cache, namespace=f"conditioning:{found.entry.id}")
+            dataset.conditioning.append(_Conditioning(found, cache))
+
+
+def _context_combinations(dataset: _Dataset, settings: DataSettings) -> list[list[_Conditioning]]:
+    links = dataset.conditioning
+    if settings.conditioning_multidataset_sampling == "random" and len(links) > 1:
+        return [[link] for link in links]
+    return [list(links)]
+
+
+def _build_image_text(dataset: _Dataset, settings: DataSettings, encoders: Encoders, rank: int,
+                      world_size: int) -> None:
+    """Text embeddings keyed on (caption, conditioning images) for families that encode prompts with them."""
+    plans = sorted((p for ps in dataset.prepared.buckets.buckets.values() for p in ps), key=lambda p: p.key)
+    items = []
+    for plan in plans[rank::world_size]:
+        caption = dataset.prepared.captions[plan.key]
+        for links in _context_combinations(dataset, settings):
+            context, loader = _context(links, plan.key), _pixel_loader(links, plan.key)
+            items.append((caption, context, loader))
+            if settings.caption_dropout_probability > 0:
+                items.append(("", context, loader))
+    dataset.text.build_with_images(items, encoders)
 
 
 def build_training_data(cfg: Any, encoders: Encoders, *, rank: int = 0, world_size: int = 1,
@@ -251,6 +392,10 @@ def build_training_data(cfg: Any, encoders: Encoders, *, rank: int = 0, world_si
     if eval_problems:
         raise DatasetConfigError(eval_problems)
     held_out = held_out_ids(config, eval_ids)
+    linked = [i for i in eval_ids if config.by_id(i).conditioning_data]
+    if linked:  # EvalSource batches carry no conditioning inputs yet
+        raise DatasetConfigError([Problem("eval_dataset_id", linked[0], "links conditioning_data; the evaluation "
+                                          "loss with conditioning inputs is not supported yet by this trainer")])
     prepared = prepare_all(config, settings, environ=environ,
                            progress=(lambda i, d, t: progress(f"discover:{i}", d, t)) if progress else None)
     log_bucket_decisions(prepared)
@@ -275,16 +420,26 @@ def build_training_data(cfg: Any, encoders: Encoders, *, rank: int = 0, world_si
         datasets.append(_Dataset(item, cache, text_caches[text_id]))
         if entry.scan_for_errors:
             _scan(datasets[-1], settings)
+    _link_conditioning(config, datasets, settings, encoders, environ)
 
     if not settings.skips("text"):
+        for dataset in datasets:
+            if dataset.conditioning and getattr(encoders, "text_uses_conditioning_images", False):
+                _build_image_text(dataset, settings, encoders, rank, world_size)
         for text_cache in text_caches.values():
-            users = [d for d in datasets if d.text is text_cache]
+            # prompts encoded with their images are built above; the caption alone would never be read
+            users = [d for d in datasets if d.text is text_cache and not (
+                d.conditioning and getattr(encoders, "text_uses_conditioning_images", False))]
+            if not users:
+                continue
             captions = sorted({""} | {c for d in users for c in d.prepared.captions.values()})
             # each rank encodes its share; a caption another rank has not written yet is encoded on use
             text_cache.build(captions[rank::world_size], encoders)
     if not settings.vae_cache_ondemand and not settings.skips("vae"):
         for dataset in datasets:
             _build_latents(dataset, settings, encoders, rank, world_size, progress)
+            for link in dataset.conditioning:
+                _build_conditioning_latents(dataset, link, settings, encoders, rank, world_size, progress)
     data = TrainingData([d for d in datasets if d.entry.id not in held_out], encoders, settings, rank=rank,
                         world_size=world_size)
     if eval_ids:
@@ -341,6 +496,23 @@ def _build_latents(dataset: _Dataset, settings: DataSettings, encoders: Encoders
     # and are replaced when their batch comes; a single process simply leaves them out.
     if report.failed and world_size == 1:
         drop_unusable(dataset.prepared, list(report.failed), settings)
+
+
+def _build_conditioning_latents(dataset: _Dataset, link: _Conditioning, settings: DataSettings, encoders: Encoders,
+                                rank: int, world_size: int, progress: Progress | None) -> None:
+    """This rank's share of a conditioning dataset's latents; a training sample whose conditioning image cannot
+    be decoded is left out with it (a single process; several ranks fail on it when its batch comes)."""
+    live = {p.key for ps in dataset.prepared.buckets.buckets.values() for p in ps}
+    plans = sorted((p for k, p in link.set.plans.items() if k in live), key=lambda p: p.key)
+    report = link.latents.build(
+        plans[rank::world_size], link.set.storage, encoders, batch_size=settings.vae_batch_size,
+        workers=settings.max_workers, write_batch=settings.write_batch_size,
+        progress=(lambda d, t: progress(f"vae:{link.id}", d, t)) if progress else None)
+    failed = [(key, f"its conditioning image in {link.id} is unusable: {why}") for key, why in report.failed]
+    for key, reason in failed:
+        log.warning("dataset %s: leaving out %s: %s", dataset.entry.id, key, reason)
+    if failed and world_size == 1:
+        drop_unusable(dataset.prepared, failed, settings)
 
 
 def _empty_message(empty: list[str], prepared: list[PreparedDataset], settings: DataSettings) -> str:

@@ -34,6 +34,7 @@ class DataSettings:
     parquet_caption_column: str | None = _default("parquet_caption_column")
     parquet_filename_column: str | None = _default("parquet_filename_column")
     data_backend_sampling: str = _default("data_backend_sampling")
+    conditioning_multidataset_sampling: str = _default("conditioning_multidataset_sampling")
     allow_dataset_oversubscription: bool = _default("allow_dataset_oversubscription")
     disable_bucket_pruning: bool = _default("disable_bucket_pruning")
     aspect_bucket_alignment: int = _default("aspect_bucket_alignment")
@@ -96,6 +97,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "resolution_type": ("pixel", "pixel_area", "area"),
     "caption_strategy": ("filename", "textfile", "instanceprompt", "instance_prompt", "parquet"),
     "data_backend_sampling": ("auto-weighting", "uniform"),
+    "conditioning_multidataset_sampling": ("combined", "random"),
     "vae_cache_scan_behaviour": ("recreate", "sync"),
     "aspect_bucket_alignment": (8, 16, 24, 32, 64),
 }

@@ -89,6 +89,9 @@ class FamilyEncoders:
         self._family = family
         self.cache_key = family.cache_key
         self.latent_downscale = family.latent_downscale
+        #: the conditioning hooks, read by the data pipeline (data/conditioning.py)
+        self.conditioning_needs_pixels = family.conditioning_needs_pixels(family.cfg)
+        self.text_uses_conditioning_images = family.text_uses_conditioning_images(family.cfg)
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
@@ -101,6 +104,14 @@ class FamilyEncoders:
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> list[dict[str, torch.Tensor]]:
         batched = self._family.encode_text(list(prompts))
+        return [{k: v[i].detach().cpu() for k, v in batched.items()} for i in range(len(prompts))]
+
+    @torch.no_grad()
+    def encode_prompts_with_images(self, prompts: list[str],
+                                   images: list[list[torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """Per prompt, its embedding encoded together with its conditioning images (``[3, H, W]`` in [-1, 1],
+        one per slot): ``ModelFamily.encode_text_with_images``."""
+        batched = self._family.encode_text_with_images(list(prompts), images)
         return [{k: v[i].detach().cpu() for k, v in batched.items()} for i in range(len(prompts))]
 
 
@@ -237,6 +248,39 @@ class ModelFamily(ABC):
     def output_framerate(cls, cfg: Any) -> float:
         """Frames per second of rendered clips: ``--framerate``, else :attr:`default_framerate`."""
         return float(getattr(cfg, "framerate", None) or cls.default_framerate)
+
+    # ----- conditioning datasets (data/conditioning.py; every default keeps a family unchanged) ---------
+    @classmethod
+    def requires_conditioning(cls, cfg: Any) -> bool:
+        """Whether the flavour trains on conditioning inputs (edit models): then every training dataset must
+        link a conditioning dataset (preflight, exit 78 naming ``datasets[<id>].conditioning_data``), and
+        validation renders from dataset samples with their conditioning images. False by default."""
+        return False
+
+    @classmethod
+    def conditioning_types(cls, cfg: Any) -> tuple[str, ...] | None:
+        """The ``conditioning_type`` values the flavour takes (None: any, the default)."""
+        return None
+
+    @classmethod
+    def conditioning_needs_pixels(cls, cfg: Any) -> bool:
+        """Whether batches carry ``conditioning_pixels`` next to ``conditioning_latents`` (False by default)."""
+        return False
+
+    @classmethod
+    def text_uses_conditioning_images(cls, cfg: Any) -> bool:
+        """Whether prompts are encoded together with their conditioning images (``encode_text_with_images``;
+        the text-embedding cache is then keyed on caption and images). False by default."""
+        return False
+
+    def encode_text_with_images(self, prompts: Sequence[str],
+                                images: Sequence[Sequence[torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Prompts encoded with their conditioning images → batched tensors like :meth:`encode_text`.
+
+        ``images[i]`` holds prompt ``i``'s conditioning pixels, one ``[3, H, W]`` float32 tensor in [-1, 1] per
+        slot. Families whose :meth:`text_uses_conditioning_images` is true implement it.
+        """
+        raise NotImplementedError(f"model_family {self.family} does not encode prompts with images")
 
     @classmethod
     def config_warnings(cls, cfg: Any) -> list[Problem]:

@@ -407,7 +407,7 @@ OPTIONS: list[Option] = [
            choices=("filename", "textfile", "instance_prompt", "parquet", "instanceprompt")),
     Option("conditioning_multidataset_sampling", "str", "processing",
            "With several conditioning datasets: combined feeds all of them together, random picks one "
-           "per sample.", choices=("combined", "random"), upstream=Upstream(default="random")),
+           "per sample.", default="random", choices=("combined", "random")),
     Option("instance_prompt", "str", "processing",
            "Prompt used for the images when captions come from the instance prompt."),
     Option("prepend_instance_prompt", "bool", "processing",

@@ -110,11 +110,12 @@ UNAPPLIED = {
 
 def preflight_warnings(cfg: Any) -> list[Problem]:
     """Runtime options set to no effect: ``num_eval_images`` caps the renders the CLIP evaluation scores
-    (``--evaluation_type clip``), which scores nothing when validation renders nothing; :data:`UNAPPLIED`."""
+    (``--evaluation_type clip``) and counts the dataset samples edit models validate on; the CLIP evaluation
+    scores nothing when validation renders nothing; :data:`UNAPPLIED`."""
     warnings = []
     is_set = getattr(cfg, "is_set", None)
     clip = clip_evaluation_requested(cfg)
-    if callable(is_set) and is_set("num_eval_images") and not clip:
+    if callable(is_set) and is_set("num_eval_images") and not clip and not _dataset_samples(cfg):
         warnings.append(Problem("num_eval_images", option(cfg, "num_eval_images"),
                                 "has no effect without --evaluation_type clip"))
     if clip and not _renders(cfg):
@@ -123,6 +124,13 @@ def preflight_warnings(cfg: Any) -> list[Problem]:
                                 "--validation_disable off and --validation_method simpletuner-local)"))
     warnings += [Problem(name, True, f"has no effect: {why}") for name, why in UNAPPLIED.items() if option(cfg, name)]
     return warnings
+
+
+def _dataset_samples(cfg: Any) -> bool:
+    """Whether validation renders dataset samples (edit models), ``--num_eval_images`` per dataset."""
+    from ..data import family_requires_conditioning
+
+    return family_requires_conditioning(cfg)
 
 
 def _renders(cfg: Any) -> bool:

@@ -241,6 +241,10 @@ class Validator:
             fallback = int(math.sqrt(fallback * 1_000_000))
         self.resolutions = parse_resolutions(option(cfg, "validation_resolution"), fallback)
         self.adapter_runs = parse_adapter_runs(cfg)
+        #: edit models render training samples with their conditioning images instead of the prompts
+        requires = getattr(family, "requires_conditioning", None)
+        self.uses_dataset_samples = bool(callable(requires) and requires(cfg))
+        self._samples: list[Any] | None = None
         self.adapter_mode = option(cfg, "validation_adapter_mode") or "adapter_only"
         # ema_validation defaults to "comparison" (SimpleTuner's default) but means nothing without --use_ema.
         self.ema_mode = (option(cfg, "ema_validation") or "none") if option(cfg, "use_ema") else "none"
@@ -250,7 +254,18 @@ class Validator:
 
     @property
     def enabled(self) -> bool:
-        return not self.disabled and (self.external or bool(self.prompts))
+        return not self.disabled and (self.external or bool(self.prompts) or self.uses_dataset_samples)
+
+    def dataset_samples(self) -> list[Any]:
+        """The training samples validation renders with their conditioning images (``data.conditioning``):
+        ``--num_eval_images`` per dataset (SimpleTuner's count, 4 when unset), found once."""
+        if self._samples is None:
+            from ..data.conditioning import validation_samples
+            from ..options import get_registry
+
+            count = option(self.cfg, "num_eval_images") or get_registry().get("num_eval_images").upstream.default
+            self._samples = validation_samples(self.cfg, int(count))
+        return self._samples
 
     @property
     def renders(self) -> bool:
@@ -321,7 +336,7 @@ class Validator:
         if self.external:
             self._run_external(step)
             return []
-        if not self.prompts:
+        if not self.prompts and not self.uses_dataset_samples:
             return []
         factories: list[tuple[str, PipelineFactory]] = []
         if pipeline_factory is None and self.family is not None:
@@ -425,14 +440,21 @@ class Validator:
         if option(self.cfg, "validation_seed_source") == "gpu" and torch.cuda.is_available():
             device = "cuda"
         files = []
-        for short_name, prompt in self._rendered_prompts().items():
-            for width, height in self.resolutions:
+        inputs: list[tuple[str, str, Any]] = [(n, p, None) for n, p in self._rendered_prompts().items()]
+        if self.uses_dataset_samples:  # SimpleTuner: dataset samples replace the prompts of edit models
+            inputs = [(s.short_name, s.prompt, list(s.images)) for s in self.dataset_samples()]
+        for short_name, prompt, images in inputs:
+            # an input image keeps its size (SimpleTuner), several render at --validation_resolution
+            sizes = [images[0].size] if images and len(images) == 1 else self.resolutions
+            for width, height in sizes:
                 for number in range(count):
                     image_seed = seed + number
                     kwargs: dict[str, Any] = dict(
                         prompt=prompt, width=width, height=height, num_inference_steps=steps,
                         guidance_scale=guidance, generator=torch.Generator(device).manual_seed(image_seed),
                     )
+                    if images is not None:
+                        kwargs["image"] = images[0] if len(images) == 1 else images
                     if negative:
                         kwargs["negative_prompt"] = negative
                     if rescale:

@@ -7,6 +7,13 @@ value as an input: ``--flux_guidance_mode constant`` (``--flux_guidance_value``)
 ``random-range`` (uniform in ``[--flux_guidance_min, --flux_guidance_max]`` per sample).
 ``--flux_attention_masked_training`` hides T5 padding tokens from attention; ``--t5_padding zero``
 zeroes their embeddings. Flavours and hub ids follow SimpleTuner's release (3.1.6).
+
+``kontext`` (FLUX.1 Kontext, :class:`FluxKontextFamily`) edits images: each training image comes with a
+conditioning image (``conditioning_data``, see ``data/conditioning.py``) whose packed latents are appended
+to the image tokens with position ids whose first coordinate is 1, as ``FluxKontextPipeline`` does; the
+loss is taken on the target's tokens only. Several conditioning images (``combined`` sampling) are placed
+side by side in position space (SimpleTuner's and ComfyUI's offsets). Validation renders dataset samples:
+the caption of a training image with its conditioning image as FluxKontextPipeline's ``image``.
 """
 
 from __future__ import annotations
@@ -46,11 +53,39 @@ def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tenso
     return patches.reshape(b, dim // 4, height, width)
 
 
-def image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """``[H/2·W/2, 3]`` position ids (0, row, column) of the packed tokens of an ``H × W`` latent."""
-    rows = torch.arange(height // 2, device=device).repeat_interleave(width // 2)
-    cols = torch.arange(width // 2, device=device).repeat(height // 2)
-    return torch.stack([torch.zeros_like(rows), rows, cols], dim=1).to(dtype)
+def image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype, *, flag: int = 0,
+              row: int = 0, col: int = 0) -> torch.Tensor:
+    """``[H/2·W/2, 3]`` position ids (flag, row, column) of the packed tokens of an ``H × W`` latent.
+
+    The target image has flag 0; Kontext's conditioning images flag 1, shifted by ``row``/``col`` tokens.
+    """
+    rows = torch.arange(height // 2, device=device).repeat_interleave(width // 2) + row
+    cols = torch.arange(width // 2, device=device).repeat(height // 2) + col
+    return torch.stack([torch.full_like(rows, flag), rows, cols], dim=1).to(dtype)
+
+
+def reference_tokens(latents: Sequence[torch.Tensor], device: torch.device,
+                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kontext's conditioning tokens: each ``[B, C, h, w]`` latent packed (``[B, h/2·w/2, 4C]``) and its ids.
+
+    The first image sits at the origin with flag 1 (FluxKontextPipeline's ids); each further image is placed
+    right of or below the ones before, whichever keeps the larger of the two extents smaller (the offsets of
+    SimpleTuner's ``build_kontext_inputs``, which follow ComfyUI's), so multi-image LoRAs behave alike there.
+    Returns tokens ``[B, S, 4C]`` and ids ``[S, 3]``.
+    """
+    tokens, ids = [], []
+    right = below = 0  # extent covered so far, in latent pixels
+    for latent in latents:
+        _, _, h, w = latent.shape
+        row = col = 0
+        if h + below > w + right:
+            col = right
+        else:
+            row = below
+        tokens.append(pack_latents(latent.to(device, dtype)))
+        ids.append(image_ids(h, w, device, dtype, flag=1, row=row // 2, col=col // 2))
+        right, below = max(right, w + col), max(below, h + row)
+    return torch.cat(tokens, dim=1), torch.cat(ids, dim=0)
 
 
 class FluxFamily(ModelFamily):
@@ -122,12 +157,17 @@ class FluxFamily(ModelFamily):
         return build_tiny_flux(folder, seed=seed)
 
     @classmethod
+    def for_flavour(cls, flavour: str | None, location: str | None = None) -> type[ModelFamily]:
+        return FluxKontextFamily if flavour == KONTEXT else cls
+
+    @classmethod
+    def requires_conditioning(cls, cfg: Any) -> bool:
+        """Kontext trains on (conditioning image, edited image) pairs, as in SimpleTuner."""
+        return cfg.model_flavour == KONTEXT
+
+    @classmethod
     def config_problems(cls, cfg: Any) -> list[Problem]:
         problems = []  # the ControlNet presets are refused by the option registry
-        if cfg.model_flavour == "kontext":
-            problems.append(Problem("model_flavour", "kontext",
-                                    "trains on paired conditioning images, which kubetuner does not implement yet; "
-                                    f"allowed: {', '.join(f for f in cls.flavours if f != 'kontext')}"))
         if cfg.model_flavour == "schnell" and not cfg.flux_fast_schedule:
             problems.append(Problem("model_flavour", "schnell", "needs flux_fast_schedule=true (as in SimpleTuner)"))
         if cfg.flux_guidance_mode == "random-range" and cfg.flux_guidance_min > cfg.flux_guidance_max:
@@ -206,26 +246,36 @@ class FluxFamily(ModelFamily):
             return torch.full((batch_size,), (low + high) / 2)
         return torch.full((batch_size,), float(cfg.flux_guidance_value))
 
+    def extra_tokens(self, batch: Any, device: torch.device,
+                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Tokens appended after the image tokens (and their ids); none for the text-to-image flavours."""
+        return None
+
     def predict(self, denoiser, noisy_latents, timesteps, text, batch):
         b, _, h, w = noisy_latents.shape
         dtype, device = noisy_latents.dtype, noisy_latents.device
         embeds = text["prompt_embeds"].to(device, dtype)
         config = getattr(denoiser, "config", None) or self.denoiser.config
+        tokens, ids = pack_latents(noisy_latents), image_ids(h, w, device, dtype)
+        extra = self.extra_tokens(batch, device, dtype)
+        if extra is not None:
+            tokens, ids = torch.cat([tokens, extra[0]], dim=1), torch.cat([ids, extra[1]], dim=0)
         kwargs: dict[str, Any] = {}
         if config.guidance_embeds:
             kwargs["guidance"] = self.guidance(b, denoiser).to(device, dtype)
         if self.cfg.flux_attention_masked_training:
             text_mask = text["attention_mask"].to(device).bool()
-            image_mask = torch.ones(b, (h // 2) * (w // 2), dtype=torch.bool, device=device)
+            image_mask = torch.ones(b, tokens.shape[1], dtype=torch.bool, device=device)
             # text tokens come first in Flux's joint attention; [B, 1, 1, S] broadcasts over heads and queries
             kwargs["joint_attention_kwargs"] = {"attention_mask": torch.cat([text_mask, image_mask], 1)[:, None, None]}
         out = denoiser(
-            hidden_states=pack_latents(noisy_latents), timestep=timesteps.to(dtype) / 1000.0,
+            hidden_states=tokens, timestep=timesteps.to(dtype) / 1000.0,
             pooled_projections=text["pooled_prompt_embeds"].to(device, dtype), encoder_hidden_states=embeds,
             txt_ids=torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype),
-            img_ids=image_ids(h, w, device, dtype), return_dict=False, **kwargs,
+            img_ids=ids, return_dict=False, **kwargs,
         )[0]
-        return unpack_latents(out, h, w)
+        # the loss is the target's: the conditioning tokens' outputs are dropped
+        return unpack_latents(out[:, : (h // 2) * (w // 2)], h, w)
 
     def route_block_inputs(self, block_list: str, arguments: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
         """The rotary embedding rows (``(cos, sin)``, each ``[S_text + S_image, D]``) and the attention mask
@@ -283,6 +333,40 @@ class FluxFamily(ModelFamily):
             kwargs["true_cfg_scale"] = float(real)
         else:
             kwargs.pop("negative_prompt", None)
+        return kwargs
+
+
+KONTEXT = "kontext"
+
+
+class FluxKontextFamily(FluxFamily):
+    """FLUX.1 Kontext (``--model_flavour kontext``): image editing on conditioning datasets."""
+
+    pipeline_class = "FluxKontextPipeline"
+
+    @classmethod
+    def for_flavour(cls, flavour: str | None, location: str | None = None) -> type[ModelFamily]:
+        return cls
+
+    def extra_tokens(self, batch: Any, device: torch.device,
+                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The batch's conditioning latents as Kontext reference tokens (:func:`reference_tokens`); a batch
+        without them (e.g. an evaluation dataset) trains text-to-image, as the pipeline does without ``image``."""
+        latents = getattr(batch, "conditioning_latents", None)
+        if not latents:
+            return None
+        return reference_tokens(latents, device, dtype)
+
+    def pipeline_call_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """FluxKontextPipeline's arguments: the conditioning image as given (at its training size, no snapping
+        to Kontext's preferred resolutions), one image per call, and the output at the asked size (the pipeline
+        otherwise rescales it to ``max_area``, one megapixel)."""
+        kwargs = super().pipeline_call_kwargs(kwargs)
+        if isinstance(kwargs.get("image"), list):
+            kwargs["image"] = kwargs["image"][0]
+        kwargs["_auto_resize"] = False
+        if kwargs.get("width") and kwargs.get("height"):
+            kwargs["max_area"] = int(kwargs["width"]) * int(kwargs["height"])
         return kwargs
 
 
