@@ -102,11 +102,16 @@ def images(tmp_path_factory) -> Path:
 
 def _write_case(tmp_path: Path, settings: dict[str, Any], images: Path, model: str) -> str:
     datasets = tmp_path / "multidatabackend.json"
-    datasets.write_text(json.dumps([
+    entries = [
         {"id": "pics", "type": "local", "instance_data_dir": str(images), "caption_strategy": "textfile",
          "metadata_backend": "discovery", "cache_dir_vae": str(tmp_path / "cache" / "vae" / "{model_family}"),
          "minimum_image_size": 0},
-    ]))
+    ]
+    if settings.get("controlnet"):  # SimpleTuner trains a ControlNet on a linked conditioning dataset only
+        entries[0]["conditioning_data"] = "controls"
+        entries.append({"id": "controls", "dataset_type": "conditioning", "conditioning_type": "controlnet",
+                        "instance_data_dir": str(images)})
+    datasets.write_text(json.dumps(entries))
     config = {
         **WEB_UI_DEFAULTS,
         # the user's paths and a run small enough for a test
@@ -155,7 +160,9 @@ def test_case_trains_or_names_only_what_is_missing(case, settings, tmp_path, ima
     assert (printed_code, printed) == (started_code, started) or trains, (printed, started)
     if trains:
         assert printed_code == ExitCode.SUCCESS and started_code == ExitCode.SUCCESS, started
-        assert list((tmp_path / "out").glob("*.safetensors")) or (tmp_path / "out" / "model_index.json").exists()
+        out = tmp_path / "out"  # a LoRA, a pipeline, or (--controlnet, full) the ControlNet's model folder
+        assert list(out.glob("*.safetensors")) or (out / "model_index.json").exists() \
+            or (out / "controlnet" / "config.json").exists()
         # {model_family} in the dataset's cache_dir_vae was filled in
         assert any(p.is_file() for p in (tmp_path / "cache" / "vae" / settings["model_family"]).rglob("*"))
         return

@@ -34,12 +34,12 @@ class PairedData(InMemoryData):
     def __init__(self, encoders, **kwargs):
         super().__init__(encoders, **kwargs)
         gen = torch.Generator().manual_seed(99)
-        self.conditioning = encoders.encode_images(torch.rand(self.count, 3, 32, 32, generator=gen) * 2 - 1)
+        self.references = encoders.encode_images(torch.rand(self.count, 3, 32, 32, generator=gen) * 2 - 1)
 
     def __iter__(self):
         for batch in super().__iter__():
             idx = [int(p) for p in batch.paths]
-            batch.conditioning_latents = [self.conditioning[idx]]
+            batch.conditioning_latents = [self.references[idx]]
             yield batch
 
 

@@ -279,10 +279,18 @@ class ResidentEncoders:
         self._plan = plan
         self.cache_key = inner.cache_key
         self.latent_downscale = inner.latent_downscale
+        # the conditioning hooks the data pipeline reads (data/conditioning.py)
+        self.conditioning_needs_pixels = getattr(inner, "conditioning_needs_pixels", False)
+        self.text_uses_conditioning_images = getattr(inner, "text_uses_conditioning_images", False)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         with self._plan.using("vae"):
             return self._inner.encode_images(pixels)
+
+    def encode_prompts_with_images(self, prompts: list[str],
+                                   images: list[list[torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        with self._plan.using("text"):
+            return self._inner.encode_prompts_with_images(prompts, images)
 
     def encode_prompts(self, prompts: list[str]) -> list[dict[str, torch.Tensor]]:
         with self._plan.using("text"):

@@ -252,10 +252,11 @@ class ModelFamily(ABC):
     # ----- conditioning datasets (data/conditioning.py; every default keeps a family unchanged) ---------
     @classmethod
     def requires_conditioning(cls, cfg: Any) -> bool:
-        """Whether the flavour trains on conditioning inputs (edit models): then every training dataset must
-        link a conditioning dataset (preflight, exit 78 naming ``datasets[<id>].conditioning_data``), and
-        validation renders from dataset samples with their conditioning images. False by default."""
-        return False
+        """Whether the run trains on conditioning inputs: edit flavours, and ``--controlnet`` (its control
+        images; SimpleTuner requires a conditioning dataset then too). Every training dataset must then link a
+        conditioning dataset (preflight, exit 78 naming ``datasets[<id>].conditioning_data``), and validation
+        renders dataset samples with their conditioning images. False otherwise (the default)."""
+        return bool(getattr(cfg, "controlnet", False))
 
     @classmethod
     def conditioning_types(cls, cfg: Any) -> tuple[str, ...] | None:
@@ -264,8 +265,9 @@ class ModelFamily(ABC):
 
     @classmethod
     def conditioning_needs_pixels(cls, cfg: Any) -> bool:
-        """Whether batches carry ``conditioning_pixels`` next to ``conditioning_latents`` (False by default)."""
-        return False
+        """Whether batches carry ``conditioning_pixels`` next to ``conditioning_latents``: a ControlNet that reads
+        pixels (``controlnet_input``) needs them; False otherwise (the default)."""
+        return bool(getattr(cfg, "controlnet", False)) and cls.controlnet_input == "pixels"
 
     @classmethod
     def text_uses_conditioning_images(cls, cfg: Any) -> bool:

@@ -162,8 +162,9 @@ class FluxFamily(ModelFamily):
 
     @classmethod
     def requires_conditioning(cls, cfg: Any) -> bool:
-        """Kontext trains on (conditioning image, edited image) pairs, as in SimpleTuner."""
-        return cfg.model_flavour == KONTEXT
+        """Kontext trains on (conditioning image, edited image) pairs, as in SimpleTuner (and any flavour does
+        with ``--controlnet``)."""
+        return cfg.model_flavour == KONTEXT or super().requires_conditioning(cfg)
 
     @classmethod
     def config_problems(cls, cfg: Any) -> list[Problem]:
