@@ -223,3 +223,28 @@ def test_bench_runs_our_loop_with_the_new_memory_flags(tmp_path, monkeypatch):
     assert "fuse_qkv=True attention_slice=False release_gradients=True" in table
     assert [line.split()[1] for line in table.splitlines() if line.strip().startswith("1 ")] == ["kubetuner",
                                                                                                    "reference"]
+
+
+def test_block_swap_of_a_quanto_int8_base_trains_like_the_resident_one(make_cfg):
+    from optimum.quanto import QTensor
+
+    from kubetuner_trainer.acceleration import blockswap
+
+    flux = {"tokenizer_max_length": 16, "max_train_steps": 2, "gradient_checkpointing": True,
+            "base_model_precision": "int8-quanto"}
+    resident = _run(make_cfg("flux", **flux), data_factory=_two_samples)
+    swapped_types: list[type] = []
+    original_attach = blockswap.BlockSwap._attach
+
+    def spy(self, block):
+        entry = original_attach(self, block)
+        swapped_types.extend(type(p.data) for _, _, p in entry.frozen)
+        return entry
+
+    blockswap.BlockSwap._attach = spy
+    try:
+        swapped = _run(make_cfg("flux", musubi_blocks_to_swap=2, **flux), data_factory=_two_samples)
+    finally:
+        blockswap.BlockSwap._attach = original_attach
+    _assert_same_run(resident, swapped)
+    assert any(issubclass(t, QTensor) for t in swapped_types)  # the int8 weights themselves wait off the device
