@@ -120,6 +120,21 @@ def test_routing_is_off_outside_training_and_after_removal(make_cfg):
     assert torch.equal(run(True, True), plain[True, True])
 
 
+def test_per_token_modulation_is_cut_with_the_tokens(make_cfg):
+    """Per-frame timesteps (Wan 2.2 ti2v) reach Wan's blocks as per-token modulation ``[B, S, 6, D]``."""
+    family = load_family(make_cfg("wan"))
+    latents, _, text = _inputs(family)
+    seen = []
+    _router(family)  # its hooks run first: the recording hook sees what the block gets
+    block = family.transformer_blocks()[1]
+    block.register_forward_pre_hook(lambda m, a, k: seen.append((k["hidden_states"].shape[1], k["temb"].shape[1],
+                                                                  k["rotary_emb"][0].shape[1])), with_kwargs=True)
+    family.denoiser.train()
+    out = family.predict(family.denoiser, latents, torch.tensor([[0.0, 500.0], [0.0, 800.0]]), text, None)
+    tokens = latents.shape[2] * (latents.shape[3] // 2) * (latents.shape[4] // 2)
+    assert seen == [(tokens // 2, tokens // 2, tokens // 2)] and torch.isfinite(out).all()
+
+
 def test_gradient_checkpointing_recomputes_the_same_route(make_cfg):
     grads = []
     for checkpointing in (False, True):

@@ -191,6 +191,13 @@ the latest checkpoint). These are the deliberate differences:
   experts (SimpleTuner: the trained one alone, 40 steps, guidance 3.5 forced). `flf2v-14b-2.1` also
   conditions on the clip's last frame, the condition latents are the VAE posterior mean, and
   `ti2v-5b-2.2` leaves the clean first frame out of the loss.
+- **TREAD routing** (`--tread_config`) draws one set of kept image tokens per batch (SimpleTuner:
+  per sample) from the loop's seeded generator, so a resumed run routes exactly as an unbroken one,
+  and keeps them in their order. Malformed, out-of-range or overlapping routes are refused (exit 78)
+  where SimpleTuner would crash or skip them; `start_layer_idx`/`end_layer_idx` count the blocks of
+  every block list in forward order, both included, as in SimpleTuner. A family that cannot be
+  routed is refused with the list of those that can (SimpleTuner 3.1.6 also routes sana and
+  hidream, which kubetuner does not yet).
 
 Options whose default differs from SimpleTuner's, and why:
 
