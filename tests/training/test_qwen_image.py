@@ -35,8 +35,7 @@ def test_flavours_and_refusals(make_cfg):
     cls = family_class("qwen_image")
     assert resolve_source(cls, _cfg(make_cfg, pretrained_model_name_or_path=None)).model == "Qwen/Qwen-Image"
     assert cls.flavours["edit-v2"] == "Qwen/Qwen-Image-Edit-2509"
-    for changes, option in (({"model_flavour": "edit-v1"}, "model_flavour"),
-                            ({"train_text_encoder": True}, "train_text_encoder"),
+    for changes, option in (({"train_text_encoder": True}, "train_text_encoder"),
                             ({"tokenizer_max_length": 2000}, "tokenizer_max_length"),
                             ({"aspect_bucket_alignment": 8}, "aspect_bucket_alignment"),
                             ({"prediction_type": "epsilon"}, "prediction_type")):

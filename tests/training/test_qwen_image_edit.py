@@ -4,14 +4,25 @@ and the LoRA loading into the diffusers edit pipeline."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
-from training_helpers import InMemoryData, assert_lora_resume_is_exact, train_in_process
+from PIL import Image
+from training_helpers import (
+    InMemoryData,
+    RecordingEvents,
+    assert_lora_resume_is_exact,
+    tiny_run_values,
+    write_images,
+)
 
+from kubetuner_trainer.config import ConfigError, TrainerConfig
 from kubetuner_trainer.contract import ExitCode
 from kubetuner_trainer.models import family_class, load_family
 from kubetuner_trainer.models.families.qwen_image import QwenImageEditFamily, QwenImageEditPlusFamily
+from kubetuner_trainer.training.preflight import check
 
 LENGTH = 24  # text tokens after the template's drop: enough for every test caption
 FLAVOURS = {"edit-v1": QwenImageEditFamily, "edit-v2": QwenImageEditPlusFamily}
@@ -33,9 +44,8 @@ class EditData(InMemoryData):
         gen = torch.Generator().manual_seed(99)
         self.references = [torch.rand(count, 3, 32, 32, generator=gen) * 2 - 1 for _ in range(slots)]
         self.reference_latents = [encoders.encode_images(r) for r in self.references]
-        images = [[r[i] for r in self.references] for i in range(count)]
-        batched = encoders._family.encode_text_with_images(self.prompts, images)  # TODO cond: encode_prompts_with_images
-        self.text = [{k: v[i] for k, v in batched.items()} for i in range(count)]
+        self.text = encoders.encode_prompts_with_images(
+            self.prompts, [[r[i] for r in self.references] for i in range(count)])
 
     def __iter__(self):
         for batch in super().__iter__():
@@ -93,45 +103,6 @@ def test_prompts_are_read_with_their_reference_images_as_the_pipeline_reads_them
     assert mask[0].tolist() == [1] * n + [0] * (mask.shape[1] - n) and torch.count_nonzero(embeds[0, n:]) == 0
 
 
-@pytest.mark.parametrize("flavour", sorted(FLAVOURS))
-def test_lora_step_then_the_loss_falls_on_an_overfit_batch(make_cfg, tiny_model, flavour):
-    slots = 2 if flavour == "edit-v2" else 1
-    cfg = _cfg(make_cfg, tiny_model, flavour, max_train_steps=15, lora_rank=8, learning_rate=1e-2)
-    family = load_family(cfg)
-    data = EditData(family.encoders(), slots=slots)
-    before = _edit_loss(family, data)
-    from accelerate import Accelerator
-
-    from kubetuner_trainer.training.loop import TrainingLoop
-
-    result = TrainingLoop(cfg, Accelerator(cpu=True), family, data, seed=7).run()
-    assert result.exit_code == ExitCode.SUCCESS
-    assert all(np.isfinite(result.losses)) and len(result.losses) == 15
-    assert _edit_loss(family, data) < before * 0.9
-
-
-def test_the_reference_changes_the_prediction_and_only_the_target_is_predicted(make_cfg, tiny_model):
-    family = load_family(_cfg(make_cfg, tiny_model, "edit-v2"))
-    data = EditData(family.encoders(), slots=2)
-    batch = next(iter(data))
-    noisy, steps = torch.randn(batch.latents.shape), torch.tensor([400.0, 600.0])
-    with torch.no_grad():
-        both = family.predict(family.denoiser, noisy, steps, batch.text, batch)
-        batch.conditioning_latents = batch.conditioning_latents[:1]
-        one = family.predict(family.denoiser, noisy, steps, batch.text, batch)
-    assert both.shape == one.shape == batch.latents.shape
-    assert not torch.allclose(both, one)
-    batch.conditioning_latents = None
-    with pytest.raises(ValueError, match="conditioning_data"):
-        family.predict(family.denoiser, noisy, steps, batch.text, batch)
-
-
-def test_edit_lora_resume_is_exact(make_cfg, tiny_model, tmp_path):
-    assert_lora_resume_is_exact(
-        lambda **kw: _cfg(make_cfg, tiny_model, "edit-v2", max_train_steps=4, learning_rate=1e-3, **kw), tmp_path,
-        data_factory=lambda encoders: EditData(encoders, slots=2))
-
-
 @pytest.fixture
 def small_edit_renders(monkeypatch):
     """The edit pipelines read their reference image at about 1 MP (16k tokens for the tiny 4x VAE, a minute
@@ -145,22 +116,43 @@ def small_edit_renders(monkeypatch):
     monkeypatch.setattr(pipeline_qwenimage_edit_plus, "VAE_IMAGE_SIZE", 64 * 64)
 
 
-def test_saved_lora_loads_into_the_edit_pipeline_and_changes_its_output(make_cfg, tiny_model, tmp_path,
+def _check_reference_tokens(family, data: EditData) -> None:
+    """Each reference slot changes the prediction, which has the target's shape; none is an error."""
+    batch = next(iter(data))
+    noisy, steps = torch.randn(batch.latents.shape), torch.tensor([400.0, 600.0])
+    with torch.no_grad():
+        both = family.predict(family.denoiser, noisy, steps, batch.text, batch)
+        batch.conditioning_latents = batch.conditioning_latents[:1]
+        one = family.predict(family.denoiser, noisy, steps, batch.text, batch)
+    assert both.shape == one.shape == batch.latents.shape and not torch.allclose(both, one)
+    batch.conditioning_latents = None
+    with pytest.raises(ValueError, match="conditioning_data"):
+        family.predict(family.denoiser, noisy, steps, batch.text, batch)
+
+
+@pytest.mark.parametrize("flavour", sorted(FLAVOURS))
+def test_lora_overfits_a_paired_batch_and_loads_into_the_edit_pipeline(make_cfg, tiny_model, tmp_path, flavour,
                                                                         small_edit_renders):
-    from PIL import Image
-    from safetensors.torch import load_file
+    import diffusers
+    from accelerate import Accelerator
 
-    cfg = _cfg(make_cfg, tiny_model, "edit-v1", output_dir=str(tmp_path / "out"), max_train_steps=2,
-               learning_rate=5e-2, lora_alpha=8)
-    result, family, _ = train_in_process(cfg, data_factory=lambda encoders: EditData(encoders))
+    from kubetuner_trainer.training.loop import TrainingLoop
+
+    cfg = _cfg(make_cfg, tiny_model, flavour, output_dir=str(tmp_path / "out"), max_train_steps=10, lora_rank=8,
+               learning_rate=2e-2)
+    family = load_family(cfg)
+    data = EditData(family.encoders(), slots=2 if flavour == "edit-v2" else 1)
+    if flavour == "edit-v2":
+        _check_reference_tokens(family, data)
+    before = _edit_loss(family, data)
+    result = TrainingLoop(cfg, Accelerator(cpu=True), family, data, seed=7).run()
     assert result.exit_code == ExitCode.SUCCESS
-    saved = load_file(str(tmp_path / "out" / "pytorch_lora_weights.safetensors"))
-    assert saved and {k.split(".", 1)[0] for k in saved} == {"transformer"}
-    from diffusers import QwenImageEditPipeline
+    assert all(np.isfinite(result.losses)) and len(result.losses) == 10
+    assert _edit_loss(family, data) < before * 0.9
 
-    # diffusers' own loader; only the processor is handed over (transformers' needs torchvision)
-    pipe = QwenImageEditPipeline.from_pretrained(str(tiny_model("qwen_image", "edit-v1")),
-                                                 processor=family.components.extra["processor"])
+    # diffusers' own loader and pipeline; only the processor is handed over (transformers' needs torchvision)
+    pipe = getattr(diffusers, FLAVOURS[flavour].pipeline_class).from_pretrained(
+        str(tiny_model("qwen_image", flavour)), processor=family.components.extra["processor"])
     pipe.set_progress_bar_config(disable=True)
     reference = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
 
@@ -171,3 +163,77 @@ def test_saved_lora_loads_into_the_edit_pipeline_and_changes_its_output(make_cfg
     base = render()
     pipe.load_lora_weights(str(tmp_path / "out"))
     assert np.abs(base - render()).max() > 1e-3
+
+
+def test_edit_lora_resume_is_exact(make_cfg, tiny_model, tmp_path):
+    assert_lora_resume_is_exact(
+        lambda **kw: _cfg(make_cfg, tiny_model, "edit-v2", max_train_steps=4, learning_rate=1e-3, **kw), tmp_path,
+        data_factory=lambda encoders: EditData(encoders, slots=2))
+
+
+def _edit_datasets(tmp_path, *, link: bool = True, same_caption: bool = False, kind: str = "reference_strict") -> str:
+    """Targets ``edited/`` with two reference datasets (``sources``, ``styles``) pairing by file name."""
+    train = write_images(tmp_path / "edited", 4)
+    if same_caption:
+        for txt in train.glob("*.txt"):
+            txt.write_text("make it red")
+    entries = [{"id": "edits", "instance_data_dir": str(train), "caption_strategy": "textfile"}]
+    for number, name in enumerate(("sources", "styles")):
+        folder = write_images(tmp_path / name, 4, seed=50 + number)
+        for txt in folder.glob("*.txt"):
+            txt.unlink()
+        entries.append({"id": name, "dataset_type": "conditioning", "instance_data_dir": str(folder),
+                        "conditioning_type": kind})
+    if link:
+        entries[0]["conditioning_data"] = ["sources", "styles"]
+    path = tmp_path / "multidatabackend.json"
+    path.write_text(json.dumps(entries))
+    return str(path)
+
+
+def _run_values(tiny_model, tmp_path, flavour, **overrides):
+    return tiny_run_values(tiny_model("qwen_image", flavour), tmp_path, overrides.pop("datasets"),
+                           model_family="qwen_image", model_flavour=flavour, tokenizer_max_length=LENGTH,
+                           **overrides)
+
+
+@pytest.mark.parametrize(("link", "kind", "field"), [(False, "reference_strict", r"datasets\[edits\]\.conditioning_data"),
+                                                    (True, "controlnet", r"datasets\[sources\]\.conditioning_type")])
+def test_an_edit_flavour_without_reference_images_is_refused_naming_the_field(tmp_path, tiny_model, link, kind,
+                                                                               field):
+    values = _run_values(tiny_model, tmp_path, "edit-v1", datasets=_edit_datasets(tmp_path, link=link, kind=kind))
+    with pytest.raises(ConfigError, match=field):
+        check(TrainerConfig.from_mapping(values))
+
+
+def test_the_text_cache_keys_on_the_reference_images(tmp_path, tiny_model):
+    from kubetuner_trainer.data import build_training_data
+
+    cfg = TrainerConfig.from_mapping(_run_values(
+        tiny_model, tmp_path, "edit-v1", datasets=_edit_datasets(tmp_path, same_caption=True)))
+    family = load_family(cfg)
+    data = build_training_data(cfg, family.encoders())
+    batch = next(iter(data))
+    assert batch.captions == ["make it red"] * 2  # one caption, two reference images: two embeddings
+    assert not torch.allclose(batch.text["prompt_embeds"][0], batch.text["prompt_embeds"][1])
+    entries = list((tmp_path / "cache" / "text").rglob("*.safetensors*"))
+    assert len(entries) >= 8  # one per (caption, reference file): 4 targets x 2 linked reference datasets
+
+
+def test_edit_plus_trains_through_the_trainer_on_two_reference_datasets_and_validates(tmp_path, tiny_model,
+                                                                                     small_edit_renders):
+    from kubetuner_trainer.train import run
+
+    cfg = TrainerConfig.from_mapping(_run_values(
+        tiny_model, tmp_path, "edit-v2", datasets=_edit_datasets(tmp_path), max_train_steps=2,
+        conditioning_multidataset_sampling="combined", validation_step_interval=2, validation_resolution="32",
+        validation_num_inference_steps=2, num_eval_images=1))
+    check(cfg)
+    events = RecordingEvents()
+    assert run(cfg, events) == ExitCode.SUCCESS
+    assert all(np.isfinite(r.loss) for r in events.steps) and not events.errors
+    (step, images), = events.validations
+    assert step == 2 and len(images) == 1 and Image.open(images[0]).size == (32, 32)
+    index = json.loads((images[0].parent / "index.json").read_text())
+    assert index[0]["prompt"].startswith("a photo of thing")
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()

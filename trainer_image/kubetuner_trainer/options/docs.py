@@ -198,6 +198,14 @@ the latest checkpoint). These are the deliberate differences:
   every block list in forward order, both included, as in SimpleTuner. A family that cannot be
   routed is refused with the list of those that can (SimpleTuner 3.1.6 also routes sana and
   hidream, which kubetuner does not yet).
+- **Qwen-Image edit flavours** (`edit-v1`, `edit-v2`). Both encode each caption with its reference
+  images once and cache it per (caption, reference files); SimpleTuner does so for edit-v1 and
+  re-encodes edit-v2's prompts every step (the same tensors). Qwen2.5-VL reads each reference
+  image resized as the diffusers pipeline resizes it (edit-v1: about 1 MP, edit-v2: 384x384 px of
+  area); SimpleTuner's edit-v1 hands it the image as read. edit-v2's reference latents are the
+  conditioning dataset's cached latents (the target's crop and size for `reference_strict`);
+  SimpleTuner encodes them again every step at about 1 MP, sampling the VAE posterior. The
+  image preprocessing is transformers' PIL implementation (the trainer has no torchvision).
 
 Options whose default differs from SimpleTuner's, and why:
 

@@ -180,27 +180,29 @@ class QwenImageFamily(ModelFamily):
         return layouts.get(flavour or "", QwenImageFamily)
 
     @classmethod
-    def requires_conditioning(cls, cfg: Any) -> bool:
-        """The edit flavours train on paired reference images: a conditioning dataset is required."""
+    def edits(cls, cfg: Any) -> bool:
+        """Whether ``cfg`` trains an edit flavour (paired reference images)."""
         return cls.for_flavour(cfg.model_flavour, cfg.pretrained_model_name_or_path).reference_images != 0
 
     @classmethod
+    def requires_conditioning(cls, cfg: Any) -> bool:
+        """The edit flavours train on paired reference images: a conditioning dataset is required (as for a
+        ControlNet, the default's case)."""
+        return cls.edits(cfg) or super().requires_conditioning(cfg)
+
+    @classmethod
     def conditioning_types(cls, cfg: Any) -> tuple[str, ...] | None:
-        """Reference images only (SimpleTuner's rule for the edit flavours); None: no conditioning read."""
-        return REFERENCE_TYPES if cls.requires_conditioning(cfg) else None
+        """Reference images only for the edit flavours (SimpleTuner's rule); else the default's."""
+        return REFERENCE_TYPES if cls.edits(cfg) else super().conditioning_types(cfg)
 
     @classmethod
     def text_uses_conditioning_images(cls, cfg: Any) -> bool:
         """The edit prompts are encoded together with the reference images (Qwen2.5-VL sees them)."""
-        return cls.requires_conditioning(cfg)
+        return cls.edits(cfg) or super().text_uses_conditioning_images(cfg)
 
     @classmethod
     def config_problems(cls, cfg: Any) -> list[Problem]:
         problems = []
-        if cls.requires_conditioning(cfg):  # lifted once the data pipeline delivers conditioning datasets
-            problems.append(Problem("model_flavour", cfg.model_flavour,
-                                    "trains on paired reference images (conditioning datasets), which kubetuner "
-                                    "does not implement yet; allowed: v1.0"))
         if cfg.train_text_encoder:
             problems.append(Problem("train_text_encoder", True, "Qwen-Image's text encoder cannot be trained "
                                     "(QwenImagePipeline.load_lora_weights loads transformer LoRAs only)"))
