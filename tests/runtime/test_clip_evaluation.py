@@ -249,3 +249,19 @@ def test_flux_real_cfg_warns_that_no_cfg_until_timestep_is_not_built(cfg_factory
 
     assert warned(validation_guidance_real=3.0) == {"validation_guidance_real"}
     assert warned() == set() and warned(validation_guidance_real=3.0, validation_negative_prompt="") == set()
+
+
+def test_worker_processes_forward_scores_only_when_there_are_some(monkeypatch):
+    import queue
+    import signal
+    import threading
+
+    from kubetuner_trainer.launcher import QueueEvents
+
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # leave this process's handlers alone
+    sent = queue.Queue()
+    events = QueueEvents(sent, threading.Event(), forward=True)
+    events.validation(2, [], seconds=1.0)
+    events.validation(4, [], seconds=1.0, scores={"clip/mean": 20.0})
+    assert sent.get_nowait() == ("validation", (2, []), {"seconds": 1.0})
+    assert sent.get_nowait() == ("validation", (4, []), {"seconds": 1.0, "scores": {"clip/mean": 20.0}})

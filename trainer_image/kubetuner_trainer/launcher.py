@@ -152,7 +152,8 @@ class QueueEvents:
 
     def validation(self, step: int, images: list[Path], *, seconds: float,
                    scores: dict[str, float] | None = None) -> None:
-        self._send("validation", step, images, seconds=seconds, scores=scores)
+        extra = {"scores": scores} if scores else {}  # event sinks that predate CLIP scores take none
+        self._send("validation", step, images, seconds=seconds, **extra)
 
     def error(self, message: str) -> None:
         self._queue.put(("error", (message,), {}))
