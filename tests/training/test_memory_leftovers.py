@@ -248,3 +248,10 @@ def test_block_swap_of_a_quanto_int8_base_trains_like_the_resident_one(make_cfg)
         blockswap.BlockSwap._attach = original_attach
     _assert_same_run(resident, swapped)
     assert any(issubclass(t, QTensor) for t in swapped_types)  # the int8 weights themselves wait off the device
+
+
+def test_ramtorch_on_a_quantized_base_is_refused_pointing_at_block_swap(make_cfg):
+    with pytest.raises(ConfigError) as info:
+        check(make_cfg("flux", ramtorch=True, base_model_precision="int8-quanto", tokenizer_max_length=16))
+    messages = [p.message for p in info.value.problems if p.option == "ramtorch"]
+    assert any("int8-quanto" in m and "--musubi_blocks_to_swap" in m for m in messages)

@@ -185,6 +185,13 @@ def preflight_problems(cfg: Any) -> list[Problem]:
         if (getattr(cfg, "musubi_blocks_to_swap", 0) or 0) > 0:
             problems.append(Problem("ramtorch", True, "cannot be combined with --musubi_blocks_to_swap; pick one "
                                                       "way to offload the model"))
+        precision = getattr(cfg, "base_model_precision", None) or "no_change"
+        if precision != "no_change":
+            problems.append(Problem("ramtorch", True,
+                                    f"cannot be combined with --base_model_precision={precision}: RamTorch streams "
+                                    "plain Linear weights (quanto's quantized layers are not converted, other "
+                                    "formats would be copied as plain tensors); block swap (--musubi_blocks_to_swap) "
+                                    "moves quantized weights as they are"))
     problems += _spill_problems(cfg) + _fuse_problems(cfg)
     compiled = (getattr(cfg, "dynamo_backend", None) or "no") != "no"
     if compiled and denoiser_placed_by_plan(cfg):
