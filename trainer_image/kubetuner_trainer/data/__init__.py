@@ -59,7 +59,14 @@ def family_conditioning_problems(cfg: Any, config: Any) -> list:
     name = getattr(cfg, "model_family", None)
     if name not in implemented_families():
         return []
-    family = family_class(name)
+    family = family_class(name).for_flavour(getattr(cfg, "model_flavour", None))
+    if getattr(cfg, "validation_using_datasets", False) and not family.requires_conditioning(cfg) \
+            and family.img2img_pipeline_class is None:
+        from kubetuner_trainer.config.errors import Problem
+
+        able = sorted(f for f in implemented_families() if family_class(f).img2img_pipeline_class)
+        return [Problem("validation_using_datasets", True, f"renders through an image-to-image pipeline, which "
+                        f"model_family {name} does not have; families that have one: {', '.join(able)}")]
     return conditioning_problems(config, family.requires_conditioning(cfg), family.conditioning_types(cfg), name,
                                  getattr(cfg, "model_flavour", None), getattr(cfg, "eval_dataset_id", None))
 

@@ -242,9 +242,12 @@ class ValidationSample:
     target_size: tuple[int, int]  # (width, height)
 
 
-def validation_samples(cfg: object, count: int, *, environ: Mapping[str, str] | None = None) -> list[ValidationSample]:
+def validation_samples(cfg: object, count: int, *, environ: Mapping[str, str] | None = None,
+                       conditioning: bool = True) -> list[ValidationSample]:
     """Up to ``count`` samples of every training dataset that links conditioning data, in key order (the same
-    every run), named ``<dataset id>_<n>`` — SimpleTuner's edit-model validation inputs."""
+    every run), named ``<dataset id>_<n>`` — SimpleTuner's edit-model validation inputs. ``conditioning=False``:
+    of every image training dataset, each with its own image prepared as training prepares it
+    (``--validation_using_datasets``)."""
     from .dataset_config import load_dataset_config
     from .images import load_pixels
     from .prepare import metadata_storage, prepare_dataset
@@ -257,16 +260,17 @@ def validation_samples(cfg: object, count: int, *, environ: Mapping[str, str] | 
     store = metadata_storage(settings)
     out = []
     for entry in config.image_datasets:
-        if entry.dataset_type != "image" or not config.conditioning_for(entry):
+        if entry.dataset_type != "image" or (conditioning and not config.conditioning_for(entry)):
             continue
         item = prepare_dataset(entry, settings, environ=environ, metadata_store=store)
         plans = sorted((p for ps in item.buckets.buckets.values() for p in ps), key=lambda p: p.key)
         sets = conditioning_sets(config, entry, plans, item.storage, settings, environ=environ, metadata_store=store,
-                                 check_pairs=False)
+                                 check_pairs=False) if conditioning else []
         for index, plan in enumerate(p for p in plans if all(p.key in s.plans for s in sets)):
             if index >= count:
                 break
-            images = tuple(_to_image(load_pixels(s.storage, s.plans[plan.key])) for s in sets)
+            images = tuple(_to_image(load_pixels(s.storage, s.plans[plan.key])) for s in sets) if conditioning \
+                else (_to_image(load_pixels(item.storage, plan)),)
             out.append(ValidationSample(f"{entry.id}_{index}", item.captions[plan.key], images, plan.target_size))
     return out
 

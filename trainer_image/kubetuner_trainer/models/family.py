@@ -166,6 +166,9 @@ class ModelFamily(ABC):
     quantization_exclude: ClassVar[tuple[str, ...]] = ()
     #: whether ``--validation_noise_scheduler`` may replace the pipeline's scheduler (DDPM-type schedulers)
     swappable_validation_scheduler: ClassVar[bool] = True
+    #: the diffusers image-to-image pipeline of the family (``--validation_using_datasets`` renders through it
+    #: from dataset images); None: the family has none and that option is refused
+    img2img_pipeline_class: ClassVar[str | None] = None
     #: video families train on ``dataset_type: video`` clips (``encode_videos``, 5-D latents ``[B,C,F,h,w]``)
     #: and render validation clips; image datasets then train as 1-frame clips when ``encode_images`` gives
     #: ``[B,C,1,h,w]``

@@ -46,6 +46,8 @@ BENCHMARK_GAP = 5
 DEFAULT_STEPS = 30
 DEFAULT_GUIDANCE = 7.5
 DEFAULT_SEED = 42
+#: --validation_using_datasets denoise strength: SimpleTuner 3.1.6 passes 0.2 (it has no option for it)
+IMG2IMG_STRENGTH = 0.2
 # A small built-in prompt library (--validation_prompt_library), covering subjects, styles and
 # compositions that show over- or under-fitting quickly.
 BUILTIN_PROMPTS = {
@@ -243,7 +245,10 @@ class Validator:
         self.adapter_runs = parse_adapter_runs(cfg)
         #: edit models render training samples with their conditioning images instead of the prompts
         requires = getattr(family, "requires_conditioning", None)
-        self.uses_dataset_samples = bool(callable(requires) and requires(cfg))
+        edits = bool(callable(requires) and requires(cfg))
+        #: --validation_using_datasets: image-to-image from the training images (SimpleTuner's strength 0.2)
+        self.img2img = bool(option(cfg, "validation_using_datasets")) and not edits and family is not None
+        self.uses_dataset_samples = edits or self.img2img
         self._samples: list[Any] | None = None
         self.adapter_mode = option(cfg, "validation_adapter_mode") or "adapter_only"
         # ema_validation defaults to "comparison" (SimpleTuner's default) but means nothing without --use_ema.
@@ -264,7 +269,7 @@ class Validator:
             from ..options import get_registry
 
             count = option(self.cfg, "num_eval_images") or get_registry().get("num_eval_images").upstream.default
-            self._samples = validation_samples(self.cfg, int(count))
+            self._samples = validation_samples(self.cfg, int(count), conditioning=not self.img2img)
         return self._samples
 
     @property
@@ -358,6 +363,10 @@ class Validator:
         seed = self._base_seed()
         for variant, factory in factories:
             pipeline = self._prepare(factory())
+            if self.img2img:  # the same modules in the family's image-to-image pipeline
+                import diffusers
+
+                pipeline = getattr(diffusers, self.family.img2img_pipeline_class).from_pipe(pipeline)
             for adapter_label, run in self._adapter_passes():
                 label = "-".join(p for p in (variant, adapter_label) if p)
                 restore = self._load_adapters(pipeline, run) if run is not None else None
@@ -455,6 +464,8 @@ class Validator:
                     )
                     if images is not None:
                         kwargs["image"] = images[0] if len(images) == 1 else images
+                    if self.img2img:
+                        kwargs["strength"] = IMG2IMG_STRENGTH
                     if negative:
                         kwargs["negative_prompt"] = negative
                     if rescale:

@@ -91,6 +91,7 @@ def reference_tokens(latents: Sequence[torch.Tensor], device: torch.device,
 class FluxFamily(ModelFamily):
     family = "flux"
     pipeline_class = "FluxPipeline"
+    img2img_pipeline_class = "FluxImg2ImgPipeline"
     flavours = {
         "dev": "black-forest-labs/flux.1-dev",
         "krea": "black-forest-labs/flux.1-krea-dev",

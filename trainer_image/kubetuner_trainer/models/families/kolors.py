@@ -17,6 +17,7 @@ CHATGLM_MAX_LENGTH = 256
 class KolorsFamily(MicroConditionedFamily):
     family = "kolors"
     pipeline_class = "KolorsPipeline"
+    img2img_pipeline_class = "KolorsImg2ImgPipeline"
     flavours = {"1.0": "Kwai-Kolors/Kolors-diffusers"}
     default_flavour = "1.0"
     text_encoder_lora_targets = ("query_key_value", "dense")

@@ -20,6 +20,7 @@ def clip_token_ids(tokenizer: Any, prompts: Sequence[str], device: torch.device)
 class SD1xFamily(ModelFamily):
     family = "sd1x"
     pipeline_class = "StableDiffusionPipeline"
+    img2img_pipeline_class = "StableDiffusionImg2ImgPipeline"
     flavours = {"1.5": "stable-diffusion-v1-5/stable-diffusion-v1-5", "1.4": "CompVis/stable-diffusion-v1-4"}
     default_flavour = "1.5"
     modelspec_architecture = "stable-diffusion-v1"

@@ -85,6 +85,7 @@ def skip_layers(cfg: Any) -> list[int]:
 class SD3Family(ModelFamily):
     family = "sd3"
     pipeline_class = "StableDiffusion3Pipeline"
+    img2img_pipeline_class = "StableDiffusion3Img2ImgPipeline"
     # SimpleTuner 3.1.6's SD3 flavours (both SD 3.5); medium is its default
     flavours = {"medium": "stabilityai/stable-diffusion-3.5-medium",
                 "large": "stabilityai/stable-diffusion-3.5-large"}

@@ -95,6 +95,7 @@ class MicroConditionedFamily(ModelFamily):
 class SDXLFamily(MicroConditionedFamily):
     family = "sdxl"
     pipeline_class = "StableDiffusionXLPipeline"
+    img2img_pipeline_class = "StableDiffusionXLImg2ImgPipeline"
     flavours = SDXL_FLAVOURS
     default_flavour = "base-1.0"
     text_encoder_names = ("text_encoder", "text_encoder_2")
