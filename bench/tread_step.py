@@ -6,8 +6,8 @@ every parameter trained), so the routed share of the work is that of a deep tran
 run the same weights on the same random latents and prompts, alternating, and the median of the
 timed passes is reported. Routes are SimpleTuner's ``tread_config`` format.
 
-    python bench/tread_step.py --family flux --resolution 256 --layers 4 --heads 4 --steps 6
-    python bench/tread_step.py --family wan --resolution 128 --frames 2 --layers 8 \\
+    python bench/tread_step.py --family flux --resolution 128 --layers 4 --heads 4 --steps 3
+    python bench/tread_step.py --family wan --resolution 256 --frames 2 --layers 8 --heads 4 \\
         --routes '{"routes": [{"selection_ratio": 0.5, "start_layer_idx": 2, "end_layer_idx": -2}]}'
 """
 
@@ -30,7 +30,7 @@ from kubetuner_trainer.training.tread import TokenRouter, parse_tread_config, ro
 DEFAULT_ROUTES = '{"routes": [{"selection_ratio": 0.5, "start_layer_idx": 1, "end_layer_idx": -2}]}'
 
 
-def build(family_name: str, workdir: Path, layers: int, heads: int, model: Path | None = None):
+def build(family_name: str, workdir: Path, layers: int, heads: int | None, model: Path | None = None):
     """The family loaded from its tiny model (``model``, else one built in ``workdir``), its denoiser rebuilt
     deeper and wider (random weights)."""
     folder = model or build_tiny_model(family_name, workdir / family_name)
@@ -39,7 +39,7 @@ def build(family_name: str, workdir: Path, layers: int, heads: int, model: Path 
     family = load_family(cfg)
     config = dict(family.denoiser.config)
     counts = {k: layers for k, v in config.items() if k.endswith("layers") and isinstance(v, int) and v > 0}
-    if "num_attention_heads" in config:
+    if heads and "num_attention_heads" in config:
         counts["num_attention_heads"] = heads
     family.components.denoiser = type(family.denoiser).from_config({**config, **counts}).train()
     return family
@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=2, help="latent frames of a video family")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--layers", type=int, default=4, help="blocks per block list of the rebuilt denoiser")
-    parser.add_argument("--heads", type=int, default=4, help="attention heads of the rebuilt denoiser")
+    parser.add_argument("--heads", type=int, default=None, help="attention heads of the rebuilt denoiser (default: "
+                                                                 "the tiny model's; SD3 ties other widths to it)")
     parser.add_argument("--routes", default=DEFAULT_ROUTES, help="a tread_config (SimpleTuner's format)")
     parser.add_argument("--steps", type=int, default=6, help="timed passes per mode")
     parser.add_argument("--warmup", type=int, default=1)
