@@ -166,7 +166,7 @@ def test_controlnet_is_refused_where_it_is_not_built_and_with_what_it_cannot_com
     with pytest.raises(ConfigError) as refused:
         check(make_cfg("pixart_sigma", controlnet=True))
     message = str(refused.value)
-    assert "model_family pixart_sigma has no ControlNet" in message
+    assert "ControlNet training is not supported yet for model_family pixart_sigma" in message
     assert all(f in message for f in ("sd1x", "sdxl", "sd3", "flux")) and set(controlnet_families()) >= {
         "sd1x", "sd2x", "legacy", "sdxl", "sd3", "flux"}
     with pytest.raises(ConfigError, match="flavour refiner-1.0"):
@@ -184,3 +184,25 @@ def test_controlnet_is_refused_where_it_is_not_built_and_with_what_it_cannot_com
 def test_a_batch_without_a_control_image_is_explained(make_cfg, tmp_path):
     with pytest.raises(ValueError, match="conditioning_data"):
         train_in_process(_cfg(make_cfg, "sd1x", output_dir=str(tmp_path / "out")))
+
+
+def test_a_lora_controlnet_on_a_quantized_bf16_base_trains_and_renders(make_cfg, tmp_path):
+    """The frozen base comes back from quantization with trainable weights and takes bf16 only: the ControlNet
+    run freezes it, hands it bf16 residuals and renders its validation images under autocast."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from kubetuner_trainer.models import load_family
+    from kubetuner_trainer.training.loop import TrainingLoop, weight_dtype_for
+
+    cfg = _cfg(make_cfg, "sd3", base_model_precision="int8-quanto", mixed_precision="bf16", max_train_steps=2,
+               output_dir=str(tmp_path / "out"))
+    AcceleratorState._reset_state()
+    family = load_family(cfg, weight_dtype=weight_dtype_for(cfg))
+    loop = TrainingLoop(cfg, Accelerator(cpu=True, mixed_precision="bf16"), family, ControlData(family.encoders()))
+    result = loop.run()
+    assert result.exit_code == ExitCode.SUCCESS and all(np.isfinite(result.losses))
+    assert not any(p.requires_grad for p in family.denoiser.parameters())
+    with loop.trainable.validation_context():
+        image = _render(loop.trainable.pipeline({CONTROLNET: family.controlnet}), family)
+    assert np.isfinite(image).all()

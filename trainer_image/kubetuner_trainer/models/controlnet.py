@@ -77,8 +77,9 @@ def controlnet_problems(family_cls: Any, cfg: Any) -> list[Problem]:
         return problems
     if not layout.supports_controlnet():
         what = f"model_family {cfg.model_family}" + (f" (flavour {cfg.model_flavour})" if cfg.model_flavour else "")
-        problems.append(Problem("controlnet", True, f"{what} has no ControlNet in kubetuner; families that train "
-                                                    f"one: {', '.join(controlnet_families())}"))
+        problems.append(Problem("controlnet", True, f"ControlNet training is not supported yet for {what} (diffusers "
+                                                    f"has no ControlNet model and pipeline for it); families that "
+                                                    f"train one: {', '.join(controlnet_families())}"))
         return problems
     if cfg.model_type == "lora" and cfg.lora_type == "lycoris":
         problems.append(Problem("lora_type", "lycoris", "is not supported with controlnet; use lora_type=standard "
@@ -168,6 +169,19 @@ def control_input(family: Any, batch: Any, device: torch.device) -> torch.Tensor
     return ((pixels.to(device, dtype=torch.float32) + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
+def cast_floats(value: Any, dtype: torch.dtype) -> Any:
+    """``value`` with every floating-point tensor in it (also inside tuples, lists and dicts) cast to ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(cast_floats(v, dtype) for v in value)
+    if isinstance(value, dict):  # a diffusers output object stays itself
+        for key in list(value):
+            value[key] = cast_floats(value[key], dtype)
+        return value
+    return value
+
+
 def _first_slot(slots: Any) -> torch.Tensor | None:
     if slots is None or isinstance(slots, torch.Tensor):
         return slots
@@ -195,7 +209,8 @@ class ControlledDenoiser:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         extra = self.family.controlnet_residuals(self.controlnet, self.control, args, kwargs)
-        return self.denoiser(*args, **kwargs, **extra)
+        # in the frozen base's dtype, as SimpleTuner hands them over (a quantized base's layers take no other)
+        return self.denoiser(*args, **kwargs, **cast_floats(extra, self.family.weight_dtype))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.denoiser, name)

@@ -16,6 +16,7 @@ Both validate through the family's ControlNet pipeline (``ModelFamily.controlnet
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 
 from ..files import publish
-from ..models.controlnet import CONTROLNET, ControlledDenoiser, control_input
+from ..models.controlnet import CONTROLNET, ControlledDenoiser, cast_floats, control_input
 from . import checkpoints as ckpt
 from .lora import ADAPTER_NAME, _lora_params_fp32, _present, lora_adapter_metadata, lora_config
 from .trainable import FullTrainable, LoRATrainable, stamp_metadata
@@ -41,7 +42,11 @@ class _ControlNetTrainable:
         return CONTROLNET
 
     def attach(self) -> dict[str, torch.nn.Module]:
+        self.family.denoiser.requires_grad_(False)  # a quantized base comes back from quantization trainable
         modules = super().attach()  # type: ignore[misc]
+        # its residuals reach the frozen base in the base's dtype, in training and in validation renders alike
+        dtype = self.family.weight_dtype
+        modules[CONTROLNET].register_forward_hook(lambda module, args, output: cast_floats(output, dtype))
         if self.cfg.gradient_checkpointing:  # the frozen base still stores activations for the backward pass
             self.family.enable_gradient_checkpointing(self.family.denoiser, self.cfg.gradient_checkpointing_interval)
         return modules
@@ -49,6 +54,14 @@ class _ControlNetTrainable:
     def predict_module(self, modules: dict[str, torch.nn.Module], batch: Any) -> ControlledDenoiser:
         control = control_input(self.family, batch, self.family.device)
         return ControlledDenoiser(self.family, self.family.denoiser, modules[CONTROLNET], control)
+
+    def validation_context(self) -> contextlib.AbstractContextManager[None]:
+        """Renders under autocast to the base's dtype when it is not fp32: the ControlNet's trained weights stay
+        fp32 (LoRA layers, full-training masters) next to half-precision frozen ones."""
+        dtype = self.family.weight_dtype
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.family.device.type, dtype=dtype)
 
     def pipeline(self, modules: dict[str, torch.nn.Module], *, ema: Any = None,
                  device: torch.device | str | None = None) -> Any:

@@ -206,8 +206,9 @@ class SD3Family(ModelFamily):
     # ----- ControlNet ---------------------------------------------------------------------------
     @classmethod
     def controlnet_init_kwargs(cls, components: Any) -> dict[str, Any]:
-        """No extra conditioning channel: the control image's 16 latent channels only (SimpleTuner's choice)."""
-        return {"num_extra_conditioning_channels": 0}
+        """No extra conditioning channel: the control image's 16 latent channels only (SimpleTuner's choice); 12
+        blocks (diffusers' default), at most those before the transformer's last (which has no context output)."""
+        return {"num_extra_conditioning_channels": 0, "num_layers": min(12, components.denoiser.config.num_layers - 1)}
 
     def controlnet_residuals(self, controlnet, control, args, kwargs):
         """SD3ControlNetModel's per-block residuals. As StableDiffusion3ControlNetPipeline, a ControlNet whose config
