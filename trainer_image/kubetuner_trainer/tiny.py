@@ -6,6 +6,7 @@ folder; the dataset builder writes captioned images. Both are exposed on the com
 
     python -m kubetuner_trainer.tiny model sd1x ./tiny-sd
     python -m kubetuner_trainer.tiny model sdxl ./tiny-refiner --flavour refiner-1.0
+    python -m kubetuner_trainer.tiny model qwen_image ./tiny-qwen-edit --flavour edit-v2
     python -m kubetuner_trainer.tiny dataset ./tiny-images --count 16
     python -m kubetuner_trainer.tiny dataset --video ./tiny-clips --count 4 --frames 9
 """
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     model.add_argument("family", choices=implemented_families())
     model.add_argument("out", type=Path)
     model.add_argument("--seed", type=int, default=0)
-    model.add_argument("--flavour", help="a --model_flavour whose layout differs (e.g. sdxl refiner-1.0)")
+    model.add_argument("--flavour", help="a --model_flavour whose layout differs (e.g. sdxl refiner-1.0, "
+                                         "qwen_image edit-v1 / edit-v2)")
     data = sub.add_parser("dataset", help="write a tiny captioned image (or, with --video, clip) folder")
     data.add_argument("out", type=Path)
     data.add_argument("--count", type=int, default=None, help="files to write (16 images or 4 clips)")
