@@ -192,6 +192,13 @@ def test_fused_qkv_lora_resumes_exactly(make_cfg, tmp_path):
     assert_lora_resume_is_exact(lambda **kw: make_cfg("sd1x", fuse_qkv_projections=True, **kw), tmp_path)
 
 
+def test_fused_qkv_on_a_quantized_base_warns_that_the_fused_layers_are_not_quantized(make_cfg):
+    warned = {p.option: p.message for p in all_warnings(make_cfg("flux", fuse_qkv_projections=True,
+                                                                 base_model_precision="int8-quanto"))}
+    assert "not quantized" in warned["fuse_qkv_projections"]
+    assert "fuse_qkv_projections" not in {p.option for p in all_warnings(make_cfg("flux", fuse_qkv_projections=True))}
+
+
 def test_fused_qkv_is_refused_where_it_is_not_built(make_cfg):
     for family, changes, named in (("sd1x", {"model_type": "full"}, "--model_type=full"),
                                    ("sd1x", {"lora_type": "lycoris"}, "--lora_type=lycoris"),

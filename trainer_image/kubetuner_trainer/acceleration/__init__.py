@@ -234,6 +234,12 @@ def _no_effect_warnings(cfg: Any) -> list[Problem]:
 def preflight_warnings(cfg: Any) -> list[Problem]:
     """Options that have no effect as configured."""
     warnings: list[Problem] = _no_effect_warnings(cfg)
+    precision = getattr(cfg, "base_model_precision", None) or "no_change"
+    if getattr(cfg, "fuse_qkv_projections", False) and precision != "no_change":
+        warnings.append(Problem("fuse_qkv_projections", True,
+                                f"with --base_model_precision={precision} diffusers builds the fused layers from the "
+                                "dequantized weights: they are not quantized, and the quantized separate layers stay "
+                                "loaded, so the attention projections take more memory than without fusing"))
     if getattr(cfg, "group_offload_to_disk_path", None) and not getattr(cfg, "enable_group_offload", False):
         warnings.append(Problem("group_offload_to_disk_path", cfg.group_offload_to_disk_path,
                                 "has no effect without --enable_group_offload"))
