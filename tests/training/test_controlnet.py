@@ -171,6 +171,8 @@ def test_controlnet_is_refused_where_it_is_not_built_and_with_what_it_cannot_com
         "sd1x", "sd2x", "legacy", "sdxl", "sd3", "flux"}
     with pytest.raises(ConfigError, match="flavour refiner-1.0"):
         check(make_cfg("sdxl", controlnet=True, model_flavour="refiner-1.0"))
+    with pytest.raises(ConfigError, match="flavour kontext"):
+        check(make_cfg("flux", controlnet=True, model_flavour="kontext"))
     with pytest.raises(ConfigError, match="targets the ControlNet's layers"):
         check(make_cfg("flux", flux_lora_target="controlnet"))
     with pytest.raises(ConfigError, match="lora_type") as combined:

@@ -46,6 +46,9 @@ DIT_QUANTIZATION_EXCLUDE = ("*norm*", "*norm1_context*", "*norm_added_q*", "*nor
                             "*pos_embed*", "*patch_embedding*", "*ffn*", "*scale_shift_table*", "*norm_out*",
                             "*context_embedder*", "*time_text_embed*", "*time_proj*", "*condition_embedder*")
 
+#: the conditioning types a ControlNet trains on: those planned exactly like their target (pixel-aligned)
+CONTROLNET_CONDITIONING_TYPES = ("controlnet", "reference_strict", "mask", "segmentation")
+
 #: the options that relocate a denoiser, by the denoiser's pipeline name
 DENOISER_LOCATION_OPTIONS = {
     "unet": ("pretrained_unet_model_name_or_path", "pretrained_unet_subfolder"),
@@ -263,8 +266,9 @@ class ModelFamily(ABC):
 
     @classmethod
     def conditioning_types(cls, cfg: Any) -> tuple[str, ...] | None:
-        """The ``conditioning_type`` values the flavour takes (None: any, the default)."""
-        return None
+        """The ``conditioning_type`` values the flavour takes (None: any, the default); with ``--controlnet`` the
+        pixel-aligned ones (a control image must line up with its target)."""
+        return CONTROLNET_CONDITIONING_TYPES if getattr(cfg, "controlnet", False) else None
 
     @classmethod
     def conditioning_needs_pixels(cls, cfg: Any) -> bool:

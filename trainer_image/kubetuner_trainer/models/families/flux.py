@@ -345,6 +345,8 @@ class FluxKontextFamily(FluxFamily):
     """FLUX.1 Kontext (``--model_flavour kontext``): image editing on conditioning datasets."""
 
     pipeline_class = "FluxKontextPipeline"
+    controlnet_class_name = None  # diffusers has no Kontext ControlNet pipeline
+    controlnet_pipeline_class = None
 
     @classmethod
     def for_flavour(cls, flavour: str | None, location: str | None = None) -> type[ModelFamily]:
