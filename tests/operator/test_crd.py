@@ -677,8 +677,24 @@ def test_every_dataset_field_of_the_crd_is_known_to_the_trainer():
 
     crd_fields = set(dataset_schema()["properties"])
     forbidden = {"aws_session_token", "cache_dir", "cache_dir_vae", "aws_access_key_id", "aws_secret_access_key"}
-    unknown = crd_fields - set(dataset_config._FIELDS) - OPERATOR_FIELDS - forbidden
+    expanded = {"conditioning"}  # turned into generated entries by dataset_config.expand_generated
+    unknown = crd_fields - set(dataset_config._FIELDS) - OPERATOR_FIELDS - forbidden - expanded
     assert unknown == set()
+
+
+def test_a_conditioning_pair_is_accepted_and_a_bad_link_is_refused():
+    job = copy.deepcopy(JOB)
+    image = {"id": "edits", "type": "local", "instance_data_dir": "/data/edits", "conditioning_data": ["sources"]}
+    sources = {"id": "sources", "type": "local", "dataset_type": "conditioning", "instance_data_dir": "/data/src",
+               "conditioning_type": "reference_strict"}
+    job["spec"]["datasets"] = [image, sources]
+    assert validate_trainingjob(job) == []
+    generated = {**image, "id": "canny", "conditioning": [{"type": "canny", "low_threshold": 50}]}
+    del generated["conditioning_data"]
+    job["spec"]["datasets"] = [generated]
+    assert validate_trainingjob(job) == []
+    job["spec"]["datasets"] = [{**image, "conditioning_data": ["nowhere"]}, sources]
+    assert any("conditioning_data must name ids" in str(p) for p in validate_trainingjob(job))
 
 
 def test_config_choices_match_the_registry_parser():

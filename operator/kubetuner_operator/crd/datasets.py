@@ -3,7 +3,9 @@ Kubernetes additions (``pvc`` to mount a claim, ``credentialsSecret`` for S3 key
 
 from __future__ import annotations
 
+from kubetuner_trainer.data.dataset_config import CONDITIONING_TYPES
 from kubetuner_trainer.data.dataset_config import DATASET_TYPES as TRAINER_DATASET_TYPES
+from kubetuner_trainer.data.generated import GENERATED_TYPES
 
 from .fields import (
     Schema,
@@ -26,6 +28,33 @@ INLINE_CREDENTIALS = ("aws_access_key_id", "aws_secret_access_key", "aws_session
 # Cache folders the operator places on spec.caches.latents for every entry.
 OPERATOR_PATHS = ("cache_dir", "cache_dir_vae")
 DISCOVERY_STAGE = "(aspect|vae|text|metadata)"
+MAX_CONDITIONING_LINKS = 16
+
+
+def _conditioning_fields() -> dict[str, Schema]:
+    """SimpleTuner's conditioning keys. Structural schemas give a field one type, so ``conditioning_data``
+    and ``conditioning`` are lists here (SimpleTuner also takes a single id or block)."""
+    dataset_id = string("id of a dataset with dataset_type conditioning.", maxLength=63, pattern=DATASET_ID)
+    return {
+        "conditioning_data": array("ids of the conditioning datasets paired with this dataset's files, in order.",
+                                   dataset_id, minItems=1, maxItems=MAX_CONDITIONING_LINKS),
+        "conditioning_type": string("How a conditioning dataset's image pairs with its target.",
+                                    enum=list(CONDITIONING_TYPES)),
+        "source_dataset_id": string("The training dataset a conditioning dataset belongs to.", maxLength=63,
+                                    pattern=DATASET_ID),
+        "conditioning": array(
+            "Conditioning datasets generated from this dataset's images (SimpleTuner's conditioning block); "
+            "generator settings such as blur_radius or low_threshold sit beside type.",
+            {"type": "object", "description": "One generated conditioning dataset.",
+             "x-kubernetes-preserve-unknown-fields": True,
+             "properties": {
+                 "type": string("The generator.", enum=sorted(GENERATED_TYPES)),
+                 "conditioning_type": string("How the generated image pairs with its target.",
+                                             enum=list(CONDITIONING_TYPES)),
+             },
+             "required": ["type"]},
+            minItems=1, maxItems=MAX_CONDITIONING_LINKS),
+    }
 
 
 def _number(description: str, **extra) -> Schema:
@@ -112,6 +141,7 @@ def dataset_schema() -> Schema:
             "is_i2v": boolean("Train these clips image-to-video (unset: the model family decides)."),
         }),
     }
+    properties.update(_conditioning_fields())
     for key in INLINE_CREDENTIALS:
         properties[key] = string("Not allowed: reference a Secret with credentialsSecret instead.",
                                  maxLength=1024)
@@ -170,6 +200,9 @@ def datasets_schema() -> Schema:
                 rule("self.all(d, !has(d.image_embeds) || "
                      "self.exists(e, e.id == d.image_embeds && e.dataset_type == 'image_embeds'))",
                      "image_embeds must name the id of a dataset with dataset_type image_embeds"),
+                rule("self.all(d, !has(d.conditioning_data) || d.conditioning_data.all(c, "
+                     "self.exists(e, e.id == c && e.dataset_type == 'conditioning')))",
+                     "conditioning_data must name ids of datasets with dataset_type conditioning"),
             ],
         },
     )
