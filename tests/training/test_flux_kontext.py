@@ -151,7 +151,7 @@ def test_kontext_trains_through_the_trainer_and_validates_with_the_conditioning_
     cfg = TrainerConfig.from_mapping(tiny_run_values(
         tiny_model("flux"), tmp_path, _datasets(tmp_path), model_family="flux", max_train_steps=2,
         validation_step_interval=2, validation_resolution="64", validation_num_inference_steps=2, num_eval_images=1,
-        **KONTEXT))
+        mixed_precision="bf16", **KONTEXT))  # a bf16 transformer beside the fp32 VAE, as in real runs
     check(cfg)
     events = RecordingEvents()
     assert run(cfg, events) == ExitCode.SUCCESS

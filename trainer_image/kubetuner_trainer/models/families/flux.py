@@ -361,6 +361,21 @@ class FluxKontextFamily(FluxFamily):
             return None
         return reference_tokens(latents, device, dtype)
 
+    def build_pipeline(self, **modules: Any) -> Any:
+        """FluxKontextPipeline, whose reference image reaches the VAE in the VAE's own dtype.
+
+        The pipeline casts the image to the text embeddings' dtype before ``vae.encode``; with a bf16
+        transformer beside an fp32 VAE (kubetuner keeps the VAE in fp32) that fails in the first conv.
+        """
+        pipeline = super().build_pipeline(**modules)
+        encode = pipeline._encode_vae_image
+
+        def encode_in_vae_dtype(image: torch.Tensor, generator: Any) -> torch.Tensor:
+            return encode(image.to(pipeline.vae.dtype), generator).to(image.dtype)
+
+        pipeline._encode_vae_image = encode_in_vae_dtype
+        return pipeline
+
     def pipeline_call_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """FluxKontextPipeline's arguments: the conditioning image as given (at its training size, no snapping
         to Kontext's preferred resolutions), one image per call, and the output at the asked size (the pipeline
