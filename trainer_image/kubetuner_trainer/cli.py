@@ -130,7 +130,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     from .train import preflight, run  # torch is imported only past the option checks
 
     if command.print_config:
-        # the same checks a start runs, so that both accept and refuse the same configs
+        # the start-up checks that need neither the model nor the data (options/docs.py says which come later)
         if preflight(config) is None:
             record_config_error(_preflight_problems(config))
             return ExitCode.CONFIG_ERROR

@@ -172,8 +172,11 @@ the latest checkpoint). These are the deliberate differences:
 - **Options kubetuner has not built** are refused by name, unless written at SimpleTuner's
   default or an off value: those are accepted and change nothing. Where SimpleTuner's default
   would do something (for example `torch_num_threads` 8), kubetuner leaves it to the library.
-- **`--print-config`** runs every start-up check of a real start, so both accept and refuse the
-  same configs with the same messages.
+- **`--print-config`** runs the start-up checks that need neither the model nor the data: options,
+  cross-option rules, the dataset list. Checks that read the model folder or the files come later in a
+  real start and can still refuse a config `--print-config` accepted: a `--model_flavour` the model folder
+  does not fit, `tread_config` routes beyond the model's depth, conditioning files without their pair, an
+  evaluation model (`--pretrained_evaluation_model_name_or_path`) that cannot be loaded.
 - **Dataset lists:** `{model_family}` is filled in every text value as in SimpleTuner; `csv` and
   `huggingface` sources, `dataset_name`, `caption_strategy` huggingface/csv and `metadata_backend`
   parquet/huggingface are refused as not supported yet (`metadata_backend` discovery/json is what
