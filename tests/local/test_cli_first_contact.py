@@ -43,3 +43,16 @@ def test_operator_without_credentials_says_so_in_one_line(tmp_path):
     token = tmp_path / "token"
     token.write_text("t")
     assert missing_credentials({"KUBERNETES_SERVICE_HOST": "10.0.0.1", "HOME": str(tmp_path)}, token=token) is None
+
+
+def test_tiny_builder_refuses_an_unknown_flavour_with_the_allowed_ones(tmp_path, capsys):
+    import pytest
+
+    from kubetuner_trainer.tiny import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["model", "wan", str(tmp_path / "m"), "--flavour", "turbo-9000"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "--flavour" in err and "turbo-9000" in err and "i2v-14b-2.1" in err and "Traceback" not in err
+    assert not (tmp_path / "m").exists()

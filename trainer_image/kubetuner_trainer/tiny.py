@@ -104,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     data.add_argument("--fps", type=int, default=16, help="frame rate of the clips (with --video)")
     args = parser.parse_args(argv)
     if args.what == "model":
+        from .models import family_class
+
+        try:
+            family_class(args.family, args.flavour)
+        except ValueError as error:  # an unknown flavour: the registry's message lists the allowed ones
+            parser.error(f"--flavour: {error}")
         print(build_tiny_model(args.family, args.out, seed=args.seed, flavour=args.flavour))
     elif args.video:
         print(build_tiny_video_dataset(args.out, count=args.count or 4, seed=args.seed, frames=args.frames,
