@@ -28,7 +28,7 @@ INLINE_CREDENTIALS = ("aws_access_key_id", "aws_secret_access_key", "aws_session
 # Cache folders the operator places on spec.caches.latents for every entry.
 OPERATOR_PATHS = ("cache_dir", "cache_dir_vae")
 DISCOVERY_STAGE = "(aspect|vae|text|metadata)"
-MAX_CONDITIONING_LINKS = 16
+MAX_CONDITIONING_LINKS = 4  # keeps the link rule (datasets × links × datasets) under CEL's per-call budget
 
 
 def _conditioning_fields() -> dict[str, Schema]:

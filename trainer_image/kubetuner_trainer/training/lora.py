@@ -163,9 +163,14 @@ def load_lora_into(family: Any, trained: dict[str, torch.nn.Module], path: str |
         path = path / "pytorch_lora_weights.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"init_lora: no LoRA weights at {path}")
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    own = from_comfyui(family, trained, load_file(str(path)))
+    try:
+        tensors = load_file(str(path))
+    except SafetensorError as error:
+        raise OSError(f"init_lora: {path} is not a readable safetensors file: {error}") from error
+    own = from_comfyui(family, trained, tensors)
     if own is not None:  # our own ComfyUI-format file (e.g. a checkpoint): read back exactly, fused layers too
         for name, module in trained.items():
             _set_adapter_state(name, module, own[name], path, adapt)
