@@ -709,3 +709,19 @@ def test_config_choices_match_the_registry_parser():
             assert registry.get(name).parse(value) == value
             checked += 1
     assert checked > 100
+
+
+def test_the_reference_trainingjob_in_the_docs_is_accepted_as_written():
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from kubetuner_operator.admission import validate_all
+
+    text = (Path(__file__).parents[2] / "docs" / "trainingjob.md").read_text()
+    block = re.search(r"```yaml\n(apiVersion: kubetuner.dev.*?)```", text, re.S)
+    assert block, "docs/trainingjob.md lost its reference TrainingJob"
+    job = yaml.safe_load(block.group(1))
+    job.pop("status", None)  # written by the operator, shown for reference
+    assert validate_all(job) == []
